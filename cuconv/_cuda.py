@@ -1,0 +1,66 @@
+"""The `cuda` backend: kernels_cu/*.cu compiled by NVRTC through cupy.RawModule.
+
+One RawModule per (source text, device), memoized; template instantiations are
+requested with `name_expressions` so one compile serves every shape and dtype.
+CuPy >= 14.2 also caches such modules on disk across processes, keyed by the code
+text, which contains every project header inlined (_kernels.KernelModule.source),
+so editing a header invalidates it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from ._kernels import KernelModule
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError as e:  # pragma: no cover - exercised only without cupy
+        raise RuntimeError("cuconv cuda backend needs CuPy: pip install 'cuconv[cuda12]' (or [cuda13])") from e
+    return cupy
+
+
+def _options() -> tuple[str, ...]:
+    options = ["-std=c++17"]
+    try:  # CUDA headers from the nvidia-cuda-runtime wheel, when CuPy's own toolkit lacks cuda_bf16.h
+        from ._nvrtc import runtime_include_dir
+
+        options.append("-I" + runtime_include_dir())
+    except Exception:
+        pass
+    return tuple(options)
+
+
+@functools.cache
+def _module(filename: str, source_hash: str, device_id: int, module: KernelModule):
+    cupy = _cupy()
+    with cupy.cuda.Device(device_id):
+        return cupy.RawModule(code=module.source(), options=_options(), name_expressions=module.name_expressions)
+
+
+@functools.cache
+def _params_dtype(fields: tuple[str, ...]) -> np.dtype:
+    return np.dtype([(f, np.int64) for f in fields])
+
+
+@functools.cache
+def max_shared_bytes(device_id: int) -> int:
+    cupy = _cupy()
+    return int(cupy.cuda.Device(device_id).attributes["MaxSharedMemoryPerBlock"])
+
+
+def launch(module: KernelModule, kernel: str, dtype: str, grid, block, shared_bytes: int,
+           params: np.ndarray, arrays: list, device_id: int, stream) -> None:
+    """Runs one kernel on `stream`: `arrays` are CuPy arrays on `device_id` (or None)."""
+    cupy = _cupy()
+    raw = _module(module.filename, module.source_hash(), device_id, module)
+    fn = raw.get_function(module.name_expression(kernel, dtype))
+    # The struct goes by value: a NumPy structured scalar is passed as its bytes.
+    struct = np.frombuffer(params.astype(np.int64).tobytes(), dtype=_params_dtype(module.param_fields))[0]
+    args = (struct, *(np.uint64(0) if a is None else a for a in arrays))
+    with cupy.cuda.Device(device_id), stream:
+        fn(tuple(grid), tuple(block), args, shared_mem=shared_bytes)

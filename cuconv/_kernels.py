@@ -1,0 +1,123 @@
+"""Kernel sources: where the .cu files are, how they are read, and what they export.
+
+A `KernelModule` is one kernels_cu/*.cu file with the template instantiations cuconv
+launches from it (one per kernel name and storage type). Both backends compile the
+same text: `source()` expands the project's own `#include "..."` lines recursively,
+so the text (and therefore every compile cache keyed by it: CuPy's on-disk cache and
+the interpret backend's) changes whenever any included header changes.
+
+Kernel parameters travel as one struct of `long long` fields; `params()` reads the
+struct's field list from the .cu file itself, so the host never keeps a second copy
+of the layout.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from pathlib import Path
+
+import numpy as np
+
+# Storage dtype name -> the C++ type a kernel template is instantiated with.
+CTYPES = {
+    "float16": "__half",
+    "bfloat16": "__nv_bfloat16",
+    "float32": "float",
+    "float64": "double",
+}
+
+
+def kernels_dir() -> Path:
+    """The kernels_cu directory: inside the installed package, or beside it in a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "kernels_cu", here.parent / "kernels_cu"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"cuconv: kernels_cu/ not found next to {here}; the installation is incomplete")
+
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
+
+
+def _expand(path: Path, seen: set[Path]) -> str:
+    path = path.resolve()
+    if path in seen:  # every project header is #pragma once
+        return ""
+    seen.add(path)
+    text = path.read_text()
+    out, last = [], 0
+    for m in _INCLUDE.finditer(text):
+        header = path.parent / m.group(1)
+        if not header.is_file():
+            raise FileNotFoundError(f"{path.name}: included header {m.group(1)!r} not found")
+        line = text.count("\n", 0, m.end()) + 2
+        out += [text[last : m.start()], _expand(header, seen), f'\n#line {line} "{path.name}"\n']
+        last = m.end() + 1
+    out.append(text[last:])
+    return "".join(out)
+
+
+class KernelModule:
+    """One .cu file and the kernel instantiations launched from it."""
+
+    def __init__(self, filename: str, kernels: tuple[str, ...], params_struct: str, dtypes=tuple(CTYPES)):
+        self.filename = filename
+        self.kernels = tuple(kernels)
+        self.params_struct = params_struct
+        self.dtypes = tuple(dtypes)
+        _REGISTRY[filename] = self
+
+    def name_expression(self, kernel: str, dtype: str) -> str:
+        if kernel not in self.kernels:
+            raise KeyError(f"{self.filename} has no kernel {kernel!r}")
+        return f"{kernel}<{CTYPES[dtype]}>"
+
+    @property
+    def name_expressions(self) -> list[str]:
+        return [self.name_expression(k, d) for k in self.kernels for d in self.dtypes]
+
+    @functools.cached_property
+    def path(self) -> Path:
+        return kernels_dir() / self.filename
+
+    def source(self) -> str:
+        """The file with its project headers inlined (re-read on every call: cheap, and
+        an edited header is picked up by a running process as well)."""
+        return f'#line 1 "{self.filename}"\n' + _expand(self.path, set())
+
+    def source_hash(self) -> str:
+        return hashlib.sha256(self.source().encode()).hexdigest()
+
+    @functools.cached_property
+    def param_fields(self) -> tuple[str, ...]:
+        text = self.path.read_text()
+        m = re.search(r"struct\s+" + self.params_struct + r"\s*\{(.*?)\};", text, re.S)
+        if m is None:
+            raise ValueError(f"{self.filename}: struct {self.params_struct} not found")
+        body = re.sub(r"//[^\n]*", "", m.group(1))
+        fields = []
+        for decl in filter(None, (d.strip() for d in body.split(";"))):
+            if not decl.startswith("long long "):
+                raise ValueError(f"{self.filename}: {self.params_struct} fields must all be 'long long', got {decl!r}")
+            fields += [f.strip() for f in decl[len("long long ") :].split(",")]
+        return tuple(fields)
+
+    def params(self, **values: int) -> np.ndarray:
+        """The params struct as a C-ordered int64 array (its bytes are the struct)."""
+        fields = self.param_fields
+        missing, extra = set(fields) - set(values), set(values) - set(fields)
+        if missing or extra:
+            raise KeyError(f"{self.params_struct}: missing {sorted(missing)}, unknown {sorted(extra)}")
+        return np.array([int(values[f]) for f in fields], dtype=np.int64)
+
+
+_REGISTRY: dict[str, KernelModule] = {}
+
+
+def all_modules() -> list[KernelModule]:
+    """Every KernelModule the ops define (importing cuconv.ops registers them)."""
+    import cuconv.ops  # noqa: F401  (registers the modules)
+
+    return [_REGISTRY[name] for name in sorted(_REGISTRY)]

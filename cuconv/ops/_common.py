@@ -1,0 +1,167 @@
+"""What every op shares: importing its arrays, checking them against each other,
+choosing the backend, launching kernels and handing results back.
+
+An op body reads:  call = Call(op, input=x, weight=w, ...)  -> validate shapes ->
+call.empty(...) for outputs -> call.launch(...) -> call.export(out).
+"""
+
+from __future__ import annotations
+
+import os
+from numbers import Integral
+
+import numpy as np
+
+from .. import _arrays
+from .._arrays import Array
+from .._kernels import KernelModule
+
+BACKENDS = ("cuda", "interpret")
+_MAX_GRID = 2**31 - 1
+
+
+def forced_backend() -> str | None:
+    """The backend CUCONV_BACKEND names, or None for the natural one (by device)."""
+    value = os.environ.get("CUCONV_BACKEND", "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"CUCONV_BACKEND must be one of auto, {', '.join(BACKENDS)}; got {value!r}")
+    return value
+
+
+class Call:
+    """One invocation of an op. The first array argument (`input`) decides the
+    framework and device of the results."""
+
+    def __init__(self, op: str, **arrays):
+        self.op = op
+        imported = {name: _arrays.import_array(op, name, obj) for name, obj in arrays.items() if obj is not None}
+        self.anchor = imported[next(iter(arrays))]
+        dtypes = {a.dtype for a in imported.values()}
+        if len(dtypes) > 1:
+            listing = ", ".join(f"{n} {a.dtype}" for n, a in imported.items())
+            raise TypeError(f"{op}: all arrays must share one dtype; got {listing}")
+        devices = {a.device for a in imported.values()}
+        if len(devices) > 1:
+            listing = ", ".join(f"{n} on {a.device_name}" for n, a in imported.items())
+            raise ValueError(f"{op}: all arrays must be on one device; got {listing}")
+        self.dtype = self.anchor.dtype
+        natural = "interpret" if self.anchor.on_host else "cuda"
+        self.backend = forced_backend() or natural
+        self.device_id = self.anchor.device[1] if not self.anchor.on_host else 0
+        self._arrays = imported
+        self._stream = None
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        a = self._arrays.get(name)
+        return None if a is None else a.shape
+
+    def operand(self, name: str) -> Array | None:
+        """The named argument where the kernels run, C-contiguous (copied only if it was not)."""
+        a = self._arrays.get(name)
+        if a is None:
+            return None
+        a = _arrays.to_host(a) if self.backend == "interpret" else _arrays.to_device(a, self.device_id)
+        xp = np if a.on_host else _cupy()
+        if not a.data.flags.c_contiguous:
+            a = Array(xp.ascontiguousarray(a.data), a.dtype, a.framework, a.device, a.original)
+        return a
+
+    def empty(self, shape) -> Array:
+        return _arrays.empty(self.anchor, shape, on_host=self.backend == "interpret")
+
+    @property
+    def accumulator_bytes(self) -> int:
+        return 8 if self.dtype == "float64" else 4
+
+    def max_shared_bytes(self) -> int:
+        if self.backend == "interpret":
+            from .._interpret import MAX_SHARED_BYTES
+
+            return MAX_SHARED_BYTES
+        from .._cuda import max_shared_bytes
+
+        return max_shared_bytes(self.device_id)
+
+    def launch(self, module: KernelModule, kernel: str, work_items: int, block: int, params: dict,
+               *arrays: Array | None, shared_bytes: int = 0) -> None:
+        """One kernel over `work_items` block-sized items (grid-stride: any count is valid)."""
+        if work_items <= 0:
+            return
+        grid = (min(work_items, _MAX_GRID), 1, 1)
+        packed = module.params(**params)
+        data = [None if a is None else a.data for a in arrays]
+        if self.backend == "interpret":
+            from .. import _interpret
+
+            _interpret.launch(module, kernel, self.dtype, grid, (block, 1, 1), shared_bytes, packed, data)
+        else:
+            from .. import _cuda
+
+            _cuda.launch(module, kernel, self.dtype, grid, (block, 1, 1), shared_bytes, packed, data,
+                         self.device_id, self.stream())
+
+    def stream(self):
+        """The caller's current stream: torch's for torch tensors, CuPy's otherwise."""
+        if self._stream is None:
+            cupy = _cupy()
+            if self.anchor.framework == "torch" and not self.anchor.on_host:
+                import torch
+
+                ptr = torch.cuda.current_stream(self.anchor.original.device).cuda_stream
+                self._stream = cupy.cuda.ExternalStream(ptr, self.device_id)
+            else:
+                self._stream = cupy.cuda.get_current_stream()
+        return self._stream
+
+    def export(self, out: Array | None):
+        return None if out is None else _arrays.export(out, self.anchor)
+
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+def threads_for(n: int, max_threads: int = 256) -> int:
+    """A block size for n items of parallel work: a multiple of 32, at most max_threads."""
+    return max(32, min(max_threads, -(-n // 32) * 32))
+
+
+# --- parameter parsing shared by the convolution-like ops ---
+
+def int_pair(op: str, name: str, value, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each >= minimum, as a pair; ValueError/TypeError naming `name`."""
+    items = (value, value) if isinstance(value, Integral) else value
+    try:
+        items = tuple(items)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}") from None
+    if len(items) != 2 or not all(isinstance(v, Integral) and not isinstance(v, bool) for v in items):
+        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
+    if any(v < minimum for v in items):
+        bound = "positive" if minimum == 1 else f">= {minimum}"
+        raise ValueError(f"{op}: {name} must be {bound}, got {value!r}")
+    return int(items[0]), int(items[1])
+
+
+def positive_int(op: str, name: str, value) -> int:
+    if not isinstance(value, Integral) or isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{op}: {name} must be positive, got {value}")
+    return int(value)
+
+
+def parse_wrt(op: str, wrt, names: tuple[str, ...]) -> frozenset[str]:
+    """The set of argument names to differentiate with respect to (None = all)."""
+    if wrt is None:
+        return frozenset(names)
+    if isinstance(wrt, str):
+        wrt = (wrt,)
+    unknown = [w for w in wrt if w not in names]
+    if unknown:
+        raise ValueError(f"{op}: wrt names unknown arguments {unknown}; choose from {list(names)}")
+    return frozenset(wrt)

@@ -1,0 +1,183 @@
+"""conv2d: torch.nn.functional.conv2d semantics, forward and hand-written backward.
+
+Covers stride, padding (int, pair, 'same', 'valid'), dilation, groups (grouped,
+depthwise, 1x1) and an optional bias. Kernels: kernels_cu/conv2d.cu (formulas and
+thread mapping are documented there). Algorithm: 'direct' (the only one so far);
+`algorithm='auto'` picks among the available ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .._kernels import KernelModule
+from ._common import Call, int_pair, parse_wrt, positive_int, threads_for
+
+KERNELS = KernelModule(
+    "conv2d.cu",
+    kernels=("conv2d_fwd", "conv2d_bwd_input", "conv2d_bwd_weight", "conv2d_bwd_bias"),
+    params_struct="Conv2dParams",
+)
+ALGORITHMS = ("direct",)
+# Shared memory one block stages weights in: a tuning choice well under every
+# device's per-block limit (which is read from the device and still enforced).
+_WEIGHT_STAGE_BYTES = 16 * 1024
+
+
+def conv_output_size(size, kernel_size, stride=1, padding=0, dilation=1):
+    """floor((size + 2*padding - dilation*(kernel_size-1) - 1) / stride) + 1, elementwise
+    when any argument is a tuple."""
+    args = (size, kernel_size, stride, padding, dilation)
+    if any(isinstance(a, (tuple, list)) for a in args):
+        n = max(len(a) for a in args if isinstance(a, (tuple, list)))
+        expanded = [tuple(a) if isinstance(a, (tuple, list)) else (a,) * n for a in args]
+        if any(len(a) != n for a in expanded):
+            raise ValueError(f"conv_output_size: tuple arguments differ in length: {args}")
+        return tuple(conv_output_size(*column) for column in zip(*expanded))
+    return (size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    batch: int
+    in_channels: int
+    in_h: int
+    in_w: int
+    out_channels: int
+    out_h: int
+    out_w: int
+    kernel_h: int
+    kernel_w: int
+    stride: tuple[int, int]
+    pad: tuple[int, int]  # top, left (bottom/right follow from out_h/out_w)
+    dilation: tuple[int, int]
+    groups: int
+
+    @property
+    def output_shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.out_channels, self.out_h, self.out_w)
+
+    def params(self, chunk: int = 1) -> dict:
+        return dict(batch=self.batch, in_channels=self.in_channels, in_h=self.in_h, in_w=self.in_w,
+                    out_channels=self.out_channels, out_h=self.out_h, out_w=self.out_w,
+                    kernel_h=self.kernel_h, kernel_w=self.kernel_w,
+                    stride_h=self.stride[0], stride_w=self.stride[1], pad_h=self.pad[0], pad_w=self.pad[1],
+                    dilation_h=self.dilation[0], dilation_w=self.dilation[1], groups=self.groups, chunk=chunk)
+
+
+def conv_geometry(op: str, input_shape, weight_shape, bias_shape, stride, padding, dilation, groups) -> ConvGeometry:
+    """Checks a conv2d call's shapes and parameters (torch's rules); ValueError/TypeError
+    naming the argument and the shapes."""
+    if len(input_shape) != 4:
+        raise ValueError(f"{op}: input must be 4-D [batch, in_channels, height, width], got shape {input_shape}")
+    if len(weight_shape) != 4:
+        raise ValueError(f"{op}: weight must be 4-D [out_channels, in_channels/groups, kh, kw], "
+                         f"got shape {weight_shape}")
+    groups = positive_int(op, "groups", groups)
+    stride = int_pair(op, "stride", stride, 1)
+    dilation = int_pair(op, "dilation", dilation, 1)
+    batch, cin, h, w = input_shape
+    cout, cin_g, kh, kw = weight_shape
+    shapes = f"(input {tuple(input_shape)}, weight {tuple(weight_shape)})"
+    if min(cout, cin_g, kh, kw) < 1:
+        raise ValueError(f"{op}: weight has an empty dimension {shapes}")
+    if cin != cin_g * groups:
+        raise ValueError(f"{op}: input has {cin} channels but weight expects in_channels/groups={cin_g} "
+                         f"x groups={groups} = {cin_g * groups} {shapes}")
+    if cout % groups:
+        raise ValueError(f"{op}: weight's out_channels={cout} is not divisible by groups={groups} {shapes}")
+    if bias_shape is not None and tuple(bias_shape) != (cout,):
+        raise ValueError(f"{op}: bias must have shape ({cout},) to match weight {tuple(weight_shape)}, "
+                         f"got {tuple(bias_shape)}")
+    span = (dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)
+    if isinstance(padding, str):
+        if padding == "valid":
+            pad_before, pad_total = (0, 0), (0, 0)
+        elif padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"{op}: padding='same' requires stride 1 (as in torch), got stride {stride}")
+            pad_total = (span[0] - 1, span[1] - 1)
+            pad_before = (pad_total[0] // 2, pad_total[1] // 2)  # torch puts the odd one at the end
+        else:
+            raise ValueError(f"{op}: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+    else:
+        pad_before = int_pair(op, "padding", padding, 0)
+        pad_total = (2 * pad_before[0], 2 * pad_before[1])
+    padded = (h + pad_total[0], w + pad_total[1])
+    if span[0] > padded[0] or span[1] > padded[1]:
+        raise ValueError(f"{op}: kernel (dilated extent {span[0]}x{span[1]}) is larger than the padded input "
+                         f"{padded[0]}x{padded[1]} {shapes}, padding {padding!r}, dilation {dilation}")
+    out_h = (padded[0] - span[0]) // stride[0] + 1
+    out_w = (padded[1] - span[1]) // stride[1] + 1
+    return ConvGeometry(batch, cin, h, w, cout, out_h, out_w, kh, kw, stride, pad_before, dilation, groups)
+
+
+def _check_algorithm(op: str, algorithm: str) -> str:
+    if algorithm == "auto":
+        return ALGORITHMS[0]
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"{op}: algorithm must be 'auto' or one of {ALGORITHMS}, got {algorithm!r}")
+    return algorithm
+
+
+def _staged(call: Call, entries: int) -> tuple[int, int]:
+    """(chunk, shared bytes) to stage `entries` accumulator-typed weights per block."""
+    budget = min(_WEIGHT_STAGE_BYTES, call.max_shared_bytes())
+    chunk = max(1, min(entries, budget // call.accumulator_bytes))
+    return chunk, chunk * call.accumulator_bytes
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto"):
+    """y = conv2d(input [B, Cin, H, W], weight [Cout, Cin/groups, kh, kw], bias [Cout])
+    -> [B, Cout, Ho, Wo], as torch.nn.functional.conv2d."""
+    op = "conv2d"
+    call = Call(op, input=input, weight=weight, bias=bias)
+    geom = conv_geometry(op, call.shape("input"), call.shape("weight"), call.shape("bias"),
+                         stride, padding, dilation, groups)
+    _check_algorithm(op, algorithm)
+    y = call.empty(geom.output_shape)
+    pixels = geom.out_h * geom.out_w
+    if y.data.size:
+        block = threads_for(pixels)
+        chunk, shared = _staged(call, geom.in_channels // geom.groups * geom.kernel_h * geom.kernel_w)
+        items = geom.batch * geom.out_channels * -(-pixels // block)
+        call.launch(KERNELS, "conv2d_fwd", items, block, geom.params(chunk),
+                    call.operand("input"), call.operand("weight"), call.operand("bias"), y, shared_bytes=shared)
+    return call.export(y)
+
+
+def conv2d_backward(grad_output, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
+                    wrt=None, *, algorithm="auto"):
+    """Gradients of conv2d: (grad_input, grad_weight, grad_bias); None for an argument
+    not in `wrt` (a name or tuple of names among input, weight, bias) or that was None."""
+    op = "conv2d_backward"
+    call = Call(op, input=input, grad_output=grad_output, weight=weight, bias=bias)
+    geom = conv_geometry(op, call.shape("input"), call.shape("weight"), call.shape("bias"),
+                         stride, padding, dilation, groups)
+    _check_algorithm(op, algorithm)
+    if call.shape("grad_output") != geom.output_shape:
+        raise ValueError(f"{op}: grad_output must have the forward output's shape {geom.output_shape}, "
+                         f"got {call.shape('grad_output')} (input {call.shape('input')}, "
+                         f"weight {call.shape('weight')})")
+    wanted = parse_wrt(op, wrt, ("input", "weight", "bias"))
+    gy = call.operand("grad_output")
+    grad_input = grad_weight = grad_bias = None
+    if "input" in wanted:
+        grad_input = call.empty((geom.batch, geom.in_channels, geom.in_h, geom.in_w))
+        pixels = geom.in_h * geom.in_w
+        if grad_input.data.size:
+            block = threads_for(pixels)
+            chunk, shared = _staged(call, geom.out_channels // geom.groups * geom.kernel_h * geom.kernel_w)
+            items = geom.batch * geom.in_channels * -(-pixels // block)
+            call.launch(KERNELS, "conv2d_bwd_input", items, block, geom.params(chunk),
+                        gy, call.operand("weight"), grad_input, shared_bytes=shared)
+    reduction_block = threads_for(geom.batch * geom.out_h * geom.out_w)
+    if "weight" in wanted:
+        grad_weight = call.empty(call.shape("weight"))
+        items = geom.out_channels * (geom.in_channels // geom.groups) * geom.kernel_h * geom.kernel_w
+        call.launch(KERNELS, "conv2d_bwd_weight", items, reduction_block, geom.params(),
+                    gy, call.operand("input"), grad_weight)
+    if "bias" in wanted and bias is not None:
+        grad_bias = call.empty((geom.out_channels,))
+        call.launch(KERNELS, "conv2d_bwd_bias", geom.out_channels, reduction_block, geom.params(), gy, grad_bias)
+    return call.export(grad_input), call.export(grad_weight), call.export(grad_bias)

@@ -62,12 +62,17 @@ def _expand(path: Path, seen: set[Path]) -> str:
 class KernelModule:
     """One .cu file and the kernel instantiations launched from it."""
 
-    def __init__(self, filename: str, kernels: tuple[str, ...], params_struct: str, dtypes=tuple(CTYPES)):
+    def __init__(self, filename: str, kernels: tuple[str, ...], params_struct: str, dtypes=tuple(CTYPES),
+                 directory: Path | None = None):
+        """`directory` (default kernels_cu/) is for test-only sources, which the compile
+        check does not list; modules in kernels_cu/ register themselves."""
         self.filename = filename
         self.kernels = tuple(kernels)
         self.params_struct = params_struct
         self.dtypes = tuple(dtypes)
-        _REGISTRY[filename] = self
+        self.directory = directory
+        if directory is None:
+            _REGISTRY[filename] = self
 
     def name_expression(self, kernel: str, dtype: str) -> str:
         if kernel not in self.kernels:
@@ -80,7 +85,7 @@ class KernelModule:
 
     @functools.cached_property
     def path(self) -> Path:
-        return kernels_dir() / self.filename
+        return (self.directory or kernels_dir()) / self.filename
 
     def source(self) -> str:
         """The file with its project headers inlined (re-read on every call: cheap, and

@@ -1,0 +1,56 @@
+"""`cuconv check`: compile every kernel instantiation with NVRTC for each target
+architecture, without a GPU, and report each kernel's registers, spills and static
+shared memory. CI runs it, so CUDA-only code paths are at least compiled."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._kernels import all_modules
+from ._nvrtc import KernelResources, NvrtcError, compile_to_cubin
+
+ARCHS = ("sm_80", "sm_90")
+
+
+@dataclass(frozen=True)
+class CheckRow:
+    module: str
+    kernel: str  # name expression, e.g. conv2d_fwd<float>
+    arch: str
+    resources: KernelResources
+
+
+def compile_all(archs=ARCHS) -> list[CheckRow]:
+    """Every instantiation of every registered kernel module, for each arch; raises
+    NvrtcError (with the log) on the first module that fails to compile."""
+    rows = []
+    for module in all_modules():
+        for arch in archs:
+            result = compile_to_cubin(module.source(), module.name_expressions, arch=arch,
+                                      program_name=module.filename)
+            rows += [CheckRow(module.filename, name, arch, result.resources.get(name, KernelResources(None, None, None, None)))
+                     for name in module.name_expressions]
+    return rows
+
+
+def _fmt(v) -> str:
+    return "?" if v is None else str(v)
+
+
+def main(archs=ARCHS) -> int:
+    try:
+        rows = compile_all(archs)
+    except NvrtcError as e:
+        print(f"cuconv check: compilation failed\n{e}")
+        return 1
+    header = f"{'kernel':<44} {'arch':<6} {'regs':>5} {'spill st':>9} {'spill ld':>9} {'smem B':>7}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        res = r.resources
+        print(f"{r.kernel:<44} {r.arch:<6} {_fmt(res.registers):>5} {_fmt(res.spill_stores):>9} "
+              f"{_fmt(res.spill_loads):>9} {_fmt(res.shared_bytes):>7}")
+    spilling = [r for r in rows if r.resources.spill_stores]
+    print(f"\n{len(rows)} kernel instantiations compiled for {', '.join(archs)}; "
+          f"{len(spilling)} spill registers.")
+    return 0

@@ -1,0 +1,44 @@
+"""The `cuconv` command: `cuconv check` (compile every kernel with NVRTC, no GPU
+needed) and `cuconv info` (backends and versions)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _info() -> int:
+    import cuconv
+    from . import _interpret
+
+    print(f"cuconv {cuconv.__version__}")
+    try:
+        print(f"interpret backend: C++ compiler {_interpret.compiler()}")
+    except RuntimeError as e:
+        print(f"interpret backend: unavailable ({e})")
+    try:
+        import cupy
+
+        count = cupy.cuda.runtime.getDeviceCount()
+        print(f"cuda backend: CuPy {cupy.__version__}, {count} device(s)")
+    except Exception as e:  # no CuPy, no driver or no device
+        print(f"cuda backend: unavailable ({type(e).__name__}: {e})")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="cuconv", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="compile every kernel instantiation with NVRTC (no GPU needed)")
+    check.add_argument("--arch", action="append", help="target, e.g. sm_90 (repeatable; default sm_80 and sm_90)")
+    sub.add_parser("info", help="which backends are usable here")
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        from .check import ARCHS, main as check_main
+
+        return check_main(tuple(args.arch) if args.arch else ARCHS)
+    return _info()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -43,11 +43,6 @@ def _module(filename: str, source_hash: str, device_id: int, module: KernelModul
 
 
 @functools.cache
-def _params_dtype(fields: tuple[str, ...]) -> np.dtype:
-    return np.dtype([(f, np.int64) for f in fields])
-
-
-@functools.cache
 def max_shared_bytes(device_id: int) -> int:
     cupy = _cupy()
     return int(cupy.cuda.Device(device_id).attributes["MaxSharedMemoryPerBlock"])
@@ -57,10 +52,14 @@ def launch(module: KernelModule, kernel: str, dtype: str, grid, block, shared_by
            params: np.ndarray, arrays: list, device_id: int, stream) -> None:
     """Runs one kernel on `stream`: `arrays` are CuPy arrays on `device_id` (or None)."""
     cupy = _cupy()
+    from cupy.cuda.function import CPointer
+
     raw = _module(module.filename, module.source_hash(), device_id, module)
     fn = raw.get_function(module.name_expression(kernel, dtype))
-    # The struct goes by value: a NumPy structured scalar is passed as its bytes.
-    struct = np.frombuffer(params.astype(np.int64).tobytes(), dtype=_params_dtype(module.param_fields))[0]
-    args = (struct, *(np.uint64(0) if a is None else a for a in arrays))
+    # cuLaunchKernel takes a pointer to each argument's bytes; for the by-value params
+    # struct that is the address of the int64 array (alive until the launch returns,
+    # and the driver copies the bytes at launch). A null pointer goes as a 64-bit 0.
+    params = np.ascontiguousarray(params, dtype=np.int64)
+    args = (CPointer(params.ctypes.data), *(np.uint64(0) if a is None else a for a in arrays))
     with cupy.cuda.Device(device_id), stream:
         fn(tuple(grid), tuple(block), args, shared_mem=shared_bytes)

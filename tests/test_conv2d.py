@@ -299,6 +299,8 @@ BAD_FORWARD = [
      r"one dtype; got input float32, weight float64"),
     ("integer dtype", (X.astype(np.int32), W, None), dict(groups=2), TypeError, r"input has dtype int32"),
     ("not an array", (X.tolist(), W, None), dict(groups=2), TypeError, r"input must be an array"),
+    ("input None", (None, W, None), dict(groups=2), TypeError, r"input must be an array, got None"),
+    ("weight None", (X, None, None), dict(groups=2), TypeError, r"weight must be an array, got None"),
     ("complex dtype", (X, W.astype(np.complex128), None), dict(groups=2), TypeError, r"weight has dtype complex128"),
 ]
 

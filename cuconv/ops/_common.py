@@ -32,10 +32,14 @@ def forced_backend() -> str | None:
 
 class Call:
     """One invocation of an op. The first array argument (`input`) decides the
-    framework and device of the results."""
+    framework and device of the results; arguments not named in `optional` must
+    not be None."""
 
-    def __init__(self, op: str, **arrays):
+    def __init__(self, op: str, optional: tuple[str, ...] = (), **arrays):
         self.op = op
+        for name, obj in arrays.items():
+            if obj is None and name not in optional:
+                raise TypeError(f"{op}: {name} must be an array, got None")
         imported = {name: _arrays.import_array(op, name, obj) for name, obj in arrays.items() if obj is not None}
         self.anchor = imported[next(iter(arrays))]
         dtypes = {a.dtype for a in imported.values()}

@@ -131,7 +131,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     """y = conv2d(input [B, Cin, H, W], weight [Cout, Cin/groups, kh, kw], bias [Cout])
     -> [B, Cout, Ho, Wo], as torch.nn.functional.conv2d."""
     op = "conv2d"
-    call = Call(op, input=input, weight=weight, bias=bias)
+    call = Call(op, input=input, weight=weight, bias=bias, optional=("bias",))
     geom = conv_geometry(op, call.shape("input"), call.shape("weight"), call.shape("bias"),
                          stride, padding, dilation, groups)
     _check_algorithm(op, algorithm)
@@ -151,7 +151,7 @@ def conv2d_backward(grad_output, input, weight, bias=None, stride=1, padding=0, 
     """Gradients of conv2d: (grad_input, grad_weight, grad_bias); None for an argument
     not in `wrt` (a name or tuple of names among input, weight, bias) or that was None."""
     op = "conv2d_backward"
-    call = Call(op, input=input, grad_output=grad_output, weight=weight, bias=bias)
+    call = Call(op, input=input, grad_output=grad_output, weight=weight, bias=bias, optional=("bias",))
     geom = conv_geometry(op, call.shape("input"), call.shape("weight"), call.shape("bias"),
                          stride, padding, dilation, groups)
     _check_algorithm(op, algorithm)

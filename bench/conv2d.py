@@ -1,0 +1,171 @@
+"""conv2d suite: the self-check against cuconv.reference, and the ResNet-50 layer set
+timed against torch / cuDNN (NCHW and channels_last)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+import cuconv
+import cuconv.reference
+
+from .harness import HOST_DTYPES, BenchCase, CheckRow, rel_error, to_backend, tolerance
+
+NAME = "conv2d"
+
+# --- self-check: small odd shapes that cover every parameter ---
+
+# (label, input shape, weight shape, with bias, conv2d keyword parameters)
+CHECK_CONFIGS = [
+    ("3x3 s1 p1 bias", (2, 5, 9, 11), (7, 5, 3, 3), True, dict(stride=1, padding=1)),
+    ("3x3 s(2,1) p(0,1)", (2, 4, 10, 9), (6, 4, 3, 3), False, dict(stride=(2, 1), padding=(0, 1))),
+    ("2x3 same d(1,2) bias", (1, 3, 8, 9), (5, 3, 2, 3), True, dict(padding="same", dilation=(1, 2))),
+    ("3x3 valid d2", (2, 3, 11, 10), (4, 3, 3, 3), False, dict(padding="valid", dilation=2)),
+    ("3x3 groups=3 p(1,0) bias", (2, 6, 7, 8), (9, 2, 3, 3), True, dict(padding=(1, 0), groups=3)),
+    ("5x5 depthwise s2 p2 bias", (1, 8, 13, 11), (8, 1, 5, 5), True, dict(stride=2, padding=2, groups=8)),
+    ("1x1 bias", (3, 10, 5, 7), (12, 10, 1, 1), True, {}),
+    ("7x7 s2 p3 (stem-like)", (1, 3, 17, 15), (8, 3, 7, 7), False, dict(stride=2, padding=3)),
+]
+PASSES = ("fwd", "bwd input", "bwd weight", "bwd bias")
+
+
+def _torch_errors(dtype, x, w, b, gy, params, refs) -> dict:
+    """rel_error per pass of torch CPU computing the same thing in `dtype` (autograd for
+    the gradients); {} when torch is missing or lacks the op in that dtype."""
+    try:
+        import torch
+        import torch.nn.functional as F
+
+        def t(a):
+            return None if a is None else torch.from_numpy(a.astype(np.float64)).to(getattr(torch, dtype))
+
+        xt, wt, bt, gyt = t(x), t(w), t(b), t(gy)
+        leaves = [a.requires_grad_() for a in (xt, wt, bt) if a is not None]
+        with warnings.catch_warnings():  # torch's note that 'same' with an even kernel copies the input
+            warnings.simplefilter("ignore", UserWarning)
+            y = F.conv2d(xt, wt, bt, **params)
+        grads = torch.autograd.grad(y, leaves, gyt) + (None,)
+    except (ImportError, RuntimeError, NotImplementedError):
+        return {}
+    return {p: rel_error(got, ref) for p, got, ref in zip(PASSES, (y,) + grads, refs) if ref is not None}
+
+
+def self_check(dtypes, backends, rng, torch_module=None) -> list[CheckRow]:
+    rows = []
+    for label, x_shape, w_shape, with_bias, params in CHECK_CONFIGS:
+        for dtype in dtypes:
+            # Inputs are drawn once and rounded to `dtype`; the reference sees those exact values.
+            x = rng.standard_normal(x_shape).astype(HOST_DTYPES[dtype])
+            w = rng.standard_normal(w_shape).astype(HOST_DTYPES[dtype])
+            b = rng.standard_normal(w_shape[0]).astype(HOST_DTYPES[dtype]) if with_bias else None
+            y_ref = cuconv.reference.conv2d(x, w, b, **params)
+            gy = rng.standard_normal(y_ref.shape).astype(HOST_DTYPES[dtype])
+            refs = (y_ref,) + cuconv.reference.conv2d_backward(gy, x, w, b, **params)
+            anchor = _torch_errors(dtype, x, w, b, gy, params, refs) if dtype in ("float16", "bfloat16") else {}
+            for backend in backends:
+                args = [to_backend(a, dtype, backend, torch_module) if a is not None else None
+                        for a in (x, w, b, gy)]
+                if any(a is None and h is not None for a, h in zip(args, (x, w, b, gy))):
+                    continue  # bfloat16 on CuPy without torch: not representable
+                xa, wa, ba, gya = args
+                y = cuconv.conv2d(xa, wa, ba, **params)
+                grads = cuconv.conv2d_backward(gya, xa, wa, ba, **params)
+                for pass_, got, ref in zip(PASSES, (y,) + tuple(grads), refs):
+                    if ref is None:
+                        continue  # no bias, no bias gradient
+                    tol, source = tolerance(dtype, anchor.get(pass_))
+                    rows.append(CheckRow(NAME, pass_, dtype, label, backend, rel_error(got, ref), tol, source))
+    return rows
+
+
+# --- benchmark: the distinct convolutions of ResNet-50 (torchvision v1.5: stride on the 3x3) ---
+
+BATCH = 32
+# (label, in channels, out channels, kernel, stride, input height = width); padding = kernel // 2
+RESNET50 = [
+    ("stem 7x7/2 3->64 224", 3, 64, 7, 2, 224),
+    ("1x1 64->64 56", 64, 64, 1, 1, 56),
+    ("3x3 64->64 56", 64, 64, 3, 1, 56),
+    ("1x1 64->256 56", 64, 256, 1, 1, 56),
+    ("1x1 256->64 56", 256, 64, 1, 1, 56),
+    ("1x1 256->128 56", 256, 128, 1, 1, 56),
+    ("3x3/2 128->128 56", 128, 128, 3, 2, 56),
+    ("1x1/2 256->512 56", 256, 512, 1, 2, 56),
+    ("3x3 128->128 28", 128, 128, 3, 1, 28),
+    ("1x1 128->512 28", 128, 512, 1, 1, 28),
+    ("1x1 512->128 28", 512, 128, 1, 1, 28),
+    ("1x1 512->256 28", 512, 256, 1, 1, 28),
+    ("3x3/2 256->256 28", 256, 256, 3, 2, 28),
+    ("1x1/2 512->1024 28", 512, 1024, 1, 2, 28),
+    ("3x3 256->256 14", 256, 256, 3, 1, 14),
+    ("1x1 256->1024 14", 256, 1024, 1, 1, 14),
+    ("1x1 1024->256 14", 1024, 256, 1, 1, 14),
+    ("1x1 1024->512 14", 1024, 512, 1, 1, 14),
+    ("3x3/2 512->512 14", 512, 512, 3, 2, 14),
+    ("1x1/2 1024->2048 14", 1024, 2048, 1, 2, 14),
+    ("3x3 512->512 7", 512, 512, 3, 1, 7),
+    ("1x1 512->2048 7", 512, 2048, 1, 1, 7),
+    ("1x1 2048->512 7", 2048, 512, 1, 1, 7),
+]
+QUICK = ("stem 7x7/2 3->64 224", "3x3 64->64 56", "1x1 256->64 56", "3x3 256->256 14")
+
+
+def _flops(cin, cout, k, stride, size) -> float:
+    out = cuconv.conv_output_size(size, k, stride, k // 2)
+    return 2.0 * BATCH * cout * out * out * cin * k * k
+
+
+def bench_cases(dtypes, quick, torch_module=None) -> list[BenchCase]:
+    """Forward and forward+backward cases; baselines need torch (CuPy arrays otherwise)."""
+    cases = []
+    for label, cin, cout, k, stride, size in RESNET50:
+        if quick and label not in QUICK:
+            continue
+        pad = k // 2
+        out = cuconv.conv_output_size(size, k, stride, pad)
+        x_shape, w_shape, y_shape = (BATCH, cin, size, size), (cout, cin, k, k), (BATCH, cout, out, out)
+        for dtype in dtypes:
+            if torch_module is None and dtype == "bfloat16":
+                continue  # CuPy has no bfloat16
+            for pass_ in ("fwd", "fwd+bwd"):
+                shapes = (x_shape, w_shape) + ((y_shape,) if pass_ == "fwd+bwd" else ())
+                cases.append(_case(label, dtype, pass_, shapes, stride, pad, _flops(cin, cout, k, stride, size),
+                                   torch_module))
+    return cases
+
+
+def _case(label, dtype, pass_, shapes, stride, pad, flops, torch) -> BenchCase:
+    backward = pass_ == "fwd+bwd"
+    fan_in = shapes[1][1] * shapes[1][2] * shapes[1][3]
+
+    def make_inputs():
+        scales = (1.0, fan_in**-0.5, 1.0)  # unit-scale activations and gradients, Kaiming-like weights
+        if torch is not None:
+            return tuple((torch.randn(s, device="cuda", dtype=getattr(torch, dtype)) * c).requires_grad_(backward)
+                         for s, c in zip(shapes, scales))
+        import cupy
+
+        return tuple((cupy.random.standard_normal(s, dtype=cupy.float32) * c).astype(dtype)
+                     for s, c in zip(shapes, scales))
+
+    def run_cuconv(x, w, gy=None):
+        cuconv.conv2d(x, w, None, stride, pad)
+        if backward:
+            cuconv.conv2d_backward(gy, x, w, None, stride, pad, wrt=("input", "weight"))
+
+    baselines = {}
+    if torch is not None:
+        F = torch.nn.functional
+
+        def run_torch(x, w, gy=None):
+            y = F.conv2d(x, w, None, stride, pad)
+            if backward:
+                torch.autograd.grad(y, (x, w), gy)
+
+        def channels_last(input_set):
+            return tuple(t.detach().contiguous(memory_format=torch.channels_last).requires_grad_(t.requires_grad)
+                         for t in input_set)
+
+        baselines = {"torch": (lambda s: s, run_torch), "torch CL": (channels_last, run_torch)}
+    return BenchCase(NAME, label, dtype, pass_, flops * (3 if backward else 1), make_inputs, run_cuconv, baselines)

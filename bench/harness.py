@@ -1,0 +1,327 @@
+"""Machinery every benchmark suite shares: dtypes and error measures for the
+self-check, GPU detection, CUDA-event timing over input sets rotated past the L2
+cache, the copy / GEMM ceilings, and the Markdown / JSON output.
+
+A suite (bench/<op>.py) provides
+    NAME                                   the op family, e.g. "conv2d"
+    self_check(dtypes, backends, rng, torch_module)  ->  list[CheckRow]
+    bench_cases(dtypes, quick, torch_module)         ->  list[BenchCase]
+(torch_module: torch when it sees the GPU, else None: then CuPy arrays, no baselines)
+and is registered in bench/__init__.py:SUITES.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import statistics
+from dataclasses import dataclass, field
+from typing import Callable
+
+import ml_dtypes
+import numpy as np
+
+ALL_DTYPES = ("float16", "bfloat16", "float32", "float64")
+GPU_DEFAULT_DTYPES = ("float32", "float16", "bfloat16")
+HOST_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+               "float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+
+# --- self-check: errors and tolerances ---
+
+# Fixed tolerances on max|got - ref| / max|ref| against the float64 reference.
+FIXED_TOLERANCE = {"float64": 1e-9, "float32": 1e-4}
+# float16 / bfloat16: 2x the error of the same computation done by torch CPU in that
+# dtype (the anchor), but never below one unit in the last place at 1.0 (2**-10 and
+# 2**-7: twice the unit roundoff, so a correctly rounded result always fits).
+ANCHOR_FACTOR = 2.0
+TOLERANCE_FLOOR = {"float16": 2.0**-10, "bfloat16": 2.0**-7}
+# Where torch CPU lacks the op in that dtype: a documented bound instead.
+FALLBACK_TOLERANCE = {"float16": 2e-2, "bfloat16": 1e-1}
+
+
+def rel_error(got, ref) -> float:
+    """max |got - ref| / max |ref|, both taken to float64; inf when `got` holds a NaN or
+    Inf or the shapes differ (so such a result always fails)."""
+    got, ref = to_float64(got), np.asarray(ref, np.float64)
+    if got.shape != ref.shape or not np.all(np.isfinite(got)):
+        return math.inf
+    if ref.size == 0:
+        return 0.0
+    scale = float(np.max(np.abs(ref)))
+    err = float(np.max(np.abs(got - ref)))
+    return err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
+
+
+def tolerance(dtype: str, anchor_error: float | None) -> tuple[float, str]:
+    """(tolerance, where it comes from) for a result in `dtype`. `anchor_error` is the
+    rel_error of torch CPU doing the same computation in `dtype` (None if it cannot)."""
+    if dtype in FIXED_TOLERANCE:
+        return FIXED_TOLERANCE[dtype], "fixed"
+    if anchor_error is None or not math.isfinite(anchor_error):
+        return FALLBACK_TOLERANCE[dtype], "bound"
+    if ANCHOR_FACTOR * anchor_error < TOLERANCE_FLOOR[dtype]:
+        return TOLERANCE_FLOOR[dtype], "floor"
+    return ANCHOR_FACTOR * anchor_error, "2x torch"
+
+
+def within(err: float, tol: float) -> bool:
+    return math.isfinite(err) and err <= tol
+
+
+@dataclass
+class CheckRow:
+    op: str
+    pass_: str  # fwd, bwd input, bwd weight, bwd bias
+    dtype: str
+    config: str
+    backend: str
+    error: float
+    tol: float
+    tol_source: str
+
+    @property
+    def ok(self) -> bool:
+        return within(self.error, self.tol)
+
+
+def to_float64(a) -> np.ndarray:
+    """Any array cuconv returns (NumPy incl. bfloat16, torch CPU/CUDA, CuPy) as float64 NumPy."""
+    if type(a).__module__.split(".")[0] == "torch":
+        return a.detach().double().cpu().numpy()
+    if type(a).__module__.split(".")[0] == "cupy":
+        a = a.get()
+    return np.asarray(a).astype(np.float64)
+
+
+def print_check_table(rows: list[CheckRow]) -> None:
+    header = (f"{'op':<8} {'pass':<11} {'dtype':<9} {'backend':<9} {'config':<28} {'rel err':>9} {'tol':>9} "
+              f"{'(from)':<9} result")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r.op:<8} {r.pass_:<11} {r.dtype:<9} {r.backend:<9} {r.config:<28} {r.error:9.2e} {r.tol:9.2e} "
+              f"{r.tol_source:<9} {'PASS' if r.ok else 'FAIL'}")
+
+
+# --- environment for a stretch of calls ---
+
+@contextlib.contextmanager
+def cuconv_env(backend: str, poison: bool):
+    """Forces cuconv's backend (CUCONV_BACKEND) and output poisoning (CUCONV_POISON: outputs
+    start as NaN, so an element a kernel never writes fails the check) for a block."""
+    saved = {k: os.environ.get(k) for k in ("CUCONV_BACKEND", "CUCONV_POISON")}
+    os.environ["CUCONV_BACKEND"] = backend
+    if poison:
+        os.environ["CUCONV_POISON"] = "1"
+    else:
+        os.environ.pop("CUCONV_POISON", None)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def to_backend(host, dtype: str, backend: str, torch_module=None):
+    """A host array (already in `dtype`) where `backend` runs: itself for interpret; a torch
+    CUDA tensor for cuda (a CuPy array when torch is missing; None for bfloat16 then,
+    since CuPy has no bfloat16)."""
+    if backend == "interpret":
+        return host
+    if torch_module is not None:
+        t = torch_module.from_numpy(np.ascontiguousarray(host.astype(np.float64)))
+        return t.to(device="cuda", dtype=getattr(torch_module, dtype))
+    if dtype == "bfloat16":
+        return None
+    import cupy
+
+    return cupy.asarray(host)
+
+
+# --- GPU detection ---
+
+def cuda_gpu_usable() -> bool:
+    """cupy importable and at least one CUDA device visible."""
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no cupy, no driver, no device: all mean "no GPU"
+        return False
+
+
+def torch_cuda():
+    """The torch module when it is importable and sees the GPU, else None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+# --- timing (GPU only) ---
+
+class Events:
+    """CUDA events from torch when available, else from CuPy; both time the current stream."""
+
+    def __init__(self, torch_module=None):
+        self.torch = torch_module
+
+    def pair(self):
+        if self.torch is not None:
+            return self.torch.cuda.Event(enable_timing=True), self.torch.cuda.Event(enable_timing=True)
+        import cupy
+
+        return cupy.cuda.Event(), cupy.cuda.Event()
+
+    def elapsed_ms(self, start, end) -> float:
+        if self.torch is not None:
+            return start.elapsed_time(end)
+        import cupy
+
+        return cupy.cuda.get_elapsed_time(start, end)
+
+    def synchronize(self) -> None:
+        if self.torch is not None:
+            self.torch.cuda.synchronize()
+        else:
+            import cupy
+
+            cupy.cuda.get_current_stream().synchronize()
+
+
+def time_ms(events: Events, fn: Callable, input_sets: list, warmup: int, repeats: int) -> float:
+    """Median milliseconds of fn(*input_set), each run bracketed by CUDA events, the input
+    sets taken in turn so that (when there are enough of them) no run finds its inputs in L2."""
+    for i in range(warmup):
+        fn(*input_sets[i % len(input_sets)])
+    events.synchronize()
+    marks = []
+    for i in range(repeats):
+        start, end = events.pair()
+        start.record()
+        fn(*input_sets[(warmup + i) % len(input_sets)])
+        end.record()
+        marks.append((start, end))
+    events.synchronize()
+    return statistics.median(events.elapsed_ms(s, e) for s, e in marks)
+
+
+def input_set_count(set_bytes: int, l2_bytes: int, limit: int = 256) -> int:
+    """How many input sets to rotate so that together they are at least twice the L2 size."""
+    return max(2, min(limit, math.ceil(2 * l2_bytes / max(1, set_bytes)) + 1))
+
+
+def l2_cache_bytes(torch_module) -> int:
+    """The device's L2 size, or 50 MB where it cannot be read."""
+    if torch_module is not None:
+        size = getattr(torch_module.cuda.get_device_properties(0), "L2_cache_size", 0)
+        if size:
+            return int(size)
+    else:
+        try:
+            import cupy
+
+            size = cupy.cuda.runtime.getDeviceProperties(0).get("l2CacheSize", 0)
+            if size:
+                return int(size)
+        except Exception:
+            pass
+    return 50 * 10**6
+
+
+@dataclass
+class Ceilings:
+    copy_gbs: float  # device-to-device copy, read + write bytes counted
+    gemm_tflops: float
+    gemm_label: str
+
+
+def measure_ceilings(events: Events, quick: bool) -> Ceilings:
+    """A 1 GiB device-to-device copy and an 8192^3 GEMM (bf16 through torch; fp16 through
+    CuPy when torch is missing, since CuPy has no bfloat16), timed like any case."""
+    repeats = 5 if quick else 20
+    n, nbytes = 8192, 1 << 30
+    if events.torch is not None:
+        torch = events.torch
+        src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        copy_ms = time_ms(events, lambda: dst.copy_(src), [()], 2, repeats)
+        del src, dst
+        a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        gemm_ms = time_ms(events, lambda: torch.matmul(a, b), [()], 2, repeats)
+        label = "bf16 GEMM 8192^3 (torch.matmul)"
+    else:
+        import cupy
+
+        src = cupy.empty(nbytes, dtype=cupy.uint8)
+        dst = cupy.empty_like(src)
+        copy_ms = time_ms(events, lambda: cupy.copyto(dst, src), [()], 2, repeats)
+        del src, dst
+        a = cupy.random.standard_normal((n, n), dtype=cupy.float32).astype(cupy.float16)
+        b = cupy.random.standard_normal((n, n), dtype=cupy.float32).astype(cupy.float16)
+        gemm_ms = time_ms(events, lambda: cupy.matmul(a, b), [()], 2, repeats)
+        label = "fp16 GEMM 8192^3 (cupy.matmul; torch missing, CuPy has no bf16)"
+    return Ceilings(copy_gbs=2 * nbytes / copy_ms / 1e6, gemm_tflops=2 * n**3 / gemm_ms / 1e9, gemm_label=label)
+
+
+@dataclass
+class BenchCase:
+    """One timed row: cuconv and its baselines on the same inputs."""
+
+    op: str
+    label: str  # shape label
+    dtype: str
+    pass_: str  # fwd, fwd+bwd
+    flops: float
+    make_inputs: Callable[[], tuple]  # one fresh input set
+    cuconv: Callable  # fn(*input_set)
+    # name -> (prepare(input_set) -> input_set, fn(*prepared_set)); e.g. to channels_last
+    baselines: dict[str, tuple[Callable, Callable]] = field(default_factory=dict)
+
+
+def set_bytes(input_set: tuple) -> int:
+    return sum(int(a.nbytes) if hasattr(a, "nbytes") else a.numel() * a.element_size() for a in input_set)
+
+
+def run_case(case: BenchCase, events: Events, l2_bytes: int, warmup: int, repeats: int, ceilings: Ceilings) -> dict:
+    first = case.make_inputs()
+    sets = [first] + [case.make_inputs() for _ in range(input_set_count(set_bytes(first), l2_bytes) - 1)]
+    row = {"op": case.op, "shape": case.label, "dtype": case.dtype, "pass": case.pass_, "input_sets": len(sets),
+           "cuconv_ms": time_ms(events, case.cuconv, sets, warmup, repeats), "baselines": {}}
+    for name, (prepare, fn) in case.baselines.items():
+        prepared = [prepare(s) for s in sets]
+        ms = time_ms(events, fn, prepared, warmup, repeats)
+        row["baselines"][name] = dict(ms=ms, ratio=ms / row["cuconv_ms"])
+        del prepared
+    row["tflops"] = case.flops / row["cuconv_ms"] / 1e9
+    row["fraction_of_gemm"] = row["tflops"] / ceilings.gemm_tflops
+    return row
+
+
+def markdown_table(rows: list[dict]) -> str:
+    names = list(dict.fromkeys(n for r in rows for n in r["baselines"]))
+    head = ["op", "shape", "dtype", "pass", "cuconv ms"]
+    for n in names:
+        head += [f"{n} ms", f"{n}/cuconv"]
+    head += ["TFLOP/s", "of GEMM"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["op"], r["shape"], r["dtype"], r["pass"], f"{r['cuconv_ms']:.3f}"]
+        for n in names:
+            b = r["baselines"].get(n)
+            cells += [f"{b['ms']:.3f}", f"{b['ratio']:.2f}"] if b else ["-", "-"]
+        cells += [f"{r['tflops']:.2f}", f"{100 * r['fraction_of_gemm']:.1f}%"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def device_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
+

@@ -32,6 +32,24 @@
 // Blocks walk their work items with a grid-stride loop, so any grid size is valid.
 #include "common/cuconv.cuh"
 
+// Walks the flattened (channel, ky, kx) index of a filter one entry at a time, so the
+// inner loops decode it with increments instead of a 64-bit division per term.
+struct TapCursor {
+  index_t channel, ky, kx, kernel_h, kernel_w;
+  __device__ TapCursor(index_t flat, index_t kh, index_t kw) : kernel_h(kh), kernel_w(kw) {
+    channel = flat / (kh * kw);
+    ky = (flat / kw) % kh;
+    kx = flat % kw;
+  }
+  __device__ void advance() {
+    if (++kx < kernel_w) return;
+    kx = 0;
+    if (++ky < kernel_h) return;
+    ky = 0;
+    ++channel;
+  }
+};
+
 // Every field is a 64-bit integer so the host can pack it as a flat int64 array.
 struct Conv2dParams {
   long long batch, in_channels, in_h, in_w;
@@ -65,12 +83,13 @@ __global__ void conv2d_fwd(const Conv2dParams p, const T* __restrict__ x, const 
       for (index_t k = threadIdx.x; k < n; k += blockDim.x) w_chunk[k] = to_acc(w_filter[k0 + k]);
       __syncthreads();
       if (!active) continue;
-      for (index_t k = 0; k < n; ++k) {
-        const index_t c = (k0 + k) / taps, tap = (k0 + k) % taps;
-        const index_t iy = oy * p.stride_h - p.pad_h + (tap / p.kernel_w) * p.dilation_h;
-        const index_t ix = ox * p.stride_w - p.pad_w + (tap % p.kernel_w) * p.dilation_w;
+      // (c, ky, kx) of entry k0 + k, advanced with the loop: no division per term
+      TapCursor t(k0, p.kernel_h, p.kernel_w);
+      for (index_t k = 0; k < n; ++k, t.advance()) {
+        const index_t iy = oy * p.stride_h - p.pad_h + t.ky * p.dilation_h;
+        const index_t ix = ox * p.stride_w - p.pad_w + t.kx * p.dilation_w;
         if (iy < 0 || iy >= p.in_h || ix < 0 || ix >= p.in_w) continue;
-        acc += w_chunk[k] * to_acc(x_group[(c * p.in_h + iy) * p.in_w + ix]);
+        acc += w_chunk[k] * to_acc(x_group[(t.channel * p.in_h + iy) * p.in_w + ix]);
       }
     }
     if (active) y[plane * pixels + pix] = from_acc<T>(acc);
@@ -105,14 +124,14 @@ __global__ void conv2d_bwd_input(const Conv2dParams p, const T* __restrict__ gra
       }
       __syncthreads();
       if (!active) continue;
-      for (index_t k = 0; k < n; ++k) {
-        const index_t o = (k0 + k) / taps, tap = (k0 + k) % taps;
-        const index_t ty = iy + p.pad_h - (tap / p.kernel_w) * p.dilation_h;
-        const index_t tx = ix + p.pad_w - (tap % p.kernel_w) * p.dilation_w;
+      TapCursor t(k0, p.kernel_h, p.kernel_w);  // t.channel is the output channel within the group
+      for (index_t k = 0; k < n; ++k, t.advance()) {
+        const index_t ty = iy + p.pad_h - t.ky * p.dilation_h;
+        const index_t tx = ix + p.pad_w - t.kx * p.dilation_w;
         if (ty < 0 || tx < 0 || ty % p.stride_h != 0 || tx % p.stride_w != 0) continue;
         const index_t oy = ty / p.stride_h, ox = tx / p.stride_w;
         if (oy >= p.out_h || ox >= p.out_w) continue;
-        acc += w_chunk[k] * to_acc(gy_group[o * out_pixels + oy * p.out_w + ox]);
+        acc += w_chunk[k] * to_acc(gy_group[t.channel * out_pixels + oy * p.out_w + ox]);
       }
     }
     if (active) grad_x[plane * pixels + pix] = from_acc<T>(acc);

@@ -2,6 +2,8 @@
 (an independent oracle), finite differences, and the API contract (batch 0,
 non-contiguous inputs, dtypes, NaN propagation, determinism, bad inputs)."""
 
+import sys
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -336,3 +338,22 @@ def test_launch_counter_sees_launches(launches):
     """The fixture above would notice a launch (so its empty lists mean something)."""
     cuconv.conv2d(X, W, B, groups=2)
     assert launches == ["conv2d_fwd"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_multi_chunk_staging_and_grid_stride_loops(backend, seed, monkeypatch):
+    """Tiny shared-memory chunks (boundaries fall mid-filter) and a grid smaller than the
+    work, so every block loops: the paths large layers take, at test sizes."""
+    conv2d_module = sys.modules["cuconv.ops.conv2d"]  # the name cuconv.ops.conv2d is the function
+    monkeypatch.setattr(conv2d_module, "_WEIGHT_STAGE_BYTES", 40)  # 5 float64 weights per chunk
+    monkeypatch.setattr(_common, "_MAX_GRID", 3)
+    x, w, b, params = random_config(300 + seed)
+    y = cuconv.conv2d(to_backend(x, backend), to_backend(w, backend), to_backend(b, backend), **params)
+    assert rel_err(y, reference.conv2d(x, w, b, **params)) < 1e-10
+    gy = np.random.default_rng(seed).standard_normal(reference.conv2d(x, w, b, **params).shape)
+    grads = cuconv.conv2d_backward(to_backend(gy, backend), to_backend(x, backend), to_backend(w, backend),
+                                   to_backend(b, backend), **params)
+    for g, g_ref in zip(grads, reference.conv2d_backward(gy, x, w, b, **params)):
+        assert (g is None) == (g_ref is None)
+        if g is not None:
+            assert rel_err(g, g_ref) < 1e-10

@@ -1,6 +1,6 @@
 """The `cuda` backend: kernels_cu/*.cu compiled by NVRTC through cupy.RawModule.
 
-One RawModule per (source text, device), memoized; template instantiations are
+One RawModule per (kernel module, device), memoized; template instantiations are
 requested with `name_expressions` so one compile serves every shape and dtype.
 CuPy >= 14.2 also caches such modules on disk across processes, keyed by the code
 text, which contains every project header inlined (_kernels.KernelModule.source),
@@ -36,7 +36,7 @@ def _options() -> tuple[str, ...]:
 
 
 @functools.cache
-def _module(filename: str, source_hash: str, device_id: int, module: KernelModule):
+def _module(module: KernelModule, device_id: int):
     cupy = _cupy()
     with cupy.cuda.Device(device_id):
         return cupy.RawModule(code=module.source(), options=_options(), name_expressions=module.name_expressions)
@@ -54,7 +54,7 @@ def launch(module: KernelModule, kernel: str, dtype: str, grid, block, shared_by
     cupy = _cupy()
     from cupy.cuda.function import CPointer
 
-    raw = _module(module.filename, module.source_hash(), device_id, module)
+    raw = _module(module, device_id)
     fn = raw.get_function(module.name_expression(kernel, dtype))
     # cuLaunchKernel takes a pointer to each argument's bytes; for the by-value params
     # struct that is the address of the int64 array (alive until the launch returns,

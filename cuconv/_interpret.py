@@ -80,7 +80,7 @@ def _build(module: KernelModule) -> Path:
 
 
 @functools.cache
-def _library(filename: str, source_hash: str, module: KernelModule):
+def _library(module: KernelModule):
     lib = ctypes.CDLL(str(_build(module)))
     launchers = {}
     for i, name in enumerate(module.name_expressions):
@@ -97,7 +97,7 @@ def launch(module: KernelModule, kernel: str, dtype: str, grid, block, shared_by
     """Runs one kernel: `arrays` are host NumPy arrays (or None for a null pointer)."""
     if shared_bytes > MAX_SHARED_BYTES:
         raise RuntimeError(f"{kernel}: {shared_bytes} bytes of shared memory exceed {MAX_SHARED_BYTES}")
-    _, launchers = _library(module.filename, module.source_hash(), module)
+    _, launchers = _library(module)
     fn = launchers[module.name_expression(kernel, dtype)]
     params = np.ascontiguousarray(params)
     pointers = [ctypes.c_void_p(params.ctypes.data)]

@@ -87,13 +87,19 @@ class KernelModule:
     def path(self) -> Path:
         return (self.directory or kernels_dir()) / self.filename
 
-    def source(self) -> str:
-        """The file with its project headers inlined (re-read on every call: cheap, and
-        an edited header is picked up by a running process as well)."""
+    @functools.cached_property
+    def _text(self) -> str:
         return f'#line 1 "{self.filename}"\n' + _expand(self.path, set())
 
+    def source(self) -> str:
+        """The file with its project headers inlined, read once per process (launches
+        stay free of file I/O). Compile caches are keyed by this text, so an edited
+        header takes effect in the next process."""
+        return self._text
+
+    @functools.cached_property
     def source_hash(self) -> str:
-        return hashlib.sha256(self.source().encode()).hexdigest()
+        return hashlib.sha256(self._text.encode()).hexdigest()
 
     @functools.cached_property
     def param_fields(self) -> tuple[str, ...]:

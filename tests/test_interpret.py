@@ -92,18 +92,22 @@ def test_shared_memory_over_the_limit_is_refused():
 
 
 def test_header_edit_changes_the_compiled_source(tmp_path):
-    src = tmp_path / "k.cu"
+    """An edited header changes the inlined text, hence the compile-cache key: the next
+    process (here: a fresh KernelModule) compiles and runs the new code."""
     (tmp_path / "inc").mkdir()
     header = tmp_path / "inc" / "h.cuh"
+    (tmp_path / "k.cu").write_text('#include "inc/h.cuh"\nstruct P { long long n; };\n'
+                                   "template <typename T> __global__ void k(const P p, T* out) { out[0] = T(PROBE_VALUE); }\n")
+
+    def run():
+        module = KernelModule("k.cu", kernels=("k",), params_struct="P", dtypes=("float32",), directory=tmp_path)
+        out = np.zeros(1, np.float32)
+        _interpret.launch(module, "k", "float32", (1, 1, 1), (32, 1, 1), 0, module.params(n=0), [out])
+        return module.source_hash, out[0]
+
     header.write_text("#pragma once\n#define PROBE_VALUE 1\n")
-    src.write_text('#include "inc/h.cuh"\nstruct P { long long n; };\n'
-                   "template <typename T> __global__ void k(const P p, T* out) { out[0] = T(PROBE_VALUE); }\n")
-    module = KernelModule("k.cu", kernels=("k",), params_struct="P", dtypes=("float32",), directory=tmp_path)
-    before = module.source_hash()
-    out = np.zeros(1, np.float32)
-    _interpret.launch(module, "k", "float32", (1, 1, 1), (32, 1, 1), 0, module.params(n=0), [out])
-    assert out[0] == 1
+    first_hash, first_value = run()
     header.write_text("#pragma once\n#define PROBE_VALUE 2\n")
-    assert module.source_hash() != before
-    _interpret.launch(module, "k", "float32", (1, 1, 1), (32, 1, 1), 0, module.params(n=0), [out])
-    assert out[0] == 2
+    second_hash, second_value = run()
+    assert (first_value, second_value) == (1, 2)
+    assert first_hash != second_hash

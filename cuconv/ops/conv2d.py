@@ -120,11 +120,15 @@ def _check_algorithm(op: str, algorithm: str) -> str:
     return algorithm
 
 
-def _staged(call: Call, entries: int) -> tuple[int, int]:
-    """(chunk, shared bytes) to stage `entries` accumulator-typed weights per block."""
+def _launch_per_pixel(call: Call, kernel: str, geom: ConvGeometry, planes: int, pixels: int,
+                      staged_entries: int, *arrays) -> None:
+    """conv2d_fwd / conv2d_bwd_input: one thread per pixel of `planes` planes, the
+    block's `staged_entries` weights staged through shared memory in bounded chunks."""
+    block = threads_for(pixels)
     budget = min(_WEIGHT_STAGE_BYTES, call.max_shared_bytes())
-    chunk = max(1, min(entries, budget // call.accumulator_bytes))
-    return chunk, chunk * call.accumulator_bytes
+    chunk = max(1, min(staged_entries, budget // call.accumulator_bytes))
+    call.launch(KERNELS, kernel, planes * -(-pixels // block), block, geom.params(chunk), *arrays,
+                shared_bytes=chunk * call.accumulator_bytes)
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto"):
@@ -136,13 +140,10 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
                          stride, padding, dilation, groups)
     _check_algorithm(op, algorithm)
     y = call.empty(geom.output_shape)
-    pixels = geom.out_h * geom.out_w
-    if y.data.size:
-        block = threads_for(pixels)
-        chunk, shared = _staged(call, geom.in_channels // geom.groups * geom.kernel_h * geom.kernel_w)
-        items = geom.batch * geom.out_channels * -(-pixels // block)
-        call.launch(KERNELS, "conv2d_fwd", items, block, geom.params(chunk),
-                    call.operand("input"), call.operand("weight"), call.operand("bias"), y, shared_bytes=shared)
+    taps = geom.kernel_h * geom.kernel_w
+    _launch_per_pixel(call, "conv2d_fwd", geom, geom.batch * geom.out_channels, geom.out_h * geom.out_w,
+                      geom.in_channels // geom.groups * taps,
+                      call.operand("input"), call.operand("weight"), call.operand("bias"), y)
     return call.export(y)
 
 
@@ -162,19 +163,15 @@ def conv2d_backward(grad_output, input, weight, bias=None, stride=1, padding=0, 
     wanted = parse_wrt(op, wrt, ("input", "weight", "bias"))
     gy = call.operand("grad_output")
     grad_input = grad_weight = grad_bias = None
+    taps = geom.kernel_h * geom.kernel_w
     if "input" in wanted:
         grad_input = call.empty((geom.batch, geom.in_channels, geom.in_h, geom.in_w))
-        pixels = geom.in_h * geom.in_w
-        if grad_input.data.size:
-            block = threads_for(pixels)
-            chunk, shared = _staged(call, geom.out_channels // geom.groups * geom.kernel_h * geom.kernel_w)
-            items = geom.batch * geom.in_channels * -(-pixels // block)
-            call.launch(KERNELS, "conv2d_bwd_input", items, block, geom.params(chunk),
-                        gy, call.operand("weight"), grad_input, shared_bytes=shared)
+        _launch_per_pixel(call, "conv2d_bwd_input", geom, geom.batch * geom.in_channels, geom.in_h * geom.in_w,
+                          geom.out_channels // geom.groups * taps, gy, call.operand("weight"), grad_input)
     reduction_block = threads_for(geom.batch * geom.out_h * geom.out_w)
     if "weight" in wanted:
         grad_weight = call.empty(call.shape("weight"))
-        items = geom.out_channels * (geom.in_channels // geom.groups) * geom.kernel_h * geom.kernel_w
+        items = geom.out_channels * (geom.in_channels // geom.groups) * taps
         call.launch(KERNELS, "conv2d_bwd_weight", items, reduction_block, geom.params(),
                     gy, call.operand("input"), grad_weight)
     if "bias" in wanted and bias is not None:

@@ -26,12 +26,16 @@ def _cupy():
 
 def _options() -> tuple[str, ...]:
     options = ["-std=c++17"]
-    try:  # CUDA headers from the nvidia-cuda-runtime wheel, when CuPy's own toolkit lacks cuda_bf16.h
-        from ._nvrtc import runtime_include_dir
+    if _cupy().cuda.runtime.runtimeGetVersion() // 1000 == 12:
+        # cuda_fp16.h / cuda_bf16.h from the nvidia-cuda-runtime-cu12 wheel, for a CuPy
+        # whose toolkit lookup finds no headers; only for a CUDA 12 CuPy, never mixed
+        # into another major version's NVRTC.
+        try:
+            from ._nvrtc import runtime_include_dir
 
-        options.append("-I" + runtime_include_dir())
-    except Exception:
-        pass
+            options.append("-I" + runtime_include_dir())
+        except Exception:
+            pass
     return tuple(options)
 
 

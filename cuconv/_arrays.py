@@ -14,6 +14,7 @@ caller's device.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -121,11 +122,33 @@ def poison_enabled() -> bool:
     return os.environ.get("CUCONV_POISON", "") not in ("", "0")
 
 
+_allocation_logs: list[list] = []
+
+
+@contextlib.contextmanager
+def track_allocations():
+    """Records (shape, dtype) of every array cuconv allocates inside the block: outputs,
+    workspaces and contiguous copies (every op allocates through `empty` or
+    `record_allocation`). A test uses it to prove a fused path allocates no intermediate."""
+    log: list[tuple[tuple[int, ...], str]] = []
+    _allocation_logs.append(log)
+    try:
+        yield log
+    finally:
+        _allocation_logs.remove(log)
+
+
+def record_allocation(shape, dtype: str) -> None:
+    for log in _allocation_logs:
+        log.append((tuple(int(s) for s in shape), dtype))
+
+
 def empty(like: Array, shape: tuple[int, ...], on_host: bool, dtype: str | None = None) -> Array:
     """A new array of `shape` where the kernels of this call will run, allocated by the
     framework of `like` when that framework holds memory there."""
     dtype = dtype or like.dtype
     shape = tuple(int(s) for s in shape)
+    record_allocation(shape, dtype)
     if like.framework == "torch" and on_host == like.on_host:
         import torch
 
@@ -151,6 +174,7 @@ def to_host(a: Array) -> Array:
     """A host copy of a device array (for a forced interpret backend)."""
     if a.on_host:
         return a
+    record_allocation(a.shape, a.dtype)
     data = a.data.get()
     if a.dtype == "bfloat16":
         data = data.view(ml_dtypes.bfloat16)
@@ -161,6 +185,7 @@ def to_device(a: Array, device_id: int = 0) -> Array:
     """A device copy of a host array (for a forced cuda backend)."""
     if not a.on_host:
         return a
+    record_allocation(a.shape, a.dtype)
     import cupy
 
     with cupy.cuda.Device(device_id):

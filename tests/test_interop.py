@@ -65,3 +65,14 @@ def test_jax_arrays_in_jax_arrays_out():
     y = cuconv.conv2d(jnp.asarray(x), jnp.asarray(w), groups=2, padding=1)
     assert type(y).__module__.startswith("jax")
     assert rel_err(np.asarray(y), reference.conv2d(x, w, groups=2, padding=1)) < 1e-6
+
+
+def test_allocation_tracker_sees_outputs_and_contiguous_copies():
+    x = np.random.default_rng(5).standard_normal((2, 3, 6, 6))
+    w = np.ones((4, 3, 3, 3))
+    with _arrays.track_allocations() as log:
+        cuconv.conv2d(x, w)
+    assert log == [((2, 4, 4, 4), "float64")]
+    with _arrays.track_allocations() as log:
+        cuconv.conv2d(x[:, :, ::-1], w)  # non-contiguous input: one copy, then the output
+    assert log == [((2, 3, 6, 6), "float64"), ((2, 4, 4, 4), "float64")]

@@ -69,6 +69,7 @@ class Call:
         a = _arrays.to_host(a) if self.backend == "interpret" else _arrays.to_device(a, self.device_id)
         xp = np if a.on_host else _cupy()
         if not a.data.flags.c_contiguous:
+            _arrays.record_allocation(a.shape, a.dtype)
             a = Array(xp.ascontiguousarray(a.data), a.dtype, a.framework, a.device, a.original)
         return a
 

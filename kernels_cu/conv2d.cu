@@ -8,6 +8,10 @@
 //   y  [B, Cout, Ho, Wo]   (Ho, Wo and the top/left padding come from the host;
 //                           'same' padding may be asymmetric, the bottom/right part
 //                           is implied by Ho, Wo)
+//   With upscale r > 1 (subpixel_conv2d) y and dL/dy are stored pixel-shuffled:
+//   conv channel o = c*r*r + i*r + j, pixel (oy, ox) lives at [b, c, oy*r + i, ox*r + j]
+//   of a [B, Cout/r^2, Ho*r, Wo*r] tensor (torch's pixel_shuffle order), so the
+//   shuffle costs no pass and no intermediate tensor.
 //
 // Forward, for output channel o in group g = o / Cout_g:
 //   y[b,o,oy,ox] = bias[o] + sum_{c<Cin_g, ky, kx} w[o,c,ky,kx] * x[b, g*Cin_g+c, iy, ix]
@@ -19,6 +23,11 @@
 //                      [0, Ho) (same for ox): a gather, each thread owns one dL/dx.
 //   dL/dw[o,c,ky,kx] = sum_{b,oy,ox} gy[b,o,oy,ox] * x[b, g*Cin_g+c, iy, ix]
 //   dL/dbias[o]      = sum_{b,oy,ox} gy[b,o,oy,ox]
+//
+// conv_transpose2d is the adjoint of conv2d, so these kernels serve it too: its
+// forward is conv2d_bwd_input (plus its bias) on the conv whose input has the
+// transposed output's shape; its input gradient is conv2d_fwd and its weight
+// gradient conv2d_bwd_weight on that same conv (cuconv/ops/conv_transpose2d.py).
 //
 // Thread mapping:
 //   conv2d_fwd / conv2d_bwd_input: a block owns blockDim.x consecutive pixels of one
@@ -56,7 +65,23 @@ struct Conv2dParams {
   long long out_channels, out_h, out_w;
   long long kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
   long long groups;
-  long long chunk;  // (channel, tap) weight entries staged in shared memory at a time
+  long long chunk;    // (channel, tap) weight entries staged in shared memory at a time
+  long long upscale;  // 1, or the pixel-shuffle factor r of y / dL/dy (subpixel_conv2d)
+};
+
+// Where the conv output plane (b, o) lives in y (or dL/dy): element (oy, ox) is at
+// base + oy * row_stride + ox * col_stride. Plain NCHW for upscale 1; the pixel-shuffled
+// position for upscale r (see the layout note above).
+struct OutputPlane {
+  index_t base, row_stride, col_stride;
+  __device__ OutputPlane(const Conv2dParams& p, index_t b, index_t o) {
+    const index_t r = p.upscale, rr = r * r;
+    const index_t c = o / rr, i = (o / r) % r, j = o % r;
+    col_stride = r;
+    row_stride = r * p.out_w * r;
+    base = ((b * (p.out_channels / rr) + c) * p.out_h * r + i) * (p.out_w * r) + j;
+  }
+  __device__ index_t at(index_t oy, index_t ox) const { return base + oy * row_stride + ox * col_stride; }
 };
 
 template <typename T>
@@ -92,19 +117,20 @@ __global__ void conv2d_fwd(const Conv2dParams p, const T* __restrict__ x, const 
         acc += w_chunk[k] * to_acc(x_group[(t.channel * p.in_h + iy) * p.in_w + ix]);
       }
     }
-    if (active) y[plane * pixels + pix] = from_acc<T>(acc);
+    if (active) y[OutputPlane(p, b, o).at(oy, ox)] = from_acc<T>(acc);
   }
 }
 
+// bias (nullable, [Cin]) is added to every element: zero for conv2d's backward, the
+// layer's bias when this kernel is conv_transpose2d's forward.
 template <typename T>
 __global__ void conv2d_bwd_input(const Conv2dParams p, const T* __restrict__ grad_y, const T* __restrict__ w,
-                                 T* __restrict__ grad_x) {
+                                 const T* __restrict__ bias, T* __restrict__ grad_x) {
   typedef typename Accumulator<T>::type Acc;
   CUCONV_DYNAMIC_SHARED(Acc, w_chunk);
   const index_t cin_g = p.in_channels / p.groups, cout_g = p.out_channels / p.groups;
   const index_t taps = p.kernel_h * p.kernel_w, slice = cout_g * taps;  // (o, tap) pairs reaching one input channel
   const index_t pixels = p.in_h * p.in_w, tiles = ceil_div(pixels, blockDim.x);
-  const index_t out_pixels = p.out_h * p.out_w;
   const index_t items = p.batch * p.in_channels * tiles;
   for (index_t item = blockIdx.x; item < items; item += gridDim.x) {
     const index_t tile = item % tiles, plane = item / tiles;  // plane = b*Cin + i
@@ -113,8 +139,7 @@ __global__ void conv2d_bwd_input(const Conv2dParams p, const T* __restrict__ gra
     const index_t pix = tile * blockDim.x + threadIdx.x;
     const bool active = pix < pixels;
     const index_t iy = pix / p.in_w, ix = pix % p.in_w;
-    const T* gy_group = grad_y + (b * p.out_channels + g * cout_g) * out_pixels;
-    Acc acc = Acc(0);
+    Acc acc = bias != nullptr ? to_acc(bias[i]) : Acc(0);
     for (index_t k0 = 0; k0 < slice; k0 += p.chunk) {
       const index_t n = min_index(p.chunk, slice - k0);
       __syncthreads();
@@ -125,13 +150,19 @@ __global__ void conv2d_bwd_input(const Conv2dParams p, const T* __restrict__ gra
       __syncthreads();
       if (!active) continue;
       TapCursor t(k0, p.kernel_h, p.kernel_w);  // t.channel is the output channel within the group
+      OutputPlane gy_plane(p, b, g * cout_g + t.channel);
+      index_t gy_channel = t.channel;
       for (index_t k = 0; k < n; ++k, t.advance()) {
         const index_t ty = iy + p.pad_h - t.ky * p.dilation_h;
         const index_t tx = ix + p.pad_w - t.kx * p.dilation_w;
         if (ty < 0 || tx < 0 || ty % p.stride_h != 0 || tx % p.stride_w != 0) continue;
         const index_t oy = ty / p.stride_h, ox = tx / p.stride_w;
         if (oy >= p.out_h || ox >= p.out_w) continue;
-        acc += w_chunk[k] * to_acc(gy_group[t.channel * out_pixels + oy * p.out_w + ox]);
+        if (t.channel != gy_channel) {  // the cursor moved to the next output channel
+          gy_plane = OutputPlane(p, b, g * cout_g + t.channel);
+          gy_channel = t.channel;
+        }
+        acc += w_chunk[k] * to_acc(grad_y[gy_plane.at(oy, ox)]);
       }
     }
     if (active) grad_x[plane * pixels + pix] = from_acc<T>(acc);
@@ -156,7 +187,7 @@ __global__ void conv2d_bwd_weight(const Conv2dParams p, const T* __restrict__ gr
       const index_t iy = (pix / p.out_w) * p.stride_h - p.pad_h + ky * p.dilation_h;
       const index_t ix = (pix % p.out_w) * p.stride_w - p.pad_w + kx * p.dilation_w;
       if (iy < 0 || iy >= p.in_h || ix < 0 || ix >= p.in_w) continue;
-      acc += to_acc(grad_y[(b * p.out_channels + o) * out_pixels + pix]) *
+      acc += to_acc(grad_y[OutputPlane(p, b, o).at(pix / p.out_w, pix % p.out_w)]) *
              to_acc(x[((b * p.in_channels + i) * p.in_h + iy) * p.in_w + ix]);
     }
     acc = block_reduce_sum(acc);
@@ -170,8 +201,10 @@ __global__ void conv2d_bwd_bias(const Conv2dParams p, const T* __restrict__ grad
   const index_t out_pixels = p.out_h * p.out_w, n = p.batch * out_pixels;
   for (index_t o = blockIdx.x; o < p.out_channels; o += gridDim.x) {
     Acc acc = Acc(0);
-    for (index_t e = threadIdx.x; e < n; e += blockDim.x)
-      acc += to_acc(grad_y[((e / out_pixels) * p.out_channels + o) * out_pixels + e % out_pixels]);
+    for (index_t e = threadIdx.x; e < n; e += blockDim.x) {
+      const index_t pix = e % out_pixels;
+      acc += to_acc(grad_y[OutputPlane(p, e / out_pixels, o).at(pix / p.out_w, pix % p.out_w)]);
+    }
     acc = block_reduce_sum(acc);
     if (threadIdx.x == 0) grad_bias[o] = from_acc<T>(acc);
   }

@@ -52,17 +52,21 @@ class ConvGeometry:
     pad: tuple[int, int]  # top, left (bottom/right follow from out_h/out_w)
     dilation: tuple[int, int]
     groups: int
+    upscale: int = 1  # pixel-shuffle factor of the output (subpixel_conv2d)
 
     @property
     def output_shape(self) -> tuple[int, int, int, int]:
-        return (self.batch, self.out_channels, self.out_h, self.out_w)
+        """y's shape: [B, Cout, Ho, Wo], or pixel-shuffled [B, Cout/r^2, Ho*r, Wo*r]."""
+        r = self.upscale
+        return (self.batch, self.out_channels // (r * r), self.out_h * r, self.out_w * r)
 
     def params(self, chunk: int = 1) -> dict:
         return dict(batch=self.batch, in_channels=self.in_channels, in_h=self.in_h, in_w=self.in_w,
                     out_channels=self.out_channels, out_h=self.out_h, out_w=self.out_w,
                     kernel_h=self.kernel_h, kernel_w=self.kernel_w,
                     stride_h=self.stride[0], stride_w=self.stride[1], pad_h=self.pad[0], pad_w=self.pad[1],
-                    dilation_h=self.dilation[0], dilation_w=self.dilation[1], groups=self.groups, chunk=chunk)
+                    dilation_h=self.dilation[0], dilation_w=self.dilation[1], groups=self.groups, chunk=chunk,
+                    upscale=self.upscale)
 
 
 def conv_geometry(op: str, input_shape, weight_shape, bias_shape, stride, padding, dilation, groups) -> ConvGeometry:
@@ -131,6 +135,36 @@ def _launch_per_pixel(call: Call, kernel: str, geom: ConvGeometry, planes: int, 
                 shared_bytes=chunk * call.accumulator_bytes)
 
 
+# The four kernels on a ConvGeometry. conv2d, conv_transpose2d (on the adjoint conv's
+# geometry) and subpixel_conv2d (upscale > 1) are each a few calls of these.
+
+def launch_forward(call: Call, geom: ConvGeometry, x, w, bias, y) -> None:
+    """y = conv(x, w) + bias."""
+    _launch_per_pixel(call, "conv2d_fwd", geom, geom.batch * geom.out_channels, geom.out_h * geom.out_w,
+                      geom.in_channels // geom.groups * geom.kernel_h * geom.kernel_w, x, w, bias, y)
+
+
+def launch_grad_input(call: Call, geom: ConvGeometry, grad_y, w, bias, grad_x) -> None:
+    """grad_x = conv's input gradient of grad_y (+ bias per input channel, when given)."""
+    _launch_per_pixel(call, "conv2d_bwd_input", geom, geom.batch * geom.in_channels, geom.in_h * geom.in_w,
+                      geom.out_channels // geom.groups * geom.kernel_h * geom.kernel_w, grad_y, w, bias, grad_x)
+
+
+def _reduction_block(geom: ConvGeometry) -> int:
+    return threads_for(geom.batch * geom.out_h * geom.out_w)
+
+
+def launch_grad_weight(call: Call, geom: ConvGeometry, grad_y, x, grad_w) -> None:
+    items = geom.out_channels * (geom.in_channels // geom.groups) * geom.kernel_h * geom.kernel_w
+    call.launch(KERNELS, "conv2d_bwd_weight", items, _reduction_block(geom), geom.params(), grad_y, x, grad_w)
+
+
+def launch_grad_bias(call: Call, geom: ConvGeometry, grad_y, grad_bias) -> None:
+    """grad_bias[o] = sum of grad_y over batch and pixels; grad_y has geom's output shape."""
+    call.launch(KERNELS, "conv2d_bwd_bias", geom.out_channels, _reduction_block(geom), geom.params(),
+                grad_y, grad_bias)
+
+
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto"):
     """y = conv2d(input [B, Cin, H, W], weight [Cout, Cin/groups, kh, kw], bias [Cout])
     -> [B, Cout, Ho, Wo], as torch.nn.functional.conv2d."""
@@ -140,11 +174,15 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
                          stride, padding, dilation, groups)
     _check_algorithm(op, algorithm)
     y = call.empty(geom.output_shape)
-    taps = geom.kernel_h * geom.kernel_w
-    _launch_per_pixel(call, "conv2d_fwd", geom, geom.batch * geom.out_channels, geom.out_h * geom.out_w,
-                      geom.in_channels // geom.groups * taps,
-                      call.operand("input"), call.operand("weight"), call.operand("bias"), y)
+    launch_forward(call, geom, call.operand("input"), call.operand("weight"), call.operand("bias"), y)
     return call.export(y)
+
+
+def check_grad_output(op: str, call: Call, expected: tuple[int, ...]) -> None:
+    if call.shape("grad_output") != tuple(expected):
+        raise ValueError(f"{op}: grad_output must have the forward output's shape {tuple(expected)}, "
+                         f"got {call.shape('grad_output')} (input {call.shape('input')}, "
+                         f"weight {call.shape('weight')})")
 
 
 def conv2d_backward(grad_output, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
@@ -156,25 +194,23 @@ def conv2d_backward(grad_output, input, weight, bias=None, stride=1, padding=0, 
     geom = conv_geometry(op, call.shape("input"), call.shape("weight"), call.shape("bias"),
                          stride, padding, dilation, groups)
     _check_algorithm(op, algorithm)
-    if call.shape("grad_output") != geom.output_shape:
-        raise ValueError(f"{op}: grad_output must have the forward output's shape {geom.output_shape}, "
-                         f"got {call.shape('grad_output')} (input {call.shape('input')}, "
-                         f"weight {call.shape('weight')})")
+    check_grad_output(op, call, geom.output_shape)
     wanted = parse_wrt(op, wrt, ("input", "weight", "bias"))
+    return conv_gradients(call, geom, wanted, bias is not None)
+
+
+def conv_gradients(call: Call, geom: ConvGeometry, wanted, has_bias: bool):
+    """(grad_input, grad_weight, grad_bias) of a conv (conv2d, subpixel_conv2d) as the
+    caller's arrays; `call` holds grad_output, input and weight."""
     gy = call.operand("grad_output")
     grad_input = grad_weight = grad_bias = None
-    taps = geom.kernel_h * geom.kernel_w
     if "input" in wanted:
         grad_input = call.empty((geom.batch, geom.in_channels, geom.in_h, geom.in_w))
-        _launch_per_pixel(call, "conv2d_bwd_input", geom, geom.batch * geom.in_channels, geom.in_h * geom.in_w,
-                          geom.out_channels // geom.groups * taps, gy, call.operand("weight"), grad_input)
-    reduction_block = threads_for(geom.batch * geom.out_h * geom.out_w)
+        launch_grad_input(call, geom, gy, call.operand("weight"), None, grad_input)
     if "weight" in wanted:
         grad_weight = call.empty(call.shape("weight"))
-        items = geom.out_channels * (geom.in_channels // geom.groups) * taps
-        call.launch(KERNELS, "conv2d_bwd_weight", items, reduction_block, geom.params(),
-                    gy, call.operand("input"), grad_weight)
-    if "bias" in wanted and bias is not None:
+        launch_grad_weight(call, geom, gy, call.operand("input"), grad_weight)
+    if "bias" in wanted and has_bias:
         grad_bias = call.empty((geom.out_channels,))
-        call.launch(KERNELS, "conv2d_bwd_bias", geom.out_channels, reduction_block, geom.params(), gy, grad_bias)
+        launch_grad_bias(call, geom, gy, grad_bias)
     return call.export(grad_input), call.export(grad_weight), call.export(grad_bias)

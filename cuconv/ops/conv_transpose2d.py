@@ -1,0 +1,103 @@
+"""conv_transpose2d: torch.nn.functional.conv_transpose2d semantics, computed directly.
+
+A transposed convolution is the adjoint of the conv2d that maps its output shape back
+to its input shape ("the adjoint conv"). cuconv evaluates it as that adjoint, on the
+conv2d kernels: each thread gathers the inputs that reach its output element (no
+zero-inserted input, no scatter, no atomics):
+
+  forward            y  = conv2d_bwd_input(x, w) + bias   on the adjoint conv
+  grad input         gx = conv2d_fwd(gy, w)                on the adjoint conv
+  grad weight        gw = conv2d_bwd_weight(x, gy)         (a correlation of x with gy)
+  grad bias          gb = sum of gy over batch and pixels
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ._common import Call, int_pair, parse_wrt, positive_int
+from .conv2d import ConvGeometry, check_grad_output, launch_forward, launch_grad_bias, launch_grad_input, \
+    launch_grad_weight
+
+
+def transposed_geometry(op: str, input_shape, weight_shape, bias_shape, stride, padding, output_padding,
+                        groups, dilation) -> ConvGeometry:
+    """The adjoint conv of a conv_transpose2d call (its input is the transposed output),
+    after torch's checks; ValueError/TypeError naming the argument and the shapes."""
+    if len(input_shape) != 4:
+        raise ValueError(f"{op}: input must be 4-D [batch, in_channels, height, width], got shape {input_shape}")
+    if len(weight_shape) != 4:
+        raise ValueError(f"{op}: weight must be 4-D [in_channels, out_channels/groups, kh, kw], "
+                         f"got shape {weight_shape}")
+    groups = positive_int(op, "groups", groups)
+    stride = int_pair(op, "stride", stride, 1)
+    padding = int_pair(op, "padding", padding, 0)
+    output_padding = int_pair(op, "output_padding", output_padding, 0)
+    dilation = int_pair(op, "dilation", dilation, 1)
+    batch, cin, h, w = input_shape
+    w_cin, cout_g, kh, kw = weight_shape
+    shapes = f"(input {tuple(input_shape)}, weight {tuple(weight_shape)})"
+    if min(cout_g, kh, kw) < 1:
+        raise ValueError(f"{op}: weight has an empty dimension {shapes}")
+    if w_cin != cin:
+        raise ValueError(f"{op}: input has {cin} channels but weight's in_channels (dim 0) is {w_cin} {shapes}")
+    if cin % groups:
+        raise ValueError(f"{op}: in_channels={cin} is not divisible by groups={groups} {shapes}")
+    cout = cout_g * groups
+    if bias_shape is not None and tuple(bias_shape) != (cout,):
+        raise ValueError(f"{op}: bias must have shape ({cout},) (weight's out_channels/groups={cout_g} x "
+                         f"groups={groups}), got {tuple(bias_shape)}")
+    for axis in (0, 1):
+        if output_padding[axis] >= stride[axis] and output_padding[axis] >= dilation[axis]:
+            raise ValueError(f"{op}: output_padding {output_padding} must be smaller than stride {stride} "
+                             f"or dilation {dilation} in each dimension")
+    out_h, out_w = ((n - 1) * s - 2 * p + d * (k - 1) + op_ + 1
+                    for n, s, p, d, k, op_ in zip((h, w), stride, padding, dilation, (kh, kw), output_padding))
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"{op}: the output would be {out_h}x{out_w} {shapes}, stride {stride}, padding {padding}, "
+                         f"dilation {dilation}, output_padding {output_padding}")
+    return ConvGeometry(batch=batch, in_channels=cout, in_h=out_h, in_w=out_w, out_channels=cin, out_h=h, out_w=w,
+                        kernel_h=kh, kernel_w=kw, stride=stride, pad=padding, dilation=dilation, groups=groups)
+
+
+def _output_shape(adjoint: ConvGeometry) -> tuple[int, int, int, int]:
+    return (adjoint.batch, adjoint.in_channels, adjoint.in_h, adjoint.in_w)
+
+
+def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """input [B, Cin, H, W], weight [Cin, Cout/groups, kh, kw], bias [Cout] -> [B, Cout, Hout, Wout],
+    Hout = (H-1)*stride - 2*padding + dilation*(kh-1) + output_padding + 1."""
+    op = "conv_transpose2d"
+    call = Call(op, input=input, weight=weight, bias=bias, optional=("bias",))
+    adjoint = transposed_geometry(op, call.shape("input"), call.shape("weight"), call.shape("bias"),
+                                  stride, padding, output_padding, groups, dilation)
+    y = call.empty(_output_shape(adjoint))
+    launch_grad_input(call, adjoint, call.operand("input"), call.operand("weight"), call.operand("bias"), y)
+    return call.export(y)
+
+
+def conv_transpose2d_backward(grad_output, input, weight, bias=None, stride=1, padding=0, output_padding=0,
+                              groups=1, dilation=1, wrt=None):
+    """(grad_input, grad_weight, grad_bias) of conv_transpose2d; None for an argument not in
+    `wrt` or that was None."""
+    op = "conv_transpose2d_backward"
+    call = Call(op, input=input, grad_output=grad_output, weight=weight, bias=bias, optional=("bias",))
+    adjoint = transposed_geometry(op, call.shape("input"), call.shape("weight"), call.shape("bias"),
+                                  stride, padding, output_padding, groups, dilation)
+    check_grad_output(op, call, _output_shape(adjoint))
+    wanted = parse_wrt(op, wrt, ("input", "weight", "bias"))
+    gy, x = call.operand("grad_output"), call.operand("input")
+    grad_input = grad_weight = grad_bias = None
+    if "input" in wanted:
+        grad_input = call.empty(call.shape("input"))
+        launch_forward(call, adjoint, gy, call.operand("weight"), None, grad_input)
+    if "weight" in wanted:
+        grad_weight = call.empty(call.shape("weight"))
+        launch_grad_weight(call, adjoint, x, gy, grad_weight)
+    if "bias" in wanted and bias is not None:
+        grad_bias = call.empty((adjoint.in_channels,))
+        # gy is the adjoint conv's *input*; seen as an output it has these dimensions
+        gy_as_output = dataclasses.replace(adjoint, out_channels=adjoint.in_channels, out_h=adjoint.in_h,
+                                           out_w=adjoint.in_w)
+        launch_grad_bias(call, gy_as_output, gy, grad_bias)
+    return call.export(grad_input), call.export(grad_weight), call.export(grad_bias)

@@ -1,0 +1,46 @@
+"""subpixel_conv2d: pixel_shuffle(conv2d(...), r) in one pass.
+
+The conv kernels write (and, in backward, read) the conv output at its
+pixel-shuffled position (kernels_cu/conv2d.cu, `upscale`), so neither the unshuffled
+[B, C*r^2, H, W] result nor an unshuffled gradient ever exists in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ._common import Call, parse_wrt, positive_int
+from .conv2d import check_grad_output, conv_geometry, conv_gradients, launch_forward
+
+
+def _geometry(op: str, call: Call, upscale_factor, stride, padding, dilation, groups):
+    r = positive_int(op, "upscale_factor", upscale_factor)
+    geom = conv_geometry(op, call.shape("input"), call.shape("weight"), call.shape("bias"),
+                         stride, padding, dilation, groups)
+    if geom.out_channels % (r * r):
+        raise ValueError(f"{op}: weight's out_channels={geom.out_channels} must be divisible by "
+                         f"upscale_factor**2={r * r} (weight {call.shape('weight')})")
+    return dataclasses.replace(geom, upscale=r)
+
+
+def subpixel_conv2d(input, weight, bias=None, upscale_factor=2, stride=1, padding=0, dilation=1, groups=1):
+    """pixel_shuffle(conv2d(input, weight, bias, stride, padding, dilation, groups), upscale_factor):
+    input [B, Cin, H, W], weight [C*r^2, Cin/groups, kh, kw] -> [B, C, Ho*r, Wo*r]."""
+    op = "subpixel_conv2d"
+    call = Call(op, input=input, weight=weight, bias=bias, optional=("bias",))
+    geom = _geometry(op, call, upscale_factor, stride, padding, dilation, groups)
+    y = call.empty(geom.output_shape)
+    launch_forward(call, geom, call.operand("input"), call.operand("weight"), call.operand("bias"), y)
+    return call.export(y)
+
+
+def subpixel_conv2d_backward(grad_output, input, weight, bias=None, upscale_factor=2, stride=1, padding=0,
+                             dilation=1, groups=1, wrt=None):
+    """(grad_input, grad_weight, grad_bias) of subpixel_conv2d; grad_output has the
+    shuffled output's shape and is read in place (no unshuffled copy)."""
+    op = "subpixel_conv2d_backward"
+    call = Call(op, input=input, grad_output=grad_output, weight=weight, bias=bias, optional=("bias",))
+    geom = _geometry(op, call, upscale_factor, stride, padding, dilation, groups)
+    check_grad_output(op, call, geom.output_shape)
+    wanted = parse_wrt(op, wrt, ("input", "weight", "bias"))
+    return conv_gradients(call, geom, wanted, bias is not None)

@@ -68,3 +68,43 @@ def rel_err(actual, expected) -> float:
         return 0.0
     scale = max(np.abs(expected).max(), np.finfo(np.float64).tiny)
     return float(np.abs(actual - expected).max() / scale)
+
+
+DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float64": np.float64}
+
+
+def unit_roundoff(dtype: str) -> float:
+    return float(ml_dtypes.finfo(DTYPES[dtype]).eps) / 2
+
+
+def torch_autograd(fn, arrays, grad_output, dtype: str = "float64"):
+    """An independent oracle: fn(*tensors) in torch (CPU) with autograd, the arrays cast
+    to `dtype`. Returns (y, [grad per array, None where the array is None]) as float64
+    NumPy; grad_output=None skips the backward."""
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+    leaves = [None if a is None else torch.tensor(np.asarray(a, np.float64), dtype=torch_dtype, requires_grad=True)
+              for a in arrays]
+    y = fn(*leaves)
+    if grad_output is not None:
+        y.backward(torch.tensor(np.asarray(grad_output, np.float64), dtype=torch_dtype))
+    as64 = lambda t: None if t is None else t.detach().to(torch.float64).numpy()  # noqa: E731
+    return as64(y), [None if t is None else as64(t.grad) for t in leaves]
+
+
+def within_twice_anchor(got, anchor, ref, dtype: str) -> bool:
+    """DESIGN.md §5: error against the float64 reference at most 2x the anchor's (torch in
+    the same dtype), plus two units of the output's own rounding, which both incur."""
+    return rel_err(got, ref) <= 2 * rel_err(anchor, ref) + 2 * unit_roundoff(dtype)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Names of the kernels launched during the test (to prove a bad input launched nothing)."""
+    from cuconv.ops import _common
+
+    calls = []
+    original = _common.Call.launch
+    monkeypatch.setattr(_common.Call, "launch", lambda self, *a, **k: (calls.append(a[1]), original(self, *a, **k)))
+    return calls

@@ -6,7 +6,8 @@ CPU); CUDA arrays on the `cuda` backend (NVRTC through cupy.RawModule).
 CUCONV_BACKEND=interpret|cuda forces one.
 """
 
-from .ops import conv2d, conv2d_backward, conv_output_size
+from .ops import *  # noqa: F403  (every op and its backward)
+from .ops import __all__ as _ops
 
 __version__ = "0.1.0"
-__all__ = ["conv2d", "conv2d_backward", "conv_output_size", "__version__"]
+__all__ = [*_ops, "__version__"]

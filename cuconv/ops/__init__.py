@@ -1,5 +1,8 @@
 """One module per op family: validate -> plan -> launch, forward and backward."""
 
 from .conv2d import conv2d, conv2d_backward, conv_output_size
+from .conv_transpose2d import conv_transpose2d, conv_transpose2d_backward
+from .subpixel import subpixel_conv2d, subpixel_conv2d_backward
 
-__all__ = ["conv2d", "conv2d_backward", "conv_output_size"]
+__all__ = ["conv2d", "conv2d_backward", "conv_output_size", "conv_transpose2d", "conv_transpose2d_backward",
+           "subpixel_conv2d", "subpixel_conv2d_backward"]

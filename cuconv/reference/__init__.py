@@ -1,5 +1,8 @@
 """float64 NumPy ground truth for every op, forward and backward (clarity over speed)."""
 
 from .conv2d import conv2d, conv2d_backward
+from .conv_transpose2d import conv_transpose2d, conv_transpose2d_backward
+from .subpixel import subpixel_conv2d, subpixel_conv2d_backward
 
-__all__ = ["conv2d", "conv2d_backward"]
+__all__ = ["conv2d", "conv2d_backward", "conv_transpose2d", "conv_transpose2d_backward",
+           "subpixel_conv2d", "subpixel_conv2d_backward"]

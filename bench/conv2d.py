@@ -3,80 +3,32 @@ timed against torch / cuDNN (NCHW and channels_last)."""
 
 from __future__ import annotations
 
-import warnings
-
-import numpy as np
-
 import cuconv
 import cuconv.reference
 
-from .harness import HOST_DTYPES, BenchCase, CheckRow, rel_error, to_backend, tolerance
+from .harness import BenchCase, CheckRow, OpCheck, self_check_op
 
 NAME = "conv2d"
 
 # --- self-check: small odd shapes that cover every parameter ---
 
-# (label, input shape, weight shape, with bias, conv2d keyword parameters)
+# (label, (input, weight, bias) shapes, conv2d keyword parameters)
 CHECK_CONFIGS = [
-    ("3x3 s1 p1 bias", (2, 5, 9, 11), (7, 5, 3, 3), True, dict(stride=1, padding=1)),
-    ("3x3 s(2,1) p(0,1)", (2, 4, 10, 9), (6, 4, 3, 3), False, dict(stride=(2, 1), padding=(0, 1))),
-    ("2x3 same d(1,2) bias", (1, 3, 8, 9), (5, 3, 2, 3), True, dict(padding="same", dilation=(1, 2))),
-    ("3x3 valid d2", (2, 3, 11, 10), (4, 3, 3, 3), False, dict(padding="valid", dilation=2)),
-    ("3x3 groups=3 p(1,0) bias", (2, 6, 7, 8), (9, 2, 3, 3), True, dict(padding=(1, 0), groups=3)),
-    ("5x5 depthwise s2 p2 bias", (1, 8, 13, 11), (8, 1, 5, 5), True, dict(stride=2, padding=2, groups=8)),
-    ("1x1 bias", (3, 10, 5, 7), (12, 10, 1, 1), True, {}),
-    ("7x7 s2 p3 (stem-like)", (1, 3, 17, 15), (8, 3, 7, 7), False, dict(stride=2, padding=3)),
+    ("3x3 s1 p1 bias", ((2, 5, 9, 11), (7, 5, 3, 3), (7,)), dict(stride=1, padding=1)),
+    ("3x3 s(2,1) p(0,1)", ((2, 4, 10, 9), (6, 4, 3, 3), None), dict(stride=(2, 1), padding=(0, 1))),
+    ("2x3 same d(1,2) bias", ((1, 3, 8, 9), (5, 3, 2, 3), (5,)), dict(padding="same", dilation=(1, 2))),
+    ("3x3 valid d2", ((2, 3, 11, 10), (4, 3, 3, 3), None), dict(padding="valid", dilation=2)),
+    ("3x3 groups=3 p(1,0) bias", ((2, 6, 7, 8), (9, 2, 3, 3), (9,)), dict(padding=(1, 0), groups=3)),
+    ("5x5 depthwise s2 p2 bias", ((1, 8, 13, 11), (8, 1, 5, 5), (8,)), dict(stride=2, padding=2, groups=8)),
+    ("1x1 bias", ((3, 10, 5, 7), (12, 10, 1, 1), (12,)), {}),
+    ("7x7 s2 p3 (stem-like)", ((1, 3, 17, 15), (8, 3, 7, 7), None), dict(stride=2, padding=3)),
 ]
-PASSES = ("fwd", "bwd input", "bwd weight", "bwd bias")
-
-
-def _torch_errors(dtype, x, w, b, gy, params, refs) -> dict:
-    """rel_error per pass of torch CPU computing the same thing in `dtype` (autograd for
-    the gradients); {} when torch is missing or lacks the op in that dtype."""
-    try:
-        import torch
-        import torch.nn.functional as F
-
-        def t(a):
-            return None if a is None else torch.from_numpy(a.astype(np.float64)).to(getattr(torch, dtype))
-
-        xt, wt, bt, gyt = t(x), t(w), t(b), t(gy)
-        leaves = [a.requires_grad_() for a in (xt, wt, bt) if a is not None]
-        with warnings.catch_warnings():  # torch's note that 'same' with an even kernel copies the input
-            warnings.simplefilter("ignore", UserWarning)
-            y = F.conv2d(xt, wt, bt, **params)
-        grads = torch.autograd.grad(y, leaves, gyt) + (None,)
-    except (ImportError, RuntimeError, NotImplementedError):
-        return {}
-    return {p: rel_error(got, ref) for p, got, ref in zip(PASSES, (y,) + grads, refs) if ref is not None}
+CHECK = OpCheck(NAME, cuconv.conv2d, cuconv.conv2d_backward, cuconv.reference.conv2d,
+                cuconv.reference.conv2d_backward, lambda F, *t, **p: F.conv2d(*t, **p), ("input", "weight", "bias"))
 
 
 def self_check(dtypes, backends, rng, torch_module=None) -> list[CheckRow]:
-    rows = []
-    for label, x_shape, w_shape, with_bias, params in CHECK_CONFIGS:
-        for dtype in dtypes:
-            # Inputs are drawn once and rounded to `dtype`; the reference sees those exact values.
-            x = rng.standard_normal(x_shape).astype(HOST_DTYPES[dtype])
-            w = rng.standard_normal(w_shape).astype(HOST_DTYPES[dtype])
-            b = rng.standard_normal(w_shape[0]).astype(HOST_DTYPES[dtype]) if with_bias else None
-            y_ref = cuconv.reference.conv2d(x, w, b, **params)
-            gy = rng.standard_normal(y_ref.shape).astype(HOST_DTYPES[dtype])
-            refs = (y_ref,) + cuconv.reference.conv2d_backward(gy, x, w, b, **params)
-            anchor = _torch_errors(dtype, x, w, b, gy, params, refs) if dtype in ("float16", "bfloat16") else {}
-            for backend in backends:
-                args = [to_backend(a, dtype, backend, torch_module) if a is not None else None
-                        for a in (x, w, b, gy)]
-                if any(a is None and h is not None for a, h in zip(args, (x, w, b, gy))):
-                    continue  # bfloat16 on CuPy without torch: not representable
-                xa, wa, ba, gya = args
-                y = cuconv.conv2d(xa, wa, ba, **params)
-                grads = cuconv.conv2d_backward(gya, xa, wa, ba, **params)
-                for pass_, got, ref in zip(PASSES, (y,) + tuple(grads), refs):
-                    if ref is None:
-                        continue  # no bias, no bias gradient
-                    tol, source = tolerance(dtype, anchor.get(pass_))
-                    rows.append(CheckRow(NAME, pass_, dtype, label, backend, rel_error(got, ref), tol, source))
-    return rows
+    return self_check_op(CHECK, CHECK_CONFIGS, dtypes, backends, rng, torch_module)
 
 
 # --- benchmark: the distinct convolutions of ResNet-50 (torchvision v1.5: stride on the 3x3) ---

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import statistics
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -103,6 +104,69 @@ def print_check_table(rows: list[CheckRow]) -> None:
     for r in rows:
         print(f"{r.op:<8} {r.pass_:<11} {r.dtype:<9} {r.backend:<9} {r.config:<28} {r.error:9.2e} {r.tol:9.2e} "
               f"{r.tol_source:<9} {'PASS' if r.ok else 'FAIL'}")
+
+
+# --- the self-check loop every suite shares ---
+
+@dataclass(frozen=True)
+class OpCheck:
+    """What the self-check needs to know about one op."""
+
+    name: str
+    forward: Callable  # the cuconv op: fn(*arrays, **params)
+    backward: Callable  # its _backward: fn(grad_output, *arrays, **params) -> one gradient per array
+    reference: Callable  # float64 reference of forward and backward, same signatures
+    reference_backward: Callable
+    torch_forward: Callable  # fn(torch.nn.functional, *tensors, **params): the fp16/bf16 anchor
+    gradient_names: tuple[str, ...]  # one per array argument, e.g. ("input", "weight", "bias")
+
+
+def self_check_op(spec: OpCheck, configs, dtypes, backends, rng, torch_module=None) -> list[CheckRow]:
+    """One CheckRow per (config, dtype, backend, pass). `configs` are (label, array shapes
+    with None for an absent optional array, params). Inputs are drawn in `dtype` and the
+    reference sees exactly those values."""
+    passes = ("fwd",) + tuple(f"bwd {n}" for n in spec.gradient_names)
+    rows = []
+    for label, shapes, params in configs:
+        for dtype in dtypes:
+            arrays = [None if s is None else rng.standard_normal(s).astype(HOST_DTYPES[dtype]) for s in shapes]
+            y_ref = spec.reference(*arrays, **params)
+            gy = rng.standard_normal(y_ref.shape).astype(HOST_DTYPES[dtype])
+            refs = (y_ref, *spec.reference_backward(gy, *arrays, **params))
+            anchor = _torch_errors(spec, dtype, arrays, gy, params, refs, passes) \
+                if dtype in TOLERANCE_FLOOR else {}
+            for backend in backends:
+                converted = [None if a is None else to_backend(a, dtype, backend, torch_module) for a in (*arrays, gy)]
+                if any(c is None and a is not None for c, a in zip(converted, (*arrays, gy))):
+                    continue  # bfloat16 on CuPy without torch: not representable
+                *args, gy_backend = converted
+                got = (spec.forward(*args, **params), *spec.backward(gy_backend, *args, **params))
+                for pass_, result, ref in zip(passes, got, refs):
+                    if ref is not None:
+                        tol, source = tolerance(dtype, anchor.get(pass_))
+                        rows.append(CheckRow(spec.name, pass_, dtype, label, backend, rel_error(result, ref), tol,
+                                             source))
+    return rows
+
+
+def _torch_errors(spec: OpCheck, dtype, arrays, gy, params, refs, passes) -> dict:
+    """rel_error per pass of torch CPU computing the same thing in `dtype` (autograd for
+    the gradients); {} when torch is missing or lacks the op in that dtype."""
+    try:
+        import torch
+        import torch.nn.functional as F
+
+        tensors = [None if a is None else
+                   torch.from_numpy(a.astype(np.float64)).to(getattr(torch, dtype)).requires_grad_() for a in arrays]
+        with warnings.catch_warnings():  # e.g. torch's note that 'same' with an even kernel copies the input
+            warnings.simplefilter("ignore", UserWarning)
+            y = spec.torch_forward(F, *tensors, **params)
+        grads = iter(torch.autograd.grad(y, [t for t in tensors if t is not None],
+                                         torch.from_numpy(gy.astype(np.float64)).to(y.dtype)))
+        results = [y] + [None if t is None else next(grads) for t in tensors]
+    except (ImportError, RuntimeError, NotImplementedError):
+        return {}
+    return {p: rel_error(got, ref) for p, got, ref in zip(passes, results, refs) if ref is not None}
 
 
 # --- environment for a stretch of calls ---
@@ -279,11 +343,12 @@ class BenchCase:
     label: str  # shape label
     dtype: str
     pass_: str  # fwd, fwd+bwd
-    flops: float
+    flops: float  # 0 for data movement ops
     make_inputs: Callable[[], tuple]  # one fresh input set
     cuconv: Callable  # fn(*input_set)
     # name -> (prepare(input_set) -> input_set, fn(*prepared_set)); e.g. to channels_last
     baselines: dict[str, tuple[Callable, Callable]] = field(default_factory=dict)
+    bytes_moved: float = 0.0  # compulsory bytes read + written; rated against the copy ceiling
 
 
 def set_bytes(input_set: tuple) -> int:
@@ -300,8 +365,12 @@ def run_case(case: BenchCase, events: Events, l2_bytes: int, warmup: int, repeat
         ms = time_ms(events, fn, prepared, warmup, repeats)
         row["baselines"][name] = dict(ms=ms, ratio=ms / row["cuconv_ms"])
         del prepared
-    row["tflops"] = case.flops / row["cuconv_ms"] / 1e9
-    row["fraction_of_gemm"] = row["tflops"] / ceilings.gemm_tflops
+    if case.flops:
+        row["tflops"] = case.flops / row["cuconv_ms"] / 1e9
+        row["fraction_of_gemm"] = row["tflops"] / ceilings.gemm_tflops
+    if case.bytes_moved:
+        row["gbs"] = case.bytes_moved / row["cuconv_ms"] / 1e6
+        row["fraction_of_copy"] = row["gbs"] / ceilings.copy_gbs
     return row
 
 
@@ -310,14 +379,15 @@ def markdown_table(rows: list[dict]) -> str:
     head = ["op", "shape", "dtype", "pass", "cuconv ms"]
     for n in names:
         head += [f"{n} ms", f"{n}/cuconv"]
-    head += ["TFLOP/s", "of GEMM"]
+    head += ["TFLOP/s", "of GEMM", "GB/s", "of copy"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["op"], r["shape"], r["dtype"], r["pass"], f"{r['cuconv_ms']:.3f}"]
         for n in names:
             b = r["baselines"].get(n)
             cells += [f"{b['ms']:.3f}", f"{b['ratio']:.2f}"] if b else ["-", "-"]
-        cells += [f"{r['tflops']:.2f}", f"{100 * r['fraction_of_gemm']:.1f}%"]
+        cells += [f"{r['tflops']:.2f}", f"{100 * r['fraction_of_gemm']:.1f}%"] if "tflops" in r else ["-", "-"]
+        cells += [f"{r['gbs']:.0f}", f"{100 * r['fraction_of_copy']:.1f}%"] if "gbs" in r else ["-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

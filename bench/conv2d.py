@@ -6,7 +6,7 @@ from __future__ import annotations
 import cuconv
 import cuconv.reference
 
-from .harness import BenchCase, CheckRow, OpCheck, self_check_op
+from .harness import BenchCase, CheckRow, OpCheck, random_inputs, self_check_op, torch_baselines
 
 NAME = "conv2d"
 
@@ -90,34 +90,18 @@ def bench_cases(dtypes, quick, torch_module=None) -> list[BenchCase]:
 def _case(label, dtype, pass_, shapes, stride, pad, flops, torch) -> BenchCase:
     backward = pass_ == "fwd+bwd"
     fan_in = shapes[1][1] * shapes[1][2] * shapes[1][3]
-
-    def make_inputs():
-        scales = (1.0, fan_in**-0.5, 1.0)  # unit-scale activations and gradients, Kaiming-like weights
-        if torch is not None:
-            return tuple((torch.randn(s, device="cuda", dtype=getattr(torch, dtype)) * c).requires_grad_(backward)
-                         for s, c in zip(shapes, scales))
-        import cupy
-
-        return tuple((cupy.random.standard_normal(s, dtype=cupy.float32) * c).astype(dtype)
-                     for s, c in zip(shapes, scales))
+    # unit-scale activations and gradients, Kaiming-like weights
+    make_inputs = random_inputs(shapes, dtype, backward, (1.0, fan_in**-0.5, 1.0), torch)
 
     def run_cuconv(x, w, gy=None):
         cuconv.conv2d(x, w, None, stride, pad)
         if backward:
             cuconv.conv2d_backward(gy, x, w, None, stride, pad, wrt=("input", "weight"))
 
-    baselines = {}
-    if torch is not None:
-        F = torch.nn.functional
+    def run_torch(x, w, gy=None):
+        y = torch.nn.functional.conv2d(x, w, None, stride, pad)
+        if backward:
+            torch.autograd.grad(y, (x, w), gy)
 
-        def run_torch(x, w, gy=None):
-            y = F.conv2d(x, w, None, stride, pad)
-            if backward:
-                torch.autograd.grad(y, (x, w), gy)
-
-        def channels_last(input_set):
-            return tuple(t.detach().contiguous(memory_format=torch.channels_last).requires_grad_(t.requires_grad)
-                         for t in input_set)
-
-        baselines = {"torch": (lambda s: s, run_torch), "torch CL": (channels_last, run_torch)}
-    return BenchCase(NAME, label, dtype, pass_, flops * (3 if backward else 1), make_inputs, run_cuconv, baselines)
+    return BenchCase(NAME, label, dtype, pass_, flops * (3 if backward else 1), make_inputs, run_cuconv,
+                     torch_baselines(torch, run_torch))

@@ -97,12 +97,12 @@ def to_float64(a) -> np.ndarray:
 
 
 def print_check_table(rows: list[CheckRow]) -> None:
-    header = (f"{'op':<8} {'pass':<11} {'dtype':<9} {'backend':<9} {'config':<28} {'rel err':>9} {'tol':>9} "
+    header = (f"{'op':<18} {'pass':<11} {'dtype':<9} {'backend':<9} {'config':<28} {'rel err':>9} {'tol':>9} "
               f"{'(from)':<9} result")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r.op:<8} {r.pass_:<11} {r.dtype:<9} {r.backend:<9} {r.config:<28} {r.error:9.2e} {r.tol:9.2e} "
+        print(f"{r.op:<18} {r.pass_:<11} {r.dtype:<9} {r.backend:<9} {r.config:<28} {r.error:9.2e} {r.tol:9.2e} "
               f"{r.tol_source:<9} {'PASS' if r.ok else 'FAIL'}")
 
 
@@ -349,6 +349,33 @@ class BenchCase:
     # name -> (prepare(input_set) -> input_set, fn(*prepared_set)); e.g. to channels_last
     baselines: dict[str, tuple[Callable, Callable]] = field(default_factory=dict)
     bytes_moved: float = 0.0  # compulsory bytes read + written; rated against the copy ceiling
+
+
+def random_inputs(shapes, dtype: str, requires_grad: bool, scales, torch=None) -> Callable[[], tuple]:
+    """make_inputs for a BenchCase: one fresh set of standard-normal GPU arrays (times
+    `scales`), torch CUDA tensors when torch sees the GPU, else CuPy arrays."""
+    def make():
+        if torch is not None:
+            return tuple((torch.randn(s, device="cuda", dtype=getattr(torch, dtype)) * c).requires_grad_(requires_grad)
+                         for s, c in zip(shapes, scales))
+        import cupy
+
+        return tuple((cupy.random.standard_normal(s, dtype=cupy.float32) * c).astype(dtype)
+                     for s, c in zip(shapes, scales))
+
+    return make
+
+
+def torch_baselines(torch, run_torch: Callable) -> dict:
+    """The same torch function on NCHW inputs and on channels_last copies of them."""
+    if torch is None:
+        return {}
+
+    def channels_last(input_set):
+        return tuple(t.detach().contiguous(memory_format=torch.channels_last).requires_grad_(t.requires_grad)
+                     for t in input_set)
+
+    return {"torch": (lambda s: s, run_torch), "torch CL": (channels_last, run_torch)}
 
 
 def set_bytes(input_set: tuple) -> int:

@@ -30,11 +30,14 @@ def test_quick_run_without_gpu(tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
-    rows = [line.split() for line in out.splitlines() if line.startswith("conv2d ")]
-    for dtype in harness.ALL_DTYPES:
-        mine = [r for r in rows if dtype in r]
-        assert mine and all(r[-1] == "PASS" for r in mine), (dtype, out)
-        assert {"fwd", "bwd"} <= {r[1] for r in mine}, (dtype, out)
+    from bench import SUITES
+
+    for suite in SUITES:
+        rows = [line.split() for line in out.splitlines() if line.startswith(suite.NAME + " ")]
+        for dtype in harness.ALL_DTYPES:
+            mine = [r for r in rows if dtype in r]
+            assert mine and all(r[-1] == "PASS" for r in mine), (suite.NAME, dtype, out)
+            assert {"fwd", "bwd"} <= {r[1] for r in mine}, (suite.NAME, dtype, out)
     assert "FAIL" not in out
     assert NO_GPU in out
     # No results anywhere: neither the --json path nor the default directory.
@@ -68,3 +71,17 @@ def test_tolerance_from_torch_anchor():
     assert harness.tolerance("float16", 1e-5) == (2.0**-10, "floor")
     assert harness.tolerance("bfloat16", 1e-2) == (2e-2, "2x torch")
     assert harness.tolerance("float64", 0.5) == (1e-9, "fixed")
+
+
+def test_every_suite_builds_its_gpu_cases():
+    """The GPU rows cannot run here; at least every suite must describe them: unique
+    labels per (dtype, pass), and work (FLOPs or bytes) to rate them by."""
+    from bench import SUITES
+
+    for suite in SUITES:
+        for quick in (True, False):
+            cases = suite.bench_cases(harness.GPU_DEFAULT_DTYPES, quick, None)
+            assert cases, suite.NAME
+            keys = [(c.label, c.dtype, c.pass_) for c in cases]
+            assert len(keys) == len(set(keys)), suite.NAME
+            assert all(c.flops > 0 or c.bytes_moved > 0 for c in cases), suite.NAME

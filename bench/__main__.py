@@ -64,7 +64,7 @@ def self_check(args, backends, torch_module) -> list[harness.CheckRow]:
     print(f"self-check: {len(rows) - failed} passed, {failed} failed")
     print("  tolerance on max|err|/max|ref|: 'fixed' float64 1e-9, float32 1e-4; '2x torch' twice torch CPU's error "
           "in that dtype; 'floor' where that is below fp16 2^-10, bf16 2^-7; 'bound' fp16 2e-2, bf16 1e-1 where "
-          "torch CPU lacks the op in that dtype")
+          "torch CPU lacks the op in that dtype; 'exact' 0 for ops that round nothing (pixel shuffle)")
     return rows
 
 

@@ -14,22 +14,18 @@ Shapes (batch 16, as in video/SR inference and ESPCN/EDSR training):
 
 Throughput is bytes moved (every element read once and written once per pass:
 2 * numel * itemsize for fwd, twice that for fwd+bwd), to be compared with the
-device-to-device copy ceiling. The harness reports FLOP/s only today, so the cases
-carry `bytes_moved` and `flops = 0` (see BandwidthCase below).
+device-to-device copy ceiling (the cases carry `bytes_moved` and no FLOPs).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import math
-
-import numpy as np
 
 from cuconv.ops.pixel_shuffle import (pixel_shuffle, pixel_shuffle_backward, pixel_unshuffle,
                                       pixel_unshuffle_backward)
 
-from .harness import HOST_DTYPES, BenchCase, CheckRow, rel_error, to_backend
+from .harness import HOST_DTYPES, BenchCase, CheckRow, OpCheck, random_inputs, self_check_op
 
 # By full name: once cuconv.reference exports the functions, the attribute
 # cuconv.reference.pixel_shuffle is the function, not this module.
@@ -37,49 +33,32 @@ reference = importlib.import_module("cuconv.reference.pixel_shuffle")
 
 NAME = "pixel_shuffle"
 
-# The two directions: forward op, its backward, the reference's forward and backward.
-OPS = {
-    "shuffle": (pixel_shuffle, pixel_shuffle_backward, reference.pixel_shuffle, reference.pixel_shuffle_backward),
-    "unshuffle": (pixel_unshuffle, pixel_unshuffle_backward, reference.pixel_unshuffle,
-                  reference.pixel_unshuffle_backward),
+# --- self-check: small odd shapes, 3-D to 5-D, every factor up to 4; exact (tolerance 0) ---
+
+CHECKS = {
+    "shuffle": OpCheck(NAME, pixel_shuffle, pixel_shuffle_backward,
+                       lambda x, upscale_factor: reference.pixel_shuffle(x, upscale_factor),
+                       lambda gy, x, upscale_factor: reference.pixel_shuffle_backward(gy, x, upscale_factor),
+                       None, ("input",), exact=True),
+    "unshuffle": OpCheck("pixel_unshuffle", pixel_unshuffle, pixel_unshuffle_backward,
+                         lambda x, downscale_factor: reference.pixel_unshuffle(x, downscale_factor),
+                         lambda gy, x, downscale_factor: reference.pixel_unshuffle_backward(gy, x, downscale_factor),
+                         None, ("input",), exact=True),
 }
-
-# --- self-check: small odd shapes, 3-D to 5-D, every factor up to 4 ---
-
-# (label, direction, input shape, factor)
-CHECK_CONFIGS = [
-    ("shuffle r1 (2,3,5,7)", "shuffle", (2, 3, 5, 7), 1),
-    ("shuffle r2 (2,12,5,7)", "shuffle", (2, 12, 5, 7), 2),
-    ("shuffle r3 3-D (18,4,3)", "shuffle", (18, 4, 3), 3),
-    ("shuffle r4 (1,16,3,5)", "shuffle", (1, 16, 3, 5), 4),
-    ("unshuffle r2 (2,3,10,14)", "unshuffle", (2, 3, 10, 14), 2),
-    ("unshuffle r3 5-D (2,2,1,9,6)", "unshuffle", (2, 2, 1, 9, 6), 3),
-]
-PASSES = ("fwd", "bwd input")
+# (label, (input shape,), factor) per direction
+CHECK_CONFIGS = {
+    "shuffle": [("r1 (2,3,5,7)", ((2, 3, 5, 7),), 1), ("r2 (2,12,5,7)", ((2, 12, 5, 7),), 2),
+                ("r3 3-D (18,4,3)", ((18, 4, 3),), 3), ("r4 (1,16,3,5)", ((1, 16, 3, 5),), 4)],
+    "unshuffle": [("r2 (2,3,10,14)", ((2, 3, 10, 14),), 2), ("r3 5-D (2,2,1,9,6)", ((2, 2, 1, 9, 6),), 3)],
+}
+FACTOR = {"shuffle": "upscale_factor", "unshuffle": "downscale_factor"}
 
 
 def self_check(dtypes, backends, rng, torch_module=None) -> list[CheckRow]:
-    """Every result must equal the float64 reference exactly (tolerance 0, "exact")."""
-    rows = []
-    for label, direction, shape, r in CHECK_CONFIGS:
-        forward, backward, ref_forward, ref_backward = OPS[direction]
-        for dtype in dtypes:
-            # Inputs drawn once and rounded to `dtype`: the reference sees those exact values,
-            # and a permutation of them is exactly representable in `dtype` again.
-            x = rng.standard_normal(shape).astype(HOST_DTYPES[dtype])
-            y_ref = ref_forward(x.astype(np.float64), r)
-            gy = rng.standard_normal(y_ref.shape).astype(HOST_DTYPES[dtype])
-            (gx_ref,) = ref_backward(gy.astype(np.float64), x.astype(np.float64), r)
-            for backend in backends:
-                xa = to_backend(x, dtype, backend, torch_module)
-                gya = to_backend(gy, dtype, backend, torch_module)
-                if xa is None:
-                    continue  # bfloat16 on CuPy
-                y = forward(xa, r)
-                (gx,) = backward(gya, xa, r)
-                for pass_, got, ref in zip(PASSES, (y, gx), (y_ref, gx_ref)):
-                    rows.append(CheckRow(NAME, pass_, dtype, label, backend, rel_error(got, ref), 0.0, "exact"))
-    return rows
+    return [row for direction, spec in CHECKS.items()
+            for row in self_check_op(spec, [(label, shapes, {FACTOR[direction]: r})
+                                            for label, shapes, r in CHECK_CONFIGS[direction]],
+                                     dtypes, backends, rng, torch_module)]
 
 
 # --- benchmark ---
@@ -95,18 +74,6 @@ SR_SHAPES = [
     ("Real-ESRGAN unshuffle x2 1080p", "unshuffle", 3, 2, 540, 960),
 ]
 QUICK = ("ESPCN x3 RGB 360x640->1080p", "Real-ESRGAN unshuffle x2 1080p")
-
-# Bytes moved per case. harness.BenchCase has no such field yet; where it lacks one this
-# subclass carries it (run_case ignores it; flops = 0 keeps the FLOP columns at 0). Once
-# BenchCase gains `bytes_moved`, BenchCase itself is used.
-if "bytes_moved" in {f.name for f in dataclasses.fields(BenchCase)}:
-    BandwidthCase = BenchCase
-else:
-
-    @dataclasses.dataclass
-    class BandwidthCase(BenchCase):
-        bytes_moved: float = 0.0  # read + write, in bytes, one call of `cuconv`
-
 
 def bench_cases(dtypes, quick, torch_module=None) -> list[BenchCase]:
     """Forward and forward+backward cases; the baseline needs torch (CuPy arrays otherwise)."""
@@ -126,18 +93,12 @@ def bench_cases(dtypes, quick, torch_module=None) -> list[BenchCase]:
 
 def _case(label, direction, dtype, pass_, r, in_shape, out_shape, torch) -> BenchCase:
     backward = pass_ == "fwd+bwd"
-    forward_op, backward_op = OPS[direction][:2]
+    forward_op, backward_op = CHECKS[direction].forward, CHECKS[direction].backward
     shapes = (in_shape, out_shape) if backward else (in_shape,)
     itemsize = HOST_DTYPES[dtype].itemsize
     bytes_moved = 2 * math.prod(in_shape) * itemsize * (2 if backward else 1)
 
-    def make_inputs():
-        if torch is not None:
-            return tuple(torch.randn(s, device="cuda", dtype=getattr(torch, dtype)).requires_grad_(backward)
-                         for s in shapes)
-        import cupy
-
-        return tuple(cupy.random.standard_normal(s, dtype=cupy.float32).astype(dtype) for s in shapes)
+    make_inputs = random_inputs(shapes, dtype, backward, (1.0, 1.0), torch)
 
     def run_cuconv(x, gy=None):
         forward_op(x, r)
@@ -154,5 +115,5 @@ def _case(label, direction, dtype, pass_, r, in_shape, out_shape, torch) -> Benc
                 torch.autograd.grad(y, (x,), gy)
 
         baselines = {"torch": (lambda s: s, run_torch)}
-    return BandwidthCase(NAME, label, dtype, pass_, 0.0, make_inputs, run_cuconv, baselines,
-                         bytes_moved=float(bytes_moved))
+    return BenchCase(NAME, label, dtype, pass_, 0.0, make_inputs, run_cuconv, baselines,
+                     bytes_moved=float(bytes_moved))

@@ -124,6 +124,15 @@ class Call:
         return None if out is None else _arrays.export(out, self.anchor)
 
 
+def check_grad_output(op: str, call: Call, expected) -> None:
+    """grad_output must have the forward output's shape (ValueError naming the shapes)."""
+    got = call.shape("grad_output")
+    if got != tuple(expected):
+        known = ", ".join(f"{n} {call.shape(n)}" for n in ("input", "weight") if call.shape(n) is not None)
+        raise ValueError(f"{op}: grad_output must have the forward output's shape {tuple(expected)}, "
+                         f"got {got} ({known})")
+
+
 def _cupy():
     import cupy
 

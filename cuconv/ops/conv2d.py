@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .._kernels import KernelModule
-from ._common import Call, int_pair, parse_wrt, positive_int, threads_for
+from ._common import Call, check_grad_output, int_pair, parse_wrt, positive_int, threads_for
 
 KERNELS = KernelModule(
     "conv2d.cu",
@@ -176,13 +176,6 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     y = call.empty(geom.output_shape)
     launch_forward(call, geom, call.operand("input"), call.operand("weight"), call.operand("bias"), y)
     return call.export(y)
-
-
-def check_grad_output(op: str, call: Call, expected: tuple[int, ...]) -> None:
-    if call.shape("grad_output") != tuple(expected):
-        raise ValueError(f"{op}: grad_output must have the forward output's shape {tuple(expected)}, "
-                         f"got {call.shape('grad_output')} (input {call.shape('input')}, "
-                         f"weight {call.shape('weight')})")
 
 
 def conv2d_backward(grad_output, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,

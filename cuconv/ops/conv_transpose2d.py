@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from ._common import Call, int_pair, parse_wrt, positive_int
-from .conv2d import ConvGeometry, check_grad_output, launch_forward, launch_grad_bias, launch_grad_input, \
-    launch_grad_weight
+from ._common import Call, check_grad_output, int_pair, parse_wrt, positive_int
+from .conv2d import ConvGeometry, launch_forward, launch_grad_bias, launch_grad_input, launch_grad_weight
 
 
 def transposed_geometry(op: str, input_shape, weight_shape, bias_shape, stride, padding, output_padding,

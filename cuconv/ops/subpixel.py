@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from ._common import Call, parse_wrt, positive_int
-from .conv2d import check_grad_output, conv_geometry, conv_gradients, launch_forward
+from ._common import Call, check_grad_output, parse_wrt, positive_int
+from .conv2d import conv_geometry, conv_gradients, launch_forward
 
 
 def _geometry(op: str, call: Call, upscale_factor, stride, padding, dilation, groups):

@@ -4,6 +4,7 @@ Every output cuconv allocates is filled with NaN before its kernel runs
 (CUCONV_POISON=1), so an element a kernel fails to write fails the comparison."""
 
 import os
+import warnings
 
 os.environ["CUCONV_POISON"] = "1"
 
@@ -86,7 +87,9 @@ def torch_autograd(fn, arrays, grad_output, dtype: str = "float64"):
     torch_dtype = getattr(torch, dtype)
     leaves = [None if a is None else torch.tensor(np.asarray(a, np.float64), dtype=torch_dtype, requires_grad=True)
               for a in arrays]
-    y = fn(*leaves)
+    with warnings.catch_warnings():  # torch's note that 'same' with an even kernel copies the input
+        warnings.simplefilter("ignore", UserWarning)
+        y = fn(*leaves)
     if grad_output is not None:
         y.backward(torch.tensor(np.asarray(grad_output, np.float64), dtype=torch_dtype))
     as64 = lambda t: None if t is None else t.detach().to(torch.float64).numpy()  # noqa: E731
@@ -97,6 +100,25 @@ def within_twice_anchor(got, anchor, ref, dtype: str) -> bool:
     """DESIGN.md §5: error against the float64 reference at most 2x the anchor's (torch in
     the same dtype), plus two units of the output's own rounding, which both incur."""
     return rel_err(got, ref) <= 2 * rel_err(anchor, ref) + 2 * unit_roundoff(dtype)
+
+
+def assert_reduced_precision(op, op_backward, reference, reference_backward, torch_fn, arrays, params, dtype: str,
+                             seed: int = 0) -> None:
+    """DESIGN.md §5 for one configuration: the arrays are rounded to `dtype` (the float64
+    reference sees exactly those values), torch_fn(*tensors) in `dtype` is the anchor, and
+    the op's output and every gradient must be within twice the anchor's error."""
+    as64 = lambda a: None if a is None else np.asarray(a, np.float64)  # noqa: E731
+    args = [None if a is None else np.asarray(a).astype(DTYPES[dtype]) for a in arrays]
+    y_ref = reference(*map(as64, args), **params)
+    gy = np.random.default_rng(seed).standard_normal(y_ref.shape).astype(DTYPES[dtype])
+    refs = [y_ref, *reference_backward(as64(gy), *map(as64, args), **params)]
+    anchor_y, anchor_grads = torch_autograd(torch_fn, list(map(as64, args)), as64(gy), dtype)
+    y = op(*args, **params)
+    assert y.dtype == DTYPES[dtype]
+    for index, (got, anchor, ref) in enumerate(zip([y, *op_backward(gy, *args, **params)],
+                                                   [anchor_y, *anchor_grads], refs)):
+        if ref is not None:
+            assert within_twice_anchor(got, anchor, ref, dtype), f"result {index} (0 = output, then gradients)"
 
 
 @pytest.fixture

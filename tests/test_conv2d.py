@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import cuconv
 from cuconv import reference
 from cuconv.ops import _common
-from conftest import DTYPES, rel_err, to_backend, to_numpy, torch_autograd, within_twice_anchor
+from conftest import assert_reduced_precision, rel_err, to_backend, to_numpy, torch_autograd
 
 
 def random_config(seed):
@@ -157,26 +157,10 @@ def test_non_contiguous_torch_tensors():
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("seed", range(4))
 def test_reduced_precision_within_twice_torch_error(dtype, seed):
-    """Error against float64 at most 2x torch's in the same dtype (DESIGN.md §5), plus
-    two units of the output's own rounding, which both incur."""
     x, w, b, params = random_config(200 + seed)
-    x = np.concatenate([x] * 8, axis=1)  # longer reductions, where precision matters
-    w = np.concatenate([w] * 8, axis=1)
-    params = dict(params, groups=params["groups"])
-    np_dtype = DTYPES[dtype]
-    x, w = x.astype(np_dtype), w.astype(np_dtype)
-    b = None if b is None else b.astype(np_dtype)
-    as64 = lambda a: None if a is None else a.astype(np.float64)  # noqa: E731
-    y_ref = reference.conv2d(as64(x), as64(w), as64(b), **params)
-    gy = np.random.default_rng(seed).standard_normal(y_ref.shape).astype(np_dtype)
-    grads_ref = reference.conv2d_backward(as64(gy), as64(x), as64(w), as64(b), **params)
-    torch_y, *torch_grads = torch_conv_grads(as64(x), as64(w), as64(b), as64(gy), params, dtype)
-    y = cuconv.conv2d(x, w, b, **params)
-    assert y.dtype == np_dtype
-    grads = cuconv.conv2d_backward(gy, x, w, b, **params)
-    for got, anchor, ref in zip([y, *grads], [torch_y, *torch_grads], [y_ref, *grads_ref]):
-        if ref is not None:
-            assert within_twice_anchor(got, anchor, ref, dtype)
+    x, w = np.concatenate([x] * 8, axis=1), np.concatenate([w] * 8, axis=1)  # longer reductions
+    assert_reduced_precision(cuconv.conv2d, cuconv.conv2d_backward, reference.conv2d, reference.conv2d_backward,
+                             lambda *t: F.conv2d(*t, **params), (x, w, b), params, dtype, seed)
 
 
 def test_bfloat16_torch_tensors():

@@ -10,7 +10,7 @@ import cuconv
 from cuconv import _arrays
 from cuconv.ops.conv_transpose2d import conv_transpose2d, conv_transpose2d_backward
 from cuconv import reference as ref  # its conv_transpose2d and conv_transpose2d_backward
-from conftest import DTYPES, rel_err, to_backend, to_numpy, torch_autograd, within_twice_anchor
+from conftest import assert_reduced_precision, rel_err, to_backend, to_numpy, torch_autograd
 
 
 def random_config(seed):
@@ -115,18 +115,9 @@ def test_batch_zero_and_non_contiguous(backend):
 def test_reduced_precision_within_twice_torch_error(dtype, seed):
     x, w, b, params = random_config(120 + seed)
     x, w = np.concatenate([x] * 6, axis=1), np.concatenate([w] * 6, axis=0)  # longer reductions
-    cast = lambda a: None if a is None else a.astype(DTYPES[dtype])  # noqa: E731
-    as64 = lambda a: None if a is None else a.astype(np.float64)  # noqa: E731
-    x, w, b = cast(x), cast(w), cast(b)
-    y_ref = ref.conv_transpose2d(as64(x), as64(w), as64(b), **params)
-    gy = cast(np.random.default_rng(seed).standard_normal(y_ref.shape))
-    refs = [y_ref, *ref.conv_transpose2d_backward(as64(gy), as64(x), as64(w), as64(b), **params)]
-    anchors = torch_grads(as64(x), as64(w), as64(b), as64(gy), params, dtype)
-    got = [conv_transpose2d(x, w, b, **params), *conv_transpose2d_backward(gy, x, w, b, **params)]
-    assert got[0].dtype == DTYPES[dtype]
-    for g, anchor, r in zip(got, anchors, refs):
-        if r is not None:
-            assert within_twice_anchor(g, anchor, r, dtype)
+    assert_reduced_precision(conv_transpose2d, conv_transpose2d_backward, ref.conv_transpose2d,
+                             ref.conv_transpose2d_backward, lambda *t: F.conv_transpose2d(*t, **params),
+                             (x, w, b), params, dtype, seed)
 
 
 def test_gather_allocates_only_the_output():

@@ -5,7 +5,6 @@ independent oracle), finite differences of the reference, and the API contract (
 fused (no intermediate allocated) and that the unfused fallback is correct."""
 
 import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from cuconv.ops.separable import (
     spatial_separable_conv2d_backward,
 )
 from cuconv.reference import separable as reference
-from conftest import DTYPES, rel_err, to_backend, to_numpy, torch_autograd, within_twice_anchor
+from conftest import assert_reduced_precision, rel_err, to_backend, to_numpy, torch_autograd
 
 separable_module = sys.modules["cuconv.ops.separable"]
 
@@ -93,21 +92,15 @@ def _torch_stage_params(params):
 
 def torch_dw(x, dw, pw, dwb, pwb, gy, params, dtype="float64"):
     """torch CPU autograd through two F.conv2d calls: [y, grads in forward order] as float64."""
-    def two_convs(tx, tdw, tpw, tdwb, tpwb):
-        return F.conv2d(F.conv2d(tx, tdw, tdwb, groups=tx.shape[1], **params), tpw, tpwb)
-
-    with warnings.catch_warnings():  # 'same' with an even kernel: torch notes a copy
-        warnings.simplefilter("ignore", UserWarning)
-        y, grads = torch_autograd(two_convs, (x, dw, pw, dwb, pwb), gy, dtype)
+    y, grads = torch_autograd(lambda tx, tdw, tpw, tdwb, tpwb: F.conv2d(
+        F.conv2d(tx, tdw, tdwb, groups=tx.shape[1], **params), tpw, tpwb), (x, dw, pw, dwb, pwb), gy, dtype)
     return [y, *grads]
 
 
 def torch_spatial(x, wv, wh, b, gy, params, dtype="float64"):
     v, h = _torch_stage_params(params)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        y, grads = torch_autograd(lambda tx, twv, twh, tb: F.conv2d(F.conv2d(tx, twv, None, **v), twh, tb, **h),
-                                  (x, wv, wh, b), gy, dtype)
+    y, grads = torch_autograd(lambda tx, twv, twh, tb: F.conv2d(F.conv2d(tx, twv, None, **v), twh, tb, **h),
+                              (x, wv, wh, b), gy, dtype)
     return [y, *grads]
 
 
@@ -204,42 +197,27 @@ def test_reduced_precision_within_twice_torch_error(dtype, seed):
     """Error against float64 at most 2x torch's (two F.conv2d calls in that dtype), plus two
     units of the output's own rounding. The fused forward keeps the intermediate in float32
     (torch rounds it to the dtype), so its error is usually well below torch's."""
-    np_dtype = DTYPES[dtype]
     rng = np.random.default_rng(seed)
-    as64 = lambda a: None if a is None else a.astype(np.float64)  # noqa: E731
-
     x, dw, pw, dwb, pwb, params = random_dw_config(200 + seed)
     reps = 8  # more channels: longer pointwise reductions, where precision matters
     x, dw, dwb = np.concatenate([x] * reps, 1), np.concatenate([dw] * reps), rng.standard_normal(dw.shape[0] * reps)
     pw = rng.standard_normal((pw.shape[0], dw.shape[0], 1, 1))
-    args = [None if a is None else a.astype(np_dtype) for a in (x, dw, pw, dwb, pwb)]
-    y_ref = reference.depthwise_separable_conv2d(*map(as64, args), **params)
-    gy = rng.standard_normal(y_ref.shape).astype(np_dtype)
-    refs = [y_ref, *reference.depthwise_separable_conv2d_backward(as64(gy), *map(as64, args), **params)]
-    anchors = torch_dw(*map(as64, args), as64(gy), params, dtype)
-    y = depthwise_separable_conv2d(*args, **params)
-    assert y.dtype == np_dtype
-    got = [y, *depthwise_separable_conv2d_backward(gy, *args, **params)]
-    for name, g, anchor, ref in zip(("output",) + DW_GRADS, got, anchors, refs):
-        if ref is not None:
-            assert within_twice_anchor(g, anchor, ref, dtype), name
+    assert_reduced_precision(depthwise_separable_conv2d, depthwise_separable_conv2d_backward,
+                             reference.depthwise_separable_conv2d, reference.depthwise_separable_conv2d_backward,
+                             lambda tx, tdw, tpw, tdwb, tpwb: F.conv2d(F.conv2d(tx, tdw, tdwb, groups=tx.shape[1],
+                                                                                **params), tpw, tpwb),
+                             (x, dw, pw, dwb, pwb), params, dtype, seed)
 
     x, wv, wh, b, params = random_spatial_config(200 + seed)
     reps, g = 4, params["groups"]  # 4x the channels of every stage
     x = np.concatenate([x] * reps, 1)
     wv = rng.standard_normal((wv.shape[0] * reps, wv.shape[1] * reps) + wv.shape[2:])
     wh = rng.standard_normal((wh.shape[0], wv.shape[0] // g) + wh.shape[2:])
-    args = [None if a is None else a.astype(np_dtype) for a in (x, wv, wh, b)]
-    y_ref = reference.spatial_separable_conv2d(*map(as64, args), **params)
-    gy = rng.standard_normal(y_ref.shape).astype(np_dtype)
-    refs = [y_ref, *reference.spatial_separable_conv2d_backward(as64(gy), *map(as64, args), **params)]
-    anchors = torch_spatial(*map(as64, args), as64(gy), params, dtype)
-    y = spatial_separable_conv2d(*args, **params)
-    assert y.dtype == np_dtype
-    got = [y, *spatial_separable_conv2d_backward(gy, *args, **params)]
-    for name, g, anchor, ref in zip(("output",) + SPATIAL_GRADS, got, anchors, refs):
-        if ref is not None:
-            assert within_twice_anchor(g, anchor, ref, dtype), name
+    v, h = _torch_stage_params(params)
+    assert_reduced_precision(spatial_separable_conv2d, spatial_separable_conv2d_backward,
+                             reference.spatial_separable_conv2d, reference.spatial_separable_conv2d_backward,
+                             lambda tx, twv, twh, tb: F.conv2d(F.conv2d(tx, twv, None, **v), twh, tb, **h),
+                             (x, wv, wh, b), params, dtype, seed)
 
 
 def test_bfloat16_torch_tensors():

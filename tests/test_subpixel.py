@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from cuconv import _arrays
 from cuconv.ops.subpixel import subpixel_conv2d, subpixel_conv2d_backward
 from cuconv.reference import subpixel as ref
-from conftest import DTYPES, rel_err, to_backend, torch_autograd, within_twice_anchor
+from conftest import assert_reduced_precision, rel_err, to_backend, torch_autograd
 
 
 def random_config(seed):
@@ -75,17 +75,11 @@ def test_fused_no_unshuffled_intermediate():
 def test_reduced_precision_within_twice_torch_error(dtype):
     x, w, b, params = random_config(7)
     x, w = np.concatenate([x] * 6, axis=1), np.concatenate([w] * 6, axis=1)
-    cast = lambda a: None if a is None else a.astype(DTYPES[dtype])  # noqa: E731
-    as64 = lambda a: None if a is None else a.astype(np.float64)  # noqa: E731
-    x, w, b = cast(x), cast(w), cast(b)
-    y_ref = ref.subpixel_conv2d(as64(x), as64(w), as64(b), **params)
-    gy = cast(np.random.default_rng(1).standard_normal(y_ref.shape))
-    refs = [y_ref, *ref.subpixel_conv2d_backward(as64(gy), as64(x), as64(w), as64(b), **params)]
-    anchors = torch_grads(as64(x), as64(w), as64(b), as64(gy), params, dtype)
-    got = [subpixel_conv2d(x, w, b, **params), *subpixel_conv2d_backward(gy, x, w, b, **params)]
-    for g, anchor, r in zip(got, anchors, refs):
-        if r is not None:
-            assert within_twice_anchor(g, anchor, r, dtype)
+    conv_params = {k: v for k, v in params.items() if k != "upscale_factor"}
+    assert_reduced_precision(subpixel_conv2d, subpixel_conv2d_backward, ref.subpixel_conv2d,
+                             ref.subpixel_conv2d_backward,
+                             lambda *t: F.pixel_shuffle(F.conv2d(*t, **conv_params), params["upscale_factor"]),
+                             (x, w, b), params, dtype, 1)
 
 
 def test_bad_inputs_raise_before_launch(launches):

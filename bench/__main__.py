@@ -17,12 +17,19 @@ import cuconv
 from . import SUITES, harness
 
 NO_GPU = "No CUDA GPU found: ran the interpret backend self-check at small sizes; no timings measured."
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+def results_dir() -> Path:
+    """bench/results in a checkout (committed with the code); ./cuconv-bench-results when
+    running from an installed wheel (never inside site-packages)."""
+    here = Path(__file__).resolve().parent
+    return here / "results" if (here.parent / "setup.cfg").is_file() else Path.cwd() / "cuconv-bench-results"
+
+
+RESULTS_DIR = results_dir()
 
 
 def parse_args(argv=None):
     names = [s.NAME for s in SUITES]
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="cuconv bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="a few shapes and fewer repeats")
     p.add_argument("--op", default=",".join(names),
                    help=f"comma-separated op families (default all: {','.join(names)})")

@@ -17,6 +17,7 @@ def test_wheel_ships_kernels_and_runs_from_site_packages(tmp_path):
     sources = {p.relative_to(ROOT / "kernels_cu").as_posix() for p in (ROOT / "kernels_cu").rglob("*.cu*")}
     assert sources and {f"cuconv/kernels_cu/{s}" for s in sources} <= names
     assert "cuconv/interpret/cuda_emulation.h" in names
+    assert "cuconv/bench/harness.py" in names and not any(n.startswith("cuconv/bench/results/") for n in names)
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True)
@@ -27,3 +28,9 @@ def test_wheel_ships_kernels_and_runs_from_site_packages(tmp_path):
                          cwd=tmp_path, env=env).stdout.split()
     assert Path(out[0]).is_relative_to(target)  # the installed copy, not the checkout
     assert float(out[1]) == 36.0
+    # `cuconv bench` from the wheel: bench/ ships as cuconv.bench and writes no results
+    bench = subprocess.run([sys.executable, "-m", "cuconv", "bench", "--quick", "--op", "pixel_shuffle",
+                            "--dtype", "float32"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert bench.returncode == 0, bench.stdout + bench.stderr
+    assert "self-check: 12 passed, 0 failed" in bench.stdout
+    assert not (tmp_path / "cuconv-bench-results").exists()

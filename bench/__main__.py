@@ -38,6 +38,8 @@ def parse_args(argv=None):
                         f"{','.join(harness.GPU_DEFAULT_DTYPES)} in the timings)")
     p.add_argument("--json", default=None, help="results file (default bench/results/<device>.json; GPU runs only)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 30, 10 with --quick)")
+    p.add_argument("--plot", action="store_true", help="also write <results>-ratios.png and <results>-roofline.png "
+                                                       "(GPU runs only; needs matplotlib)")
     p.add_argument("--seed", type=int, default=None, help="self-check input seed (default: fresh, printed)")
     args = p.parse_args(argv)
     ops = [o.strip() for o in args.op.split(",") if o.strip()]
@@ -94,17 +96,18 @@ def benchmark(args, check_rows, torch_module) -> None:
               f"{ceilings.gemm_label}: {ceilings.gemm_tflops:.1f} TFLOP/s")
         print(f"\n== timings (median of {args.repeats} runs after {warmup} warm-up; input sets rotated past "
               f"L2 = {l2 / 2**20:.0f} MiB) ==")
+        cases = [case for suite in args.suites for case in suite.bench_cases(dtypes, args.quick, torch_module)]
         rows = []
-        for suite in args.suites:
-            for case in suite.bench_cases(dtypes, args.quick, torch_module):
-                if (case.op, case.dtype) in failed:
-                    print(f"skipped {case.op} {case.dtype} {case.label} {case.pass_}: failed its self-check")
-                    continue
-                row = harness.run_case(case, events, l2, warmup, args.repeats, ceilings)
-                rows.append(row)
-                extra = "".join(f"  {n} {b['ms']:.3f} ms" for n, b in row["baselines"].items())
-                print(f"{row['op']} {row['shape']} {row['dtype']} {row['pass']}: "
-                      f"cuconv {row['cuconv_ms']:.3f} ms{extra}", flush=True)
+        for i, case in enumerate(cases, 1):
+            progress = f"[{i:>{len(str(len(cases)))}}/{len(cases)}]"
+            if (case.op, case.dtype) in failed:
+                print(f"{progress} skipped {case.op} {case.dtype} {case.label} {case.pass_}: failed its self-check")
+                continue
+            row = harness.run_case(case, events, l2, warmup, args.repeats, ceilings)
+            rows.append(row)
+            extra = "".join(f"  {n} {b['ms']:.3f} ms" for n, b in row["baselines"].items())
+            print(f"{progress} {row['op']} {row['shape']} {row['dtype']} {row['pass']}: "
+                  f"cuconv {row['cuconv_ms']:.3f} ms{extra}", flush=True)
     print()
     print(harness.markdown_table(rows))
     device = (torch_module.cuda.get_device_name(0) if torch_module is not None else _cupy_device_name())
@@ -125,6 +128,11 @@ def benchmark(args, check_rows, torch_module) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"\nresults written to {path}")
+    if args.plot:
+        from .plots import write_plots
+
+        for png in write_plots(result, path):
+            print(f"plot written to {png}")
 
 
 def _cupy_device_name() -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import cuconv
 import cuconv.reference
 
-from .harness import BenchCase, CheckRow, OpCheck, random_inputs, self_check_op, torch_baselines
+from .harness import BenchCase, CheckRow, OpCheck, random_inputs, self_check_op, tensor_bytes, torch_baselines
 
 NAME = "conv2d"
 
@@ -81,14 +81,17 @@ def bench_cases(dtypes, quick, torch_module=None) -> list[BenchCase]:
             if torch_module is None and dtype == "bfloat16":
                 continue  # CuPy has no bfloat16
             for pass_ in ("fwd", "fwd+bwd"):
-                shapes = (x_shape, w_shape) + ((y_shape,) if pass_ == "fwd+bwd" else ())
-                cases.append(_case(label, dtype, pass_, shapes, stride, pad, _flops(cin, cout, k, stride, size),
-                                   torch_module))
+                cases.append(_case(label, dtype, pass_, (x_shape, w_shape, y_shape), stride, pad,
+                                   _flops(cin, cout, k, stride, size), torch_module))
     return cases
 
 
 def _case(label, dtype, pass_, shapes, stride, pad, flops, torch) -> BenchCase:
+    """shapes: (input, weight, output); the output shape is an input set member (the
+    incoming gradient) only for fwd+bwd."""
     backward = pass_ == "fwd+bwd"
+    traffic = tensor_bytes(shapes, dtype) * (3 if backward else 1)
+    shapes = shapes if backward else shapes[:2]
     fan_in = shapes[1][1] * shapes[1][2] * shapes[1][3]
     # unit-scale activations and gradients, Kaiming-like weights
     make_inputs = random_inputs(shapes, dtype, backward, (1.0, fan_in**-0.5, 1.0), torch)
@@ -104,4 +107,4 @@ def _case(label, dtype, pass_, shapes, stride, pad, flops, torch) -> BenchCase:
             torch.autograd.grad(y, (x, w), gy)
 
     return BenchCase(NAME, label, dtype, pass_, flops * (3 if backward else 1), make_inputs, run_cuconv,
-                     torch_baselines(torch, run_torch))
+                     torch_baselines(torch, run_torch), bytes_moved=traffic)

@@ -383,15 +383,30 @@ def set_bytes(input_set: tuple) -> int:
     return sum(int(a.nbytes) if hasattr(a, "nbytes") else a.numel() * a.element_size() for a in input_set)
 
 
+def peak_extra_mib(torch, fn: Callable, input_set: tuple) -> float | None:
+    """MiB that one call of fn allocates at its peak beyond what was allocated before it
+    (outputs and workspaces), by torch's allocator; None without torch (CuPy arrays)."""
+    if torch is None:
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn(*input_set)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
 def run_case(case: BenchCase, events: Events, l2_bytes: int, warmup: int, repeats: int, ceilings: Ceilings) -> dict:
     first = case.make_inputs()
     sets = [first] + [case.make_inputs() for _ in range(input_set_count(set_bytes(first), l2_bytes) - 1)]
     row = {"op": case.op, "shape": case.label, "dtype": case.dtype, "pass": case.pass_, "input_sets": len(sets),
-           "cuconv_ms": time_ms(events, case.cuconv, sets, warmup, repeats), "baselines": {}}
+           "cuconv_ms": time_ms(events, case.cuconv, sets, warmup, repeats),
+           "cuconv_peak_mib": peak_extra_mib(events.torch, case.cuconv, first), "baselines": {}}
     for name, (prepare, fn) in case.baselines.items():
         prepared = [prepare(s) for s in sets]
         ms = time_ms(events, fn, prepared, warmup, repeats)
-        row["baselines"][name] = dict(ms=ms, ratio=ms / row["cuconv_ms"])
+        row["baselines"][name] = dict(ms=ms, ratio=ms / row["cuconv_ms"],
+                                      peak_mib=peak_extra_mib(events.torch, fn, prepared[0]))
         del prepared
     if case.flops:
         row["tflops"] = case.flops / row["cuconv_ms"] / 1e9
@@ -407,7 +422,7 @@ def markdown_table(rows: list[dict]) -> str:
     head = ["op", "shape", "dtype", "pass", "cuconv ms"]
     for n in names:
         head += [f"{n} ms", f"{n}/cuconv"]
-    head += ["TFLOP/s", "of GEMM", "GB/s", "of copy"]
+    head += ["TFLOP/s", "of GEMM", "GB/s", "of copy", "peak MiB (cuconv / first baseline)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["op"], r["shape"], r["dtype"], r["pass"], f"{r['cuconv_ms']:.3f}"]
@@ -416,8 +431,17 @@ def markdown_table(rows: list[dict]) -> str:
             cells += [f"{b['ms']:.3f}", f"{b['ratio']:.2f}"] if b else ["-", "-"]
         cells += [f"{r['tflops']:.2f}", f"{100 * r['fraction_of_gemm']:.1f}%"] if "tflops" in r else ["-", "-"]
         cells += [f"{r['gbs']:.0f}", f"{100 * r['fraction_of_copy']:.1f}%"] if "gbs" in r else ["-", "-"]
+        first = next(iter(r["baselines"].values()), {})
+        cells.append(" / ".join("-" if v is None else f"{v:.0f}" for v in (r.get("cuconv_peak_mib"),
+                                                                           first.get("peak_mib"))))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def tensor_bytes(shapes, dtype: str) -> float:
+    """Bytes of the tensors with these shapes: the compulsory traffic of a pass that reads
+    or writes each once (the roofline's x axis comes from flops / these bytes)."""
+    return float(sum(math.prod(s) for s in shapes) * HOST_DTYPES[dtype].itemsize)
 
 
 def device_slug(name: str) -> str:

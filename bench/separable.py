@@ -16,7 +16,7 @@ from cuconv.ops.separable import (
     spatial_stage_params,
 )
 
-from .harness import BenchCase, CheckRow, OpCheck, random_inputs, self_check_op, torch_baselines
+from .harness import BenchCase, CheckRow, OpCheck, random_inputs, self_check_op, tensor_bytes, torch_baselines
 
 reference = importlib.import_module("cuconv.reference.separable")
 
@@ -136,6 +136,7 @@ def _baselines(torch, two_convs, backward):
 
 def _depthwise_case(label, dtype, pass_, shapes, scales, y_shape, stride, flops, torch) -> BenchCase:
     backward = pass_ == "fwd+bwd"
+    traffic = tensor_bytes(shapes + [y_shape], dtype) * (3 if backward else 1)  # the intermediate stays on chip
     if backward:
         shapes, scales = shapes + [y_shape], scales + [1.0]
 
@@ -150,11 +151,12 @@ def _depthwise_case(label, dtype, pass_, shapes, scales, y_shape, stride, flops,
 
     return BenchCase(NAME, label, dtype, pass_, flops * (3 if backward else 1),
                      random_inputs(shapes, dtype, backward, scales, torch), run_cuconv,
-                     _baselines(torch, two_convs, backward))
+                     _baselines(torch, two_convs, backward), bytes_moved=traffic)
 
 
 def _spatial_case(label, dtype, pass_, shapes, scales, y_shape, pad, flops, torch) -> BenchCase:
     backward = pass_ == "fwd+bwd"
+    traffic = tensor_bytes(shapes + [y_shape], dtype) * (3 if backward else 1)  # the intermediate stays on chip
     if backward:
         shapes, scales = shapes + [y_shape], scales + [1.0]
 
@@ -168,4 +170,4 @@ def _spatial_case(label, dtype, pass_, shapes, scales, y_shape, pad, flops, torc
 
     return BenchCase(NAME, label, dtype, pass_, flops * (3 if backward else 1),
                      random_inputs(shapes, dtype, backward, scales, torch), run_cuconv,
-                     _baselines(torch, two_convs, backward))
+                     _baselines(torch, two_convs, backward), bytes_moved=traffic)

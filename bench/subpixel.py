@@ -7,7 +7,7 @@ from __future__ import annotations
 import cuconv
 import cuconv.reference
 
-from .harness import BenchCase, CheckRow, OpCheck, random_inputs, self_check_op, torch_baselines
+from .harness import BenchCase, CheckRow, OpCheck, random_inputs, self_check_op, tensor_bytes, torch_baselines
 
 NAME = "subpixel_conv2d"
 
@@ -51,6 +51,7 @@ def bench_cases(dtypes, quick, torch_module=None) -> list[BenchCase]:
 
 def _case(label, r, dtype, pass_, shapes, flops, torch) -> BenchCase:
     backward = pass_ == "fwd+bwd"
+    traffic = tensor_bytes(shapes, dtype) * (3 if backward else 1)  # input, weight, output (read or written)
     shapes = shapes if backward else shapes[:2]
     make_inputs = random_inputs(shapes, dtype, backward, (1.0, (FEATURES * 9) ** -0.5, 1.0), torch)
 
@@ -65,4 +66,4 @@ def _case(label, r, dtype, pass_, shapes, flops, torch) -> BenchCase:
             torch.autograd.grad(y, (x, w), gy)
 
     return BenchCase(NAME, label, dtype, pass_, flops * (3 if backward else 1), make_inputs, run_cuconv,
-                     torch_baselines(torch, run_torch))
+                     torch_baselines(torch, run_torch), bytes_moved=traffic)

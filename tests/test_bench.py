@@ -85,3 +85,26 @@ def test_every_suite_builds_its_gpu_cases():
             keys = [(c.label, c.dtype, c.pass_) for c in cases]
             assert len(keys) == len(set(keys)), suite.NAME
             assert all(c.flops > 0 or c.bytes_moved > 0 for c in cases), suite.NAME
+
+
+def test_markdown_table_and_plots_of_a_result(tmp_path):
+    """The report code on a result shaped like the one `cuconv bench` writes on a GPU. The
+    numbers are made up for the test and written only to tmp_path."""
+    from bench import plots
+
+    rows = [
+        {"op": "conv2d", "shape": "3x3 64->64 56", "dtype": "float16", "pass": "fwd", "cuconv_ms": 0.5,
+         "cuconv_peak_mib": 12.0, "tflops": 100.0, "fraction_of_gemm": 0.2, "gbs": 800.0, "fraction_of_copy": 0.3,
+         "baselines": {"torch": {"ms": 0.4, "ratio": 0.8, "peak_mib": 20.0},
+                       "torch CL": {"ms": 0.3, "ratio": 0.6, "peak_mib": 18.0}}},
+        {"op": "pixel_shuffle", "shape": "ESPCN x3", "dtype": "float32", "pass": "fwd", "cuconv_ms": 0.2,
+         "cuconv_peak_mib": None, "gbs": 2000.0, "fraction_of_copy": 0.7,
+         "baselines": {"torch": {"ms": 0.3, "ratio": 1.5, "peak_mib": None}}},
+    ]
+    table = harness.markdown_table(rows)
+    assert table.count("\n") == 3  # header, rule, two rows
+    assert "| 0.80 |" in table and "| 70.0% |" in table and "12 / 20" in table and "- / -" in table
+    result = {"device": "test device", "date": "2026-01-01T00:00:00+00:00", "rows": rows,
+              "ceilings": {"copy_gbs": 3000.0, "gemm_tflops": 700.0, "gemm": "bf16 GEMM"}}
+    for png in plots.write_plots(result, tmp_path / "result.json"):
+        assert png.parent == tmp_path and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

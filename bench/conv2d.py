@@ -1,5 +1,6 @@
 """conv2d suite: the self-check against cuconv.reference, and the ResNet-50 layer set
-timed against torch / cuDNN (NCHW and channels_last)."""
+plus ConvNeXt 7x7 and RepLKNet 31x31 depthwise layers timed against torch / cuDNN (NCHW
+and channels_last)."""
 
 from __future__ import annotations
 
@@ -60,33 +61,46 @@ RESNET50 = [
     ("1x1 512->2048 7", 512, 2048, 1, 1, 7),
     ("1x1 2048->512 7", 2048, 512, 1, 1, 7),
 ]
-QUICK = ("stem 7x7/2 3->64 224", "3x3 64->64 56", "1x1 256->64 56", "3x3 256->256 14")
+# Depthwise layers (groups = channels, stride 1): (label, channels, kernel, input size).
+DEPTHWISE = [
+    ("ConvNeXt dw7x7 96 56", 96, 7, 56),
+    ("ConvNeXt dw7x7 192 28", 192, 7, 28),
+    ("ConvNeXt dw7x7 384 14", 384, 7, 14),
+    ("ConvNeXt dw7x7 768 7", 768, 7, 7),
+    ("RepLKNet dw31x31 128 56", 128, 31, 56),
+    ("RepLKNet dw31x31 256 28", 256, 31, 28),
+    ("RepLKNet dw31x31 512 14", 512, 31, 14),
+    ("RepLKNet dw31x31 1024 7", 1024, 31, 7),
+]
+QUICK = ("stem 7x7/2 3->64 224", "3x3 64->64 56", "1x1 256->64 56", "3x3 256->256 14", "ConvNeXt dw7x7 96 56",
+         "RepLKNet dw31x31 512 14")
 
 
-def _flops(cin, cout, k, stride, size) -> float:
-    out = cuconv.conv_output_size(size, k, stride, k // 2)
-    return 2.0 * BATCH * cout * out * out * cin * k * k
+def layers():
+    """Every timed layer as (label, in channels, out channels, kernel, stride, size, groups)."""
+    return ([(*layer, 1) for layer in RESNET50]
+            + [(label, c, c, k, 1, size, c) for label, c, k, size in DEPTHWISE])
 
 
 def bench_cases(dtypes, quick, torch_module=None) -> list[BenchCase]:
     """Forward and forward+backward cases; baselines need torch (CuPy arrays otherwise)."""
     cases = []
-    for label, cin, cout, k, stride, size in RESNET50:
+    for label, cin, cout, k, stride, size, groups in layers():
         if quick and label not in QUICK:
             continue
         pad = k // 2
         out = cuconv.conv_output_size(size, k, stride, pad)
-        x_shape, w_shape, y_shape = (BATCH, cin, size, size), (cout, cin, k, k), (BATCH, cout, out, out)
+        shapes = ((BATCH, cin, size, size), (cout, cin // groups, k, k), (BATCH, cout, out, out))
+        flops = 2.0 * BATCH * cout * out * out * (cin // groups) * k * k
         for dtype in dtypes:
             if torch_module is None and dtype == "bfloat16":
                 continue  # CuPy has no bfloat16
             for pass_ in ("fwd", "fwd+bwd"):
-                cases.append(_case(label, dtype, pass_, (x_shape, w_shape, y_shape), stride, pad,
-                                   _flops(cin, cout, k, stride, size), torch_module))
+                cases.append(_case(label, dtype, pass_, shapes, stride, pad, groups, flops, torch_module))
     return cases
 
 
-def _case(label, dtype, pass_, shapes, stride, pad, flops, torch) -> BenchCase:
+def _case(label, dtype, pass_, shapes, stride, pad, groups, flops, torch) -> BenchCase:
     """shapes: (input, weight, output); the output shape is an input set member (the
     incoming gradient) only for fwd+bwd."""
     backward = pass_ == "fwd+bwd"
@@ -97,12 +111,12 @@ def _case(label, dtype, pass_, shapes, stride, pad, flops, torch) -> BenchCase:
     make_inputs = random_inputs(shapes, dtype, backward, (1.0, fan_in**-0.5, 1.0), torch)
 
     def run_cuconv(x, w, gy=None):
-        cuconv.conv2d(x, w, None, stride, pad)
+        cuconv.conv2d(x, w, None, stride, pad, 1, groups)
         if backward:
-            cuconv.conv2d_backward(gy, x, w, None, stride, pad, wrt=("input", "weight"))
+            cuconv.conv2d_backward(gy, x, w, None, stride, pad, 1, groups, wrt=("input", "weight"))
 
     def run_torch(x, w, gy=None):
-        y = torch.nn.functional.conv2d(x, w, None, stride, pad)
+        y = torch.nn.functional.conv2d(x, w, None, stride, pad, 1, groups)
         if backward:
             torch.autograd.grad(y, (x, w), gy)
 

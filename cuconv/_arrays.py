@@ -1,6 +1,11 @@
 """Array interop: any framework's array in, a NumPy or CuPy view for the kernels, the
 caller's framework out.
 
+Complex arrays (complex64, complex128: DLPack's kDLComplex) are imported only for the
+arguments an op names as complex (`import_array(..., allow_complex=True)`, which
+`Call(complex_args=...)` passes); every other argument rejects them with the usual
+dtype TypeError.
+
 Arguments are imported through DLPack without copies: host arrays (NumPy, CPU torch,
 CPU JAX) become NumPy arrays, CUDA arrays (CuPy, CUDA torch, GPU JAX) become CuPy
 arrays. bfloat16 has no DLPack/NumPy-native type, so it travels as 16-bit integers
@@ -22,9 +27,11 @@ import ml_dtypes
 import numpy as np
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
+COMPLEX_DTYPES = ("complex64", "complex128")
 _NUMPY_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16),
-                 "float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
-_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+                 "float32": np.dtype(np.float32), "float64": np.dtype(np.float64),
+                 "complex64": np.dtype(np.complex64), "complex128": np.dtype(np.complex128)}
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "complex64": 8, "complex128": 16}
 _DLPACK_CPU, _DLPACK_CUDA = 1, 2
 
 
@@ -80,21 +87,26 @@ class Array:
         return "cpu" if kind == _DLPACK_CPU else f"cuda:{index}"
 
 
-def import_array(op: str, name: str, obj) -> Array:
-    """Views `obj` without a copy; TypeError naming `name` if it is no supported array."""
+def import_array(op: str, name: str, obj, allow_complex: bool = False) -> Array:
+    """Views `obj` without a copy; TypeError naming `name` if it is no supported array
+    (complex dtypes are supported only with allow_complex)."""
     framework = _framework(obj)
     if not framework:
         raise TypeError(f"{op}: {name} must be an array (NumPy, CuPy, PyTorch, JAX or any object "
                         f"with __dlpack__), got {type(obj).__name__}")
     dtype = _dtype_name(obj, framework)
-    if dtype not in DTYPES:
-        raise TypeError(f"{op}: {name} has dtype {dtype}; supported: {', '.join(DTYPES)}")
+    if dtype not in DTYPES and not (allow_complex and dtype in COMPLEX_DTYPES):
+        supported = DTYPES + COMPLEX_DTYPES if allow_complex else DTYPES
+        raise TypeError(f"{op}: {name} has dtype {dtype}; supported: {', '.join(supported)}")
     if framework == "numpy":
         return Array(obj, dtype, framework, (_DLPACK_CPU, 0), obj)
     device = tuple(int(v) for v in obj.__dlpack_device__())
     if device[0] not in (_DLPACK_CPU, _DLPACK_CUDA):
         raise ValueError(f"{op}: {name} is on DLPack device type {device[0]}; only CPU and CUDA are supported")
     source = obj.detach() if framework == "torch" else obj
+    if framework == "torch" and dtype in COMPLEX_DTYPES and (source.is_conj() or source.is_neg()):
+        record_allocation(tuple(source.shape), dtype)  # DLPack cannot carry torch's lazy conj/neg bits
+        source = source.resolve_conj().resolve_neg()
     if dtype == "bfloat16":  # DLPack consumers lack bfloat16: move the bits as int16
         source = source.view(_int16_of(framework))
     if device[0] == _DLPACK_CPU:
@@ -153,7 +165,7 @@ def empty(like: Array, shape: tuple[int, ...], on_host: bool, dtype: str | None 
         import torch
 
         tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=like.original.device)
-        out = import_array("cuconv", "output", tensor)
+        out = import_array("cuconv", "output", tensor, allow_complex=True)
     elif on_host:
         out = Array(np.empty(shape, numpy_dtype(dtype)), dtype, "numpy", (_DLPACK_CPU, 0), None)
     else:

@@ -30,22 +30,39 @@ def forced_backend() -> str | None:
     return value
 
 
+# The complex dtype that pairs with a real one (DESIGN §3): a complex argument (named in
+# Call's complex_args) must have the pairing type of the call's real dtype. float16 and
+# bfloat16 pair with complex64 (ops with complex arguments compute those in float32).
+COMPLEX_PARTNER = {"float16": "complex64", "bfloat16": "complex64", "float32": "complex64",
+                   "float64": "complex128"}
+
+
 class Call:
     """One invocation of an op. The first array argument (`input`) decides the
     framework and device of the results; arguments not named in `optional` must
-    not be None."""
+    not be None. Arguments named in `complex_args` must be complex, of the type that
+    pairs with the (shared) dtype of the real arguments (COMPLEX_PARTNER); every other
+    argument must be real."""
 
-    def __init__(self, op: str, optional: tuple[str, ...] = (), **arrays):
+    def __init__(self, op: str, optional: tuple[str, ...] = (), complex_args: tuple[str, ...] = (), **arrays):
         self.op = op
         for name, obj in arrays.items():
             if obj is None and name not in optional:
                 raise TypeError(f"{op}: {name} must be an array, got None")
-        imported = {name: _arrays.import_array(op, name, obj) for name, obj in arrays.items() if obj is not None}
+        imported = {name: _arrays.import_array(op, name, obj, allow_complex=name in complex_args)
+                    for name, obj in arrays.items() if obj is not None}
         self.anchor = imported[next(iter(arrays))]
-        dtypes = {a.dtype for a in imported.values()}
+        dtypes = {a.dtype for n, a in imported.items() if n not in complex_args}
         if len(dtypes) > 1:
             listing = ", ".join(f"{n} {a.dtype}" for n, a in imported.items())
             raise TypeError(f"{op}: all arrays must share one dtype; got {listing}")
+        for name in complex_args:
+            a = imported.get(name)
+            if a is not None and a.dtype != COMPLEX_PARTNER[self.anchor.dtype]:
+                listing = ", ".join(f"{n} {b.dtype}" for n, b in imported.items())
+                raise TypeError(f"{op}: {name} must be {COMPLEX_PARTNER[self.anchor.dtype]} to pair with "
+                                f"{self.anchor.dtype} arrays (complex64 with float16/bfloat16/float32, "
+                                f"complex128 with float64); got {listing}")
         devices = {a.device for a in imported.values()}
         if len(devices) > 1:
             listing = ", ".join(f"{n} on {a.device_name}" for n, a in imported.items())
@@ -73,8 +90,9 @@ class Call:
             a = Array(xp.ascontiguousarray(a.data), a.dtype, a.framework, a.device, a.original)
         return a
 
-    def empty(self, shape) -> Array:
-        return _arrays.empty(self.anchor, shape, on_host=self.backend == "interpret")
+    def empty(self, shape, dtype: str | None = None) -> Array:
+        """A new array (dtype: the call's, or e.g. a complex or accumulator dtype)."""
+        return _arrays.empty(self.anchor, shape, on_host=self.backend == "interpret", dtype=dtype)
 
     @property
     def accumulator_bytes(self) -> int:

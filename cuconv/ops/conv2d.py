@@ -2,8 +2,10 @@
 
 Covers stride, padding (int, pair, 'same', 'valid'), dilation, groups (grouped,
 depthwise, 1x1) and an optional bias. Kernels: kernels_cu/conv2d.cu (formulas and
-thread mapping are documented there). Algorithm: 'direct' (the only one so far);
-`algorithm='auto'` picks among the available ones.
+thread mapping are documented there). Algorithms: 'direct' (those kernels) and 'fft'
+(stride 1, groups 1 or depthwise: cuconv/ops/spectral.py); `algorithm='auto'` picks
+'fft' for kernels of at least spectral.FFT_AUTO_MIN_TAPS taps where fft supports the
+conv (an unmeasured, conservative threshold), else 'direct'.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ KERNELS = KernelModule(
     kernels=("conv2d_fwd", "conv2d_bwd_input", "conv2d_bwd_weight", "conv2d_bwd_bias"),
     params_struct="Conv2dParams",
 )
-ALGORITHMS = ("direct",)
+ALGORITHMS = ("direct", "fft")
 # Shared memory one block stages weights in: a tuning choice well under every
 # device's per-block limit (which is read from the device and still enforced).
 _WEIGHT_STAGE_BYTES = 16 * 1024
@@ -116,11 +118,17 @@ def conv_geometry(op: str, input_shape, weight_shape, bias_shape, stride, paddin
     return ConvGeometry(batch, cin, h, w, cout, out_h, out_w, kh, kw, stride, pad_before, dilation, groups)
 
 
-def _check_algorithm(op: str, algorithm: str) -> str:
+def _check_algorithm(op: str, algorithm: str, geom: ConvGeometry | None = None) -> str:
+    """The algorithm to run ('auto' resolved for geom); ValueError for an unknown one or
+    for 'fft' on a conv it does not support."""
+    from . import spectral  # conv2d's FFT path lives there (and imports this module)
+
     if algorithm == "auto":
-        return ALGORITHMS[0]
+        return "fft" if geom is not None and spectral.fft_preferred(geom) else "direct"
     if algorithm not in ALGORITHMS:
         raise ValueError(f"{op}: algorithm must be 'auto' or one of {ALGORITHMS}, got {algorithm!r}")
+    if algorithm == "fft" and geom is not None:
+        spectral.check_fft_geometry(op, geom)
     return algorithm
 
 
@@ -172,7 +180,10 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     call = Call(op, input=input, weight=weight, bias=bias, optional=("bias",))
     geom = conv_geometry(op, call.shape("input"), call.shape("weight"), call.shape("bias"),
                          stride, padding, dilation, groups)
-    _check_algorithm(op, algorithm)
+    if _check_algorithm(op, algorithm, geom) == "fft":
+        from .spectral import conv2d_fft
+
+        return conv2d_fft(call, geom)
     y = call.empty(geom.output_shape)
     launch_forward(call, geom, call.operand("input"), call.operand("weight"), call.operand("bias"), y)
     return call.export(y)
@@ -186,9 +197,13 @@ def conv2d_backward(grad_output, input, weight, bias=None, stride=1, padding=0, 
     call = Call(op, input=input, grad_output=grad_output, weight=weight, bias=bias, optional=("bias",))
     geom = conv_geometry(op, call.shape("input"), call.shape("weight"), call.shape("bias"),
                          stride, padding, dilation, groups)
-    _check_algorithm(op, algorithm)
+    chosen = _check_algorithm(op, algorithm, geom)
     check_grad_output(op, call, geom.output_shape)
     wanted = parse_wrt(op, wrt, ("input", "weight", "bias"))
+    if chosen == "fft":
+        from .spectral import conv2d_fft_gradients
+
+        return conv2d_fft_gradients(call, geom, wanted, bias is not None)
     return conv_gradients(call, geom, wanted, bias is not None)
 
 

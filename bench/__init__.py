@@ -7,6 +7,7 @@ against the baselines with JSON results under bench/results/. One module per op 
 a new one is added to SUITES.
 """
 
-from . import conv2d, conv_transpose2d, deform_conv, involution, pixel_shuffle, separable, subpixel
+from . import conv2d, conv_transpose2d, deform_conv, dynamic_conv, involution, pixel_shuffle, separable, spectral, subpixel
 
-SUITES = [conv2d, conv_transpose2d, subpixel, pixel_shuffle, separable, involution, deform_conv]
+SUITES = [conv2d, conv_transpose2d, subpixel, pixel_shuffle, separable, involution, deform_conv, dynamic_conv,
+          spectral]

@@ -121,6 +121,27 @@ def assert_reduced_precision(op, op_backward, reference, reference_backward, tor
             assert within_twice_anchor(got, anchor, ref, dtype), f"result {index} (0 = output, then gradients)"
 
 
+def assert_gradients_match_finite_differences(forward, backward, arrays, params, rng, samples: int = 8,
+                                              eps: float = 1e-6, rtol: float = 1e-6) -> None:
+    """backward is the derivative of forward (float64 references): central differences of
+    sum(gy * forward(...)) at `samples` random elements of every array argument that is
+    not None, against backward(gy, ...)'s entry for it."""
+    gy = rng.standard_normal(np.shape(forward(*arrays, **params)))
+    analytic = backward(gy, *arrays, **params)
+    for which, array in enumerate(arrays):
+        if array is None:
+            continue
+        for flat in rng.choice(array.size, size=min(samples, array.size), replace=False):
+            index = np.unravel_index(flat, array.shape)
+            bumped = [None if a is None else a.copy() for a in arrays]
+            bumped[which][index] += eps
+            plus = np.sum(gy * forward(*bumped, **params))
+            bumped[which][index] -= 2 * eps
+            numeric = (plus - np.sum(gy * forward(*bumped, **params))) / (2 * eps)
+            assert abs(numeric - analytic[which][index]) < rtol * max(1.0, abs(numeric)), \
+                f"{getattr(forward, '__name__', forward)}: argument {which}, element {index}"
+
+
 @pytest.fixture
 def launches(monkeypatch):
     """Names of the kernels launched during the test (to prove a bad input launched nothing)."""

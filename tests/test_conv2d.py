@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import cuconv
 from cuconv import reference
 from cuconv.ops import _common
-from conftest import assert_reduced_precision, rel_err, to_backend, to_numpy, torch_autograd
+from conftest import assert_gradients_match_finite_differences, assert_reduced_precision, rel_err, to_backend, to_numpy, torch_autograd
 
 
 def random_config(seed):
@@ -100,19 +100,7 @@ def test_finite_differences_of_the_reference():
     rng = np.random.default_rng(7)
     x, w, b = rng.standard_normal((2, 4, 7, 6)), rng.standard_normal((6, 2, 3, 2)), rng.standard_normal(6)
     params = dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2)
-    gy = rng.standard_normal(reference.conv2d(x, w, b, **params).shape)
-    analytic = reference.conv2d_backward(gy, x, w, b, **params)
-    eps = 1e-6
-    for which, arr in enumerate((x, w, b)):
-        for flat in rng.choice(arr.size, size=min(8, arr.size), replace=False):
-            idx = np.unravel_index(flat, arr.shape)
-            args = [x.copy(), w.copy(), b.copy()]
-            args[which][idx] += eps
-            plus = np.sum(gy * reference.conv2d(*args, **params))
-            args[which][idx] -= 2 * eps
-            minus = np.sum(gy * reference.conv2d(*args, **params))
-            numeric = (plus - minus) / (2 * eps)
-            assert abs(numeric - analytic[which][idx]) < 1e-6 * max(1.0, abs(numeric))
+    assert_gradients_match_finite_differences(reference.conv2d, reference.conv2d_backward, [x, w, b], params, rng)
 
 
 def test_batch_zero(backend):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from cuconv import _arrays
 from cuconv.ops import _common
 from cuconv.ops.deform_conv import deform_conv2d, deform_conv2d_backward
-from conftest import assert_reduced_precision, rel_err, to_backend, to_numpy, torch_autograd
+from conftest import assert_gradients_match_finite_differences, assert_reduced_precision, rel_err, to_backend, to_numpy, torch_autograd
 
 reference = importlib.import_module("cuconv.reference.deform_conv")
 conv2d = importlib.import_module("cuconv.ops.conv2d").conv2d
@@ -154,21 +154,10 @@ def test_finite_differences_of_the_reference():
     params = dict(stride=(1, 2), padding=(1, 0), dilation=(1, 2))
     args = [x, offset, weight, bias, mask]
 
-    def f(a):
-        return reference.deform_conv2d(a[0], a[1], a[2], a[3], mask=a[4], **params)
-
-    gy = rng.standard_normal(f(args).shape)
-    analytic = reference.deform_conv2d_backward(gy, x, offset, weight, bias, mask=mask, **params)
-    eps = 1e-6
-    for which, arr in enumerate(args):
-        for flat in rng.choice(arr.size, size=min(8, arr.size), replace=False):
-            idx = np.unravel_index(flat, arr.shape)
-            bumped = [a.copy() for a in args]
-            bumped[which][idx] += eps
-            plus = np.sum(gy * f(bumped))
-            bumped[which][idx] -= 2 * eps
-            numeric = (plus - np.sum(gy * f(bumped))) / (2 * eps)
-            assert abs(numeric - analytic[which][idx]) < 1e-6 * max(1.0, abs(numeric)), (GRADS[which], idx)
+    assert_gradients_match_finite_differences(
+        lambda x_, o, w, b, m, **p: reference.deform_conv2d(x_, o, w, b, mask=m, **p),
+        lambda gy, x_, o, w, b, m, **p: reference.deform_conv2d_backward(gy, x_, o, w, b, mask=m, **p),
+        args, params, rng)
 
 
 # --- identities and the boundary decision ---

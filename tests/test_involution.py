@@ -17,7 +17,7 @@ from cuconv import _arrays
 from cuconv.ops import _common
 from cuconv.ops.conv2d import conv2d, conv_output_size
 from cuconv.ops.involution import involution2d, involution2d_backward
-from conftest import assert_reduced_precision, rel_err, to_backend, to_numpy, torch_autograd
+from conftest import assert_gradients_match_finite_differences, assert_reduced_precision, rel_err, to_backend, to_numpy, torch_autograd
 
 reference = importlib.import_module("cuconv.reference.involution")
 involution_module = sys.modules["cuconv.ops.involution"]
@@ -110,19 +110,8 @@ def test_finite_differences_of_the_reference():
     x = rng.standard_normal((2, 6, 7, 8))
     params = dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2))
     k = rng.standard_normal(kernel_shape(x.shape, 3, 3, 2, **params))
-    gy = rng.standard_normal(reference.involution2d(x, k, **params).shape)
-    analytic = reference.involution2d_backward(gy, x, k, **params)
-    eps = 1e-6
-    for which, arr in enumerate((x, k)):
-        for flat in rng.choice(arr.size, size=8, replace=False):
-            idx = np.unravel_index(flat, arr.shape)
-            bumped = [x.copy(), k.copy()]
-            bumped[which][idx] += eps
-            plus = np.sum(gy * reference.involution2d(*bumped, **params))
-            bumped[which][idx] -= 2 * eps
-            minus = np.sum(gy * reference.involution2d(*bumped, **params))
-            numeric = (plus - minus) / (2 * eps)
-            assert abs(numeric - analytic[which][idx]) < 1e-6 * max(1.0, abs(numeric))
+    assert_gradients_match_finite_differences(reference.involution2d, reference.involution2d_backward, [x, k],
+                                              params, rng)
 
 
 # --- identity: a spatially constant kernel is a depthwise conv2d ---

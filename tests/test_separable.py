@@ -20,7 +20,7 @@ from cuconv.ops.separable import (
     spatial_separable_conv2d_backward,
 )
 from cuconv.reference import separable as reference
-from conftest import assert_reduced_precision, rel_err, to_backend, to_numpy, torch_autograd
+from conftest import assert_gradients_match_finite_differences, assert_reduced_precision, rel_err, to_backend, to_numpy, torch_autograd
 
 separable_module = sys.modules["cuconv.ops.separable"]
 
@@ -174,19 +174,7 @@ def test_finite_differences_of_the_reference():
     for fwd, bwd, args, params in (
             (reference.depthwise_separable_conv2d, reference.depthwise_separable_conv2d_backward, dw_args, dw_params),
             (reference.spatial_separable_conv2d, reference.spatial_separable_conv2d_backward, sp_args, sp_params)):
-        gy = rng.standard_normal(fwd(*args, **params).shape)
-        analytic = bwd(gy, *args, **params)
-        eps = 1e-6
-        for which, arr in enumerate(args):
-            for flat in rng.choice(arr.size, size=min(6, arr.size), replace=False):
-                idx = np.unravel_index(flat, arr.shape)
-                bumped = [a.copy() for a in args]
-                bumped[which][idx] += eps
-                plus = np.sum(gy * fwd(*bumped, **params))
-                bumped[which][idx] -= 2 * eps
-                minus = np.sum(gy * fwd(*bumped, **params))
-                numeric = (plus - minus) / (2 * eps)
-                assert abs(numeric - analytic[which][idx]) < 1e-6 * max(1.0, abs(numeric))
+        assert_gradients_match_finite_differences(fwd, bwd, args, params, rng, samples=6)
 
 
 # --- reduced precision: within 2x torch's error (DESIGN.md §5) ---

@@ -142,13 +142,18 @@ class Call:
         return None if out is None else _arrays.export(out, self.anchor)
 
 
+def describe_shapes(call, names) -> str:
+    """'input (2, 3, 8, 8), weight (...)' for the named arguments that are present: the
+    shapes an error message shows (call: a Call, or anything with .shape(name))."""
+    return ", ".join(f"{n} {call.shape(n)}" for n in names if call.shape(n) is not None)
+
+
 def check_grad_output(op: str, call: Call, expected) -> None:
     """grad_output must have the forward output's shape (ValueError naming the shapes)."""
     got = call.shape("grad_output")
     if got != tuple(expected):
-        known = ", ".join(f"{n} {call.shape(n)}" for n in ("input", "weight") if call.shape(n) is not None)
         raise ValueError(f"{op}: grad_output must have the forward output's shape {tuple(expected)}, "
-                         f"got {got} ({known})")
+                         f"got {got} ({describe_shapes(call, ('input', 'weight'))})")
 
 
 def _cupy():

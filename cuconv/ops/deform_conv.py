@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from .. import _arrays
 from .._kernels import KernelModule
-from ._common import Call, check_grad_output, int_pair, parse_wrt, threads_for
+from ._common import Call, check_grad_output, describe_shapes, int_pair, parse_wrt, threads_for
 
 KERNELS = KernelModule(
     "deform_conv.cu",
@@ -44,7 +44,7 @@ class DeformGeometry:
     """The checked shapes of one deform_conv2d call."""
 
     def __init__(self, op: str, call: Call, stride, padding, dilation):
-        shapes = ", ".join(f"{n} {call.shape(n)}" for n in NAMES if call.shape(n) is not None)
+        shapes = describe_shapes(call, NAMES)
         for name, layout in (("input", "[batch, in_channels, height, width]"),
                              ("offset", "[batch, 2 * offset_groups * kh * kw, out_h, out_w]"),
                              ("weight", "[out_channels, in_channels / weight_groups, kh, kw]"),

@@ -29,7 +29,7 @@ from numbers import Integral
 
 from .. import _arrays
 from .._kernels import KernelModule
-from ._common import Call, check_grad_output, parse_wrt, positive_int, threads_for
+from ._common import Call, check_grad_output, describe_shapes, parse_wrt, positive_int, threads_for
 from .conv2d import ConvGeometry, conv_geometry
 
 KERNELS = KernelModule(
@@ -74,10 +74,6 @@ def _params(geom: ConvGeometry, mix: Mixture, chunk: int = 1, rows: int = 0, col
 
 # --- validation ---
 
-def _shapes(call: Call, names) -> str:
-    return ", ".join(f"{n} {call.shape(n)}" for n in names if call.shape(n) is not None)
-
-
 def _check_rank(op: str, call: Call, name: str, rank: int, layout: str) -> tuple[int, ...]:
     shape = call.shape(name)
     if len(shape) != rank:
@@ -88,7 +84,7 @@ def _check_rank(op: str, call: Call, name: str, rank: int, layout: str) -> tuple
 def _check_shape(op: str, call: Call, name: str, expected, names) -> None:
     got = call.shape(name)
     if got is not None and got != tuple(expected):
-        raise ValueError(f"{op}: {name} must have shape {tuple(expected)}, got {got} ({_shapes(call, names)})")
+        raise ValueError(f"{op}: {name} must have shape {tuple(expected)}, got {got} ({describe_shapes(call, names)})")
 
 
 def _kernel_bank_geometry(op: str, call: Call, weight: str, names, stride, padding, dilation, groups):
@@ -97,7 +93,7 @@ def _kernel_bank_geometry(op: str, call: Call, weight: str, names, stride, paddi
     _check_rank(op, call, "input", 4, "[batch, in_channels, height, width]")
     k, cout, cin_g, kh, kw = _check_rank(op, call, weight, 5, "[K, out_channels, in_channels/groups, kh, kw]")
     if k < 1:
-        raise ValueError(f"{op}: {weight} has no kernels (K = 0) ({_shapes(call, names)})")
+        raise ValueError(f"{op}: {weight} has no kernels (K = 0) ({describe_shapes(call, names)})")
     geom = conv_geometry(op, call.shape("input"), (cout, cin_g, kh, kw), None, stride, padding, dilation, groups)
     return geom, k
 
@@ -127,7 +123,7 @@ def _warehouse_geometry(op: str, call: Call, kernel_shape, stride, padding, dila
     n, co, ci, ckh, ckw = _check_rank(op, call, "cells", 5, "[n, cell_out, cell_in, cell_h, cell_w]")
     if kernel_shape is None:
         raise TypeError(f"{op}: kernel_shape=(out_channels, in_channels/groups, kh, kw) is required "
-                        f"({_shapes(call, names)})")
+                        f"({describe_shapes(call, names)})")
     try:
         kernel_shape = tuple(kernel_shape)
     except TypeError:
@@ -137,20 +133,20 @@ def _warehouse_geometry(op: str, call: Call, kernel_shape, stride, padding, dila
                         f"got {kernel_shape!r}")
     kernel_shape = tuple(int(v) for v in kernel_shape)
     if min(n, co, ci, ckh, ckw) < 1:
-        raise ValueError(f"{op}: cells has an empty dimension ({_shapes(call, names)})")
+        raise ValueError(f"{op}: cells has an empty dimension ({describe_shapes(call, names)})")
     if min(kernel_shape) < 1:
         raise ValueError(f"{op}: kernel_shape {kernel_shape} has an empty dimension")
     if any(size % cell for size, cell in zip(kernel_shape, (co, ci, ckh, ckw))):
         raise ValueError(f"{op}: cells of shape {(co, ci, ckh, ckw)} do not tile kernel_shape {kernel_shape}: "
-                         f"each kernel dimension must be a multiple of the cell's ({_shapes(call, names)})")
+                         f"each kernel dimension must be a multiple of the cell's ({describe_shapes(call, names)})")
     groups = positive_int(op, "groups", groups)
     cin = call.shape("input")[1]
     if cin != kernel_shape[1] * groups:
         raise ValueError(f"{op}: input has {cin} channels but kernel_shape expects in_channels/groups="
-                         f"{kernel_shape[1]} x groups={groups} = {kernel_shape[1] * groups} ({_shapes(call, names)})")
+                         f"{kernel_shape[1]} x groups={groups} = {kernel_shape[1] * groups} ({describe_shapes(call, names)})")
     if kernel_shape[0] % groups:
         raise ValueError(f"{op}: kernel_shape's out_channels={kernel_shape[0]} is not divisible by groups={groups} "
-                         f"({_shapes(call, names)})")
+                         f"({describe_shapes(call, names)})")
     geom = conv_geometry(op, call.shape("input"), kernel_shape, None, stride, padding, dilation, groups)
     slots = (kernel_shape[0] // co) * (kernel_shape[1] // ci) * (kernel_shape[2] // ckh) * (kernel_shape[3] // ckw)
     _check_shape(op, call, "attention", (geom.batch, slots, n), names)

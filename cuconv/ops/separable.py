@@ -23,7 +23,7 @@ any first-stage gradient is wanted, its gradient, besides the returned gradients
 from __future__ import annotations
 
 from .._kernels import KernelModule
-from ._common import Call, check_grad_output, int_pair, parse_wrt, positive_int, threads_for
+from ._common import Call, check_grad_output, describe_shapes, int_pair, parse_wrt, positive_int, threads_for
 from .conv2d import conv2d, conv2d_backward, conv_geometry
 
 KERNELS = KernelModule(
@@ -48,10 +48,6 @@ SPATIAL_NAMES = ("input", "weight_v", "weight_h", "bias")
 
 # --- validation ---
 
-def _shapes(call: Call, names) -> str:
-    return ", ".join(f"{n} {call.shape(n)}" for n in names if call.shape(n) is not None)
-
-
 def _check_4d(op: str, call: Call, name: str, layout: str) -> tuple[int, int, int, int]:
     shape = call.shape(name)
     if len(shape) != 4:
@@ -64,7 +60,7 @@ def _depthwise_geometry(op: str, call: Call, stride, padding, dilation):
     _, channels, _, _ = _check_4d(op, call, "input", "[batch, channels, height, width]")
     mid, one, kh, kw = _check_4d(op, call, "depthwise_weight", "[channels * multiplier, 1, kh, kw]")
     cout, cmid, ph, pw = _check_4d(op, call, "pointwise_weight", "[out_channels, channels * multiplier, 1, 1]")
-    shapes = _shapes(call, DW_NAMES)
+    shapes = describe_shapes(call, DW_NAMES)
     if channels < 1:
         raise ValueError(f"{op}: input has no channels ({shapes})")
     if one != 1 or mid < 1 or mid % channels or min(kh, kw) < 1:
@@ -115,7 +111,7 @@ def _spatial_geometry(op: str, call: Call, stride, padding, dilation, groups):
     cout, cmid_g, one_h, kw = _check_4d(op, call, "weight_h", "[out_channels, mid_channels/groups, 1, kw]")
     spatial_stage_params(op, stride, padding, dilation)  # parameter errors first, by name
     groups = positive_int(op, "groups", groups)
-    shapes = _shapes(call, SPATIAL_NAMES)
+    shapes = describe_shapes(call, SPATIAL_NAMES)
     if one_v != 1:
         raise ValueError(f"{op}: weight_v must be a vertical kernel [mid_channels, in_channels/groups, kh, 1], "
                          f"got {call.shape('weight_v')} ({shapes})")

@@ -1,0 +1,242 @@
+"""cuconv.jax: every cuconv op as a differentiable JAX function.
+
+    import cuconv.jax as cj
+    y = cj.conv2d(x, w, b, padding=1)                      # eager, jit, grad, vmap
+    gx, gw = jax.grad(lambda x, w: cj.conv2d(x, w).sum(), argnums=(0, 1))(x, w)
+
+`cuconv.jax.OP(*arrays, **params)` exists for every op of `cuconv._shapes.ARRAY_ARGS`,
+with the signature of `cuconv.OP`. Array arguments are differentiable JAX values (None
+for an absent optional array); the other arguments are static parameters (Python
+values, closed over: they are part of the trace, not traced).
+
+Each call builds (and caches, per op, present arrays and parameters) one
+`jax.custom_vjp` function of the present arrays:
+
+- primal / fwd: `cuconv.OP` on the arrays; the residuals are the arrays themselves
+  (no backward of cuconv needs the forward's output).
+- bwd: `cuconv.OP_backward(grad_output, *arrays, **params, wrt=<present arrays>)`, one
+  cotangent per present array; complex arguments are conjugated into JAX's convention
+  (below).
+
+How the kernels run:
+
+- **Concrete arrays** (eager calls, also the fwd/bwd of an eager `jax.grad`): cuconv is
+  called on the JAX arrays themselves; they cross through DLPack without a copy, host
+  arrays run on the `interpret` backend and CUDA arrays on the `cuda` backend.
+- **Traced arrays** (under `jax.jit`, `jax.vmap`, `jax.lax.scan`, ...): a callback
+  whose result shapes come from `cuconv._shapes.output_shape`, so a bad shape raises at
+  trace time with cuconv's own message. Two mechanisms (`CUCONV_JAX_CALLBACK`, read when
+  a function is traced):
+  - `buffer` (the default where `jax.experimental.buffer_callback` exists):
+    `buffer_callback` hands the callback XLA's own buffers. On the CPU they are viewed
+    as NumPy arrays (no copy) and the kernels run on `interpret`; on a GPU they are
+    viewed as CuPy arrays (`__cuda_array_interface__`) and the kernels launch on XLA's
+    stream (`ctx.stream`, as a `cupy.cuda.ExternalStream`). The result is copied once
+    into XLA's output buffer (cuconv ops allocate their outputs). bfloat16 on a GPU
+    falls back to `pure` (CuPy has no bfloat16 type). The GPU branch has not been run.
+  - `pure`: `jax.pure_callback`; the callback receives NumPy arrays (XLA copies device
+    arrays to the host and the result back), so it runs on `interpret` unless
+    `CUCONV_BACKEND=cuda` sends the host arrays to the GPU.
+
+Complex gradients: cuconv's backward returns `dL/dRe z + i dL/dIm z` for a complex
+argument z (PyTorch's convention). JAX's cotangent of a complex input is the conjugate,
+`dL/dRe z - i dL/dIm z` (`jax.grad(lambda z: abs(z)**2)(3+4j) == 6-8j`), so the bwd
+returns `conj(grad)` for the arguments of `_shapes.COMPLEX_ARGS` (spectral_filter2d's
+filter). The tests check it against `jnp.fft`'s own autodiff.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import ops as _ops
+from ._arrays import COMPLEX_DTYPES, DTYPES
+from ._shapes import ARRAY_ARGS, COMPLEX_ARGS, output_shape
+
+try:
+    from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
+except ImportError:  # older JAX: pure_callback only
+    _buffer_callback = None
+
+CALLBACKS = ("buffer", "pure")
+_COMPLEX_OF = {"float16": "complex64", "bfloat16": "complex64", "float32": "complex64", "float64": "complex128"}
+
+
+def callback_mode() -> str:
+    """The callback used for traced calls: CUCONV_JAX_CALLBACK=buffer|pure, default
+    'buffer' where JAX has buffer_callback (else 'pure')."""
+    mode = os.environ.get("CUCONV_JAX_CALLBACK", "").strip().lower()
+    if mode and mode not in CALLBACKS:
+        raise ValueError(f"CUCONV_JAX_CALLBACK={mode!r}; choose from {CALLBACKS}")
+    if mode == "buffer" and _buffer_callback is None:
+        raise ValueError("CUCONV_JAX_CALLBACK=buffer needs jax.experimental.buffer_callback (a newer JAX)")
+    return mode or ("buffer" if _buffer_callback is not None else "pure")
+
+
+# --- argument handling ---
+
+def _freeze(value):
+    """Parameters as hashable values (lists become tuples) for the function cache."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _check_dtypes(op: str, names: tuple[str, ...], xs) -> None:
+    """cuconv's dtype contract, checked when tracing: one real dtype shared by the real
+    arrays; a complex argument pairs complex64 with 16/32-bit inputs, complex128 with
+    float64."""
+    dtypes = {n: str(x.dtype) for n, x in zip(names, xs)}
+    shown = ", ".join(f"{n}={d}" for n, d in dtypes.items())
+    complex_args = COMPLEX_ARGS.get(op, ())
+    real = dtypes[names[0]]
+    for name, dtype in dtypes.items():
+        allowed = COMPLEX_DTYPES if name in complex_args else DTYPES
+        if dtype not in allowed:
+            raise TypeError(f"{op}: {name} has dtype {dtype}; supported: {', '.join(allowed)} ({shown})")
+    for name, dtype in dtypes.items():
+        want = _COMPLEX_OF[real] if name in complex_args else real
+        if dtype != want:
+            raise TypeError(f"{op}: {name} has dtype {dtype}, expected {want} with input {real} ({shown})")
+
+
+def _concrete(xs) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def _host(a):
+    """A callback argument as NumPy: ml_dtypes.bfloat16 stays typed as such."""
+    return np.asarray(a)
+
+
+# --- the two cuconv calls, on NumPy / CuPy / JAX arrays ---
+
+def _run_forward(op, names, params, arrays):
+    return getattr(_ops, op)(**dict(zip(names, arrays)), **params)
+
+
+def _run_backward(op, names, params, grad_output, arrays):
+    grads = getattr(_ops, f"{op}_backward")(grad_output, **dict(zip(names, arrays)), **params, wrt=names)
+    by_name = dict(zip(ARRAY_ARGS[op], grads))
+    return tuple(by_name[n] for n in names)
+
+
+def _on_buffers(compute, ctx, outs, bufs) -> None:
+    """Runs `compute(*arrays) -> results` on XLA's buffers and writes the results into
+    XLA's output buffers: NumPy views on the host, CuPy views on XLA's stream on a GPU."""
+    device = outs[0].__dlpack_device__()
+    if int(device[0]) == 1:  # kDLCPU
+        results = compute(*(_host(b) for b in bufs))
+        for out, r in zip(outs, results):
+            np.asarray(out)[...] = r
+        return
+    import cupy  # GPU: not run on the machine this was written on
+
+    with cupy.cuda.Device(int(device[1])), cupy.cuda.ExternalStream(int(ctx.stream)):
+        results = compute(*(cupy.asarray(b) for b in bufs))
+        for out, r in zip(outs, results):
+            cupy.asarray(out)[...] = r
+
+
+def _callback(compute, result_types, xs):
+    """compute(*arrays) -> tuple of arrays, as one traced JAX op with these results."""
+    mode = callback_mode()
+    on_gpu = jax.default_backend() not in ("cpu",)
+    if mode == "buffer" and on_gpu and any(t.dtype == jnp.bfloat16 for t in result_types):
+        mode = "pure"  # CuPy cannot view a bfloat16 buffer
+    if mode == "buffer":
+        def cb(ctx, outs, *bufs):
+            _on_buffers(compute, ctx, outs, bufs)
+
+        return tuple(_buffer_callback(cb, tuple(result_types), vmap_method="sequential")(*xs))
+
+    def host(*arrays):
+        return tuple(np.asarray(r) for r in compute(*(_host(a) for a in arrays)))
+
+    return tuple(jax.pure_callback(host, tuple(result_types), *xs, vmap_method="sequential"))
+
+
+# --- custom_vjp ---
+
+def _forward(op, names, params, xs):
+    _check_dtypes(op, names, xs)
+    shape = output_shape(op, {n: tuple(x.shape) for n, x in zip(names, xs)}, **params)
+    if _concrete(xs):
+        return jnp.asarray(_run_forward(op, names, params, xs))
+    result = jax.ShapeDtypeStruct(shape, xs[0].dtype)
+    return _callback(lambda *arrays: (_run_forward(op, names, params, arrays),), (result,), xs)[0]
+
+
+def _backward(op, names, params, xs, grad_output):
+    if _concrete(xs) and _concrete((grad_output,)):
+        grads = tuple(jnp.asarray(g) for g in _run_backward(op, names, params, grad_output, xs))
+    else:
+        results = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in xs)
+        grads = _callback(lambda g, *arrays: _run_backward(op, names, params, g, arrays), results,
+                          (grad_output, *xs))
+    complex_args = COMPLEX_ARGS.get(op, ())
+    return tuple(jnp.conj(g) if n in complex_args else g for n, g in zip(names, grads))
+
+
+def _build(op: str, names: tuple[str, ...], params: dict):
+    @jax.custom_vjp
+    def fn(*xs):
+        return _forward(op, names, params, xs)
+
+    def fwd(*xs):
+        return _forward(op, names, params, xs), xs
+
+    def bwd(xs, grad_output):
+        return _backward(op, names, params, xs, grad_output)
+
+    fn.defvjp(fwd, bwd)
+    return fn
+
+
+@functools.lru_cache(maxsize=512)
+def _cached(op: str, names: tuple[str, ...], params: tuple):
+    return _build(op, names, dict(params))
+
+
+def _differentiable(op: str, names: tuple[str, ...], params: dict):
+    key = tuple(sorted(params.items()))
+    try:
+        hash(key)
+    except TypeError:  # an unhashable parameter value: build without caching
+        return _build(op, names, params)
+    return _cached(op, names, key)
+
+
+def _make(op: str):
+    forward = getattr(_ops, op)
+    signature = inspect.signature(forward)
+    array_args = ARRAY_ARGS[op]
+
+    def wrapper(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        arrays = {n: bound.arguments.pop(n, None) for n in array_args}
+        params = {k: _freeze(v) for k, v in bound.arguments.items()}
+        names = tuple(n for n in array_args if arrays[n] is not None)
+        xs = tuple(a if isinstance(a, jax.Array) else jnp.asarray(a) for a in (arrays[n] for n in names))
+        return _differentiable(op, names, params)(*xs)
+
+    wrapper.__name__ = wrapper.__qualname__ = op
+    wrapper.__module__ = __name__
+    wrapper.__signature__ = signature
+    wrapper.__doc__ = (f"cuconv.{op} as a differentiable JAX function (jax.custom_vjp; eager, jit, grad, "
+                       f"vmap). Arrays {array_args} (None for an absent optional one) are differentiated; "
+                       f"the other arguments are static.\n\n" + (forward.__doc__ or ""))
+    return wrapper
+
+
+for _op in ARRAY_ARGS:
+    globals()[_op] = _make(_op)
+del _op
+
+__all__ = [*ARRAY_ARGS, "callback_mode", "CALLBACKS"]

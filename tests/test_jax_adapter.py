@@ -1,0 +1,525 @@
+"""cuconv.jax: every op as a jax.custom_vjp, eager and under jit, with jax.grad.
+
+Oracles, float64 to 1e-10: cuconv's own forward and *_backward (the adapter adds no
+arithmetic), JAX's own implementation of the same function where it is straightforward
+(lax.conv_general_dilated for the convolutions, jnp.fft for spectral_filter2d, jnp
+reshapes for pixel (un)shuffle, vmapped lax convs for the dynamic convs), and torch CPU
+autograd of the same function built in torch (the torch oracles of the op test modules).
+"""
+
+import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp  # noqa: E402
+
+import cuconv  # noqa: E402
+import cuconv.jax as cj  # noqa: E402
+from cuconv._shapes import ARRAY_ARGS, COMPLEX_ARGS, KEYWORD_ARRAYS  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-10
+# Callback mechanisms for traced calls; buffer_callback exists only in newer JAX.
+MODES = [m for m in cj.CALLBACKS if m != "buffer" or cj._buffer_callback is not None]
+lax = jax.lax
+
+
+# --- one or more float64 configurations per op (None: an absent optional array) ---
+
+def _case(op, seed):
+    rng = np.random.default_rng(seed)
+    n = rng.standard_normal
+    if op == "conv2d":
+        return [dict(input=n((2, 4, 7, 6)), weight=n((6, 2, 3, 2)), bias=n(6)),
+                dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2)]
+    if op == "conv2d_depthwise":
+        return [dict(input=n((2, 3, 6, 7)), weight=n((6, 1, 3, 3)), bias=None), dict(padding=1, groups=3)]
+    if op == "conv_transpose2d":
+        return [dict(input=n((2, 4, 5, 4)), weight=n((4, 3, 3, 2)), bias=n(6)),
+                dict(stride=2, padding=1, output_padding=1, groups=2, dilation=(1, 2))]
+    if op == "subpixel_conv2d":
+        return [dict(input=n((2, 3, 5, 4)), weight=n((8, 3, 3, 3)), bias=n(8)), dict(upscale_factor=2, padding=1)]
+    if op == "depthwise_separable_conv2d":
+        return [dict(input=n((2, 3, 7, 6)), depthwise_weight=n((6, 1, 3, 3)), pointwise_weight=n((4, 6, 1, 1)),
+                     depthwise_bias=n(6), pointwise_bias=None), dict(stride=(1, 2), padding=1, dilation=1)]
+    if op == "spatial_separable_conv2d":
+        return [dict(input=n((2, 4, 7, 6)), weight_v=n((4, 2, 3, 1)), weight_h=n((6, 2, 1, 3)), bias=n(6)),
+                dict(stride=(2, 1), padding=(1, 1), dilation=(1, 2), groups=2)]
+    if op == "pixel_shuffle":
+        return [dict(input=n((2, 8, 3, 4))), dict(upscale_factor=2)]
+    if op == "pixel_unshuffle":
+        return [dict(input=n((2, 2, 6, 4))), dict(downscale_factor=2)]
+    if op == "deform_conv2d":
+        return [dict(input=n((2, 4, 6, 5)), offset=1.5 * n((2, 2 * 2 * 9, 6, 5)), weight=n((6, 2, 3, 3)),
+                     bias=n(6), mask=n((2, 2 * 9, 6, 5))), dict(padding=1)]
+    if op == "deform_conv2d_nomask":
+        return [dict(input=n((1, 3, 6, 6)), offset=1.5 * n((1, 2 * 4, 5, 2)), weight=n((2, 3, 2, 2)),
+                     bias=None, mask=None), dict(stride=(1, 2), dilation=(1, 2))]
+    if op == "involution2d":
+        return [dict(input=n((2, 6, 7, 6)), kernel=n((2, 2, 3, 3, 4, 3))), dict(stride=2, padding=1)]
+    if op == "dynamic_conv2d":
+        return [dict(input=n((3, 4, 6, 5)), weight=n((3, 6, 2, 3, 3)), attention=n((3, 3)), bias=n((3, 6))),
+                dict(padding=1, groups=2)]
+    if op == "odconv2d":
+        return [dict(input=n((2, 4, 6, 6)), weight=n((3, 6, 4, 3, 3)), kernel_attention=n((2, 3)),
+                     spatial_attention=n((2, 3, 3)), channel_attention=n((2, 4)), filter_attention=n((2, 6))),
+                dict(stride=2, padding=1)]
+    if op == "odconv2d_partial":
+        return [dict(input=n((2, 4, 5, 6)), weight=n((2, 4, 2, 3, 2)), kernel_attention=n((2, 2)),
+                     spatial_attention=None, channel_attention=n((2, 4)), filter_attention=None),
+                dict(padding=(1, 0), groups=2)]
+    if op == "warehouse_conv2d":
+        return [dict(input=n((2, 4, 7, 6)), cells=n((3, 2, 2, 3, 1)), attention=n((2, 2 * 1 * 1 * 2, 3))),
+                dict(padding=1, groups=2, kernel_shape=(4, 2, 3, 2))]
+    if op == "spectral_filter2d":
+        return [dict(input=n((2, 3, 6, 7)), filter=n((1, 3, 6, 4)) + 1j * n((1, 3, 6, 4))), {}]
+    if op == "spectral_filter2d_per_sample":
+        return [dict(input=n((2, 2, 5, 8)), filter=n((2, 2, 5, 5)) + 1j * n((2, 2, 5, 5))), {}]
+    raise KeyError(op)
+
+
+CASES = ["conv2d", "conv2d_depthwise", "conv_transpose2d", "subpixel_conv2d", "depthwise_separable_conv2d",
+         "spatial_separable_conv2d", "pixel_shuffle", "pixel_unshuffle", "deform_conv2d", "deform_conv2d_nomask",
+         "involution2d", "dynamic_conv2d", "odconv2d", "odconv2d_partial", "warehouse_conv2d", "spectral_filter2d",
+         "spectral_filter2d_per_sample"]
+
+
+def _op(case):
+    return next(op for op in sorted(ARRAY_ARGS, key=len, reverse=True) if case.startswith(op))
+
+
+def _setup(case, seed=0):
+    """(op, arrays dict in ARRAY_ARGS order, params, present names, grad_output)."""
+    op = _op(case)
+    arrays, params = _case(case, seed)
+    assert tuple(arrays) == ARRAY_ARGS[op], case
+    present = tuple(n for n, a in arrays.items() if a is not None)
+    y = getattr(cuconv, op)(**arrays, **params)
+    gy = np.random.default_rng(seed + 100).standard_normal(y.shape)
+    return op, arrays, params, present, gy
+
+
+def _call(op, params):
+    """f(*present arrays) -> cj.op(...), the arrays by position and keyword as a user would."""
+    names = ARRAY_ARGS[op]
+
+    def f(arrays):
+        positional = [arrays.get(n) for n in names if n not in KEYWORD_ARRAYS.get(op, ())]
+        while positional and positional[-1] is None:
+            positional.pop()
+        keyword = {n: arrays[n] for n in KEYWORD_ARRAYS.get(op, ()) if arrays.get(n) is not None}
+        return getattr(cj, op)(*positional, **params, **keyword)
+
+    return f
+
+
+def _grads(fn, arrays, present, jit):
+    """jax.grad of fn(dict of present arrays) with respect to every present array."""
+    g = jax.grad(lambda d: fn(d))
+    if jit:
+        g = jax.jit(g)
+    out = g({n: jnp.asarray(arrays[n]) for n in present})
+    return {n: np.asarray(v) for n, v in out.items()}
+
+
+def _close(got, expected, what, tol=TOL):
+    got, expected = np.asarray(got), np.asarray(expected)
+    assert got.shape == expected.shape and got.dtype == expected.dtype, (what, got.shape, expected.shape,
+                                                                          got.dtype, expected.dtype)
+    scale = max(np.abs(expected).max(initial=0.0), 1e-300)
+    err = np.abs(got - expected).max(initial=0.0) / scale
+    assert err <= tol, f"{what}: relative error {err:.3g}"
+
+
+def test_every_op_is_wrapped_and_covered():
+    assert set(map(_op, CASES)) == set(ARRAY_ARGS)
+    for op in ARRAY_ARGS:
+        fn = getattr(cj, op)
+        assert fn.__name__ == op
+        assert inspect.signature(fn).parameters == inspect.signature(getattr(cuconv, op)).parameters
+    assert set(cj.__all__) >= set(ARRAY_ARGS)
+
+
+# --- forward: the same numbers as cuconv, eager and under jit ---
+
+@pytest.mark.parametrize("case", CASES)
+def test_forward_equals_cuconv(case):
+    op, arrays, params, present, _ = _setup(case)
+    expected = getattr(cuconv, op)(**arrays, **params)
+    f = _call(op, params)
+    jarrays = {n: jnp.asarray(arrays[n]) for n in present}
+    eager = f(jarrays)
+    assert isinstance(eager, jax.Array)
+    np.testing.assert_array_equal(np.asarray(eager), expected)
+    np.testing.assert_array_equal(np.asarray(jax.jit(f)(jarrays)), expected)
+
+
+# --- gradients: cuconv's *_backward (complex: conjugated into JAX's convention) ---
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASES)
+def test_grad_equals_cuconv_backward(case, mode, monkeypatch):
+    monkeypatch.setenv("CUCONV_JAX_CALLBACK", mode)
+    op, arrays, params, present, gy = _setup(case)
+    expected = dict(zip(ARRAY_ARGS[op], getattr(cuconv, f"{op}_backward")(gy, **arrays, **params)))
+    f = _call(op, params)
+    loss = lambda d: jnp.sum(f(d) * gy)  # noqa: E731  (cotangent of the output: gy)
+    for jit in ([False, True] if mode == MODES[0] else [True]):  # eager calls use no callback
+        got = _grads(loss, arrays, present, jit)
+        assert set(got) == set(present)
+        for n in present:
+            want = np.conj(expected[n]) if n in COMPLEX_ARGS.get(op, ()) else expected[n]
+            _close(got[n], want, f"{op} d/d{n} jit={jit}")
+
+
+# --- gradients: JAX's own implementation of the same function ---
+
+def _conv(x, w, stride=1, padding=0, dilation=1, groups=1):
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    return lax.conv_general_dilated(x, w, pair(stride), [(p, p) for p in pair(padding)], rhs_dilation=pair(dilation),
+                                    dimension_numbers=("NCHW", "OIHW", "NCHW"), feature_group_count=groups,
+                                    precision=lax.Precision.HIGHEST)
+
+
+def _bias(y, b):
+    return y if b is None else y + b[:, None, None]
+
+
+def _shuffle(y, r):
+    b, c, h, w = y.shape
+    return y.reshape(b, c // (r * r), r, r, h, w).transpose(0, 1, 4, 2, 5, 3).reshape(b, c // (r * r), h * r, w * r)
+
+
+def _unshuffle(y, r):
+    b, c, h, w = y.shape
+    return y.reshape(b, c, h // r, r, w // r, r).transpose(0, 1, 3, 5, 2, 4).reshape(b, c * r * r, h // r, w // r)
+
+
+def _per_sample(x, kernels, stride=1, padding=0, dilation=1, groups=1):
+    return jax.vmap(lambda xb, kb: _conv(xb[None], kb, stride, padding, dilation, groups)[0])(x, kernels)
+
+
+def _jax_oracle(op, params):
+    """The op as a jnp / lax function of a dict of present arrays (None: no JAX oracle)."""
+    p = dict(params)
+    if op == "conv2d":
+        return lambda a: _bias(_conv(a["input"], a["weight"], **p), a.get("bias"))
+    if op == "conv_transpose2d":  # the transpose (VJP) of the forward conv it inverts, by JAX autodiff
+        out = cuconv._shapes.output_shape(op, {"input": (2, 4, 5, 4), "weight": (4, 3, 3, 2)}, **p)
+        conv = dict(stride=p["stride"], padding=p["padding"], dilation=p["dilation"], groups=p["groups"])
+
+        def transposed(a):
+            _, vjp = jax.vjp(lambda z: _conv(z, a["weight"], **conv), jnp.zeros(out))
+            return _bias(vjp(a["input"])[0], a.get("bias"))
+
+        return transposed
+    if op == "subpixel_conv2d":
+        r = p.pop("upscale_factor")
+        return lambda a: _shuffle(_bias(_conv(a["input"], a["weight"], **p), a.get("bias")), r)
+    if op == "depthwise_separable_conv2d":
+        return lambda a: _bias(_conv(_bias(_conv(a["input"], a["depthwise_weight"], groups=a["input"].shape[1], **p),
+                                           a.get("depthwise_bias")), a["pointwise_weight"]), a.get("pointwise_bias"))
+    if op == "spatial_separable_conv2d":
+        (sh, sw), (ph, pw), (dh, dw), g = p["stride"], p["padding"], p["dilation"], p["groups"]
+        return lambda a: _bias(_conv(_conv(a["input"], a["weight_v"], (sh, 1), (ph, 0), (dh, 1), g), a["weight_h"],
+                                     (1, sw), (0, pw), (1, dw), g), a.get("bias"))
+    if op == "pixel_shuffle":
+        return lambda a: _shuffle(a["input"], p["upscale_factor"])
+    if op == "pixel_unshuffle":
+        return lambda a: _unshuffle(a["input"], p["downscale_factor"])
+    if op == "dynamic_conv2d":
+        return lambda a: (_per_sample(a["input"], jnp.einsum("bk,koiyx->boiyx", a["attention"], a["weight"]), **p)
+                          + (a["attention"] @ a["bias"])[:, :, None, None])
+    if op == "odconv2d":
+        def odconv(a):
+            kernels = jnp.einsum("bk,koiyx->boiyx", a["kernel_attention"], a["weight"])
+            if a.get("spatial_attention") is not None:
+                kernels = kernels * a["spatial_attention"][:, None, None]
+            x = a["input"]
+            if a.get("channel_attention") is not None:
+                x = x * a["channel_attention"][:, :, None, None]
+            y = _per_sample(x, kernels, **p)
+            return y if a.get("filter_attention") is None else y * a["filter_attention"][:, :, None, None]
+
+        return odconv
+    if op == "spectral_filter2d":
+        return lambda a: jnp.fft.irfft2(jnp.fft.rfft2(a["input"], norm="ortho") * a["filter"],
+                                        s=a["input"].shape[2:], norm="ortho")
+    return None
+
+
+JAX_ORACLE_CASES = [c for c in CASES if _jax_oracle(_op(c), _case(c, 0)[1]) is not None]
+
+
+def test_jax_oracles_cover_the_convolutions_and_spectral():
+    assert {_op(c) for c in JAX_ORACLE_CASES} == set(ARRAY_ARGS) - {"deform_conv2d", "involution2d",
+                                                                      "warehouse_conv2d"}
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("case", JAX_ORACLE_CASES)
+def test_grad_matches_jax_implementation(case, jit):
+    op, arrays, params, present, gy = _setup(case)
+    oracle = _jax_oracle(op, params)
+    jarrays = {n: jnp.asarray(arrays[n]) for n in present}
+    _close(np.asarray(_call(op, params)(jarrays)), np.asarray(oracle(jarrays)), f"{op} forward vs jax")
+    # A non-linear loss: the cotangent reaching the op is cos(y) * gy, not a constant.
+    got = _grads(lambda d: jnp.sum(jnp.sin(_call(op, params)(d)) * gy), arrays, present, jit)
+    want = _grads(lambda d: jnp.sum(jnp.sin(oracle(d)) * gy), arrays, present, False)
+    for n in present:
+        _close(got[n], want[n], f"{op} d/d{n} vs jax, jit={jit}")
+
+
+# --- gradients: torch autograd of the same function (the torch adapter's contract) ---
+
+def _torch_fn(op, params):
+    """A torch function of the present arrays (in ARRAY_ARGS order, None for absent ones)."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    p = dict(params)
+    if op == "conv2d":
+        return lambda x, w, b: F.conv2d(x, w, b, **p)
+    if op == "conv_transpose2d":
+        return lambda x, w, b: F.conv_transpose2d(x, w, b, **p)
+    if op == "subpixel_conv2d":
+        r = p.pop("upscale_factor")
+        return lambda x, w, b: F.pixel_shuffle(F.conv2d(x, w, b, **p), r)
+    if op == "depthwise_separable_conv2d":
+        return lambda x, dw, pw, dwb, pwb: F.conv2d(F.conv2d(x, dw, dwb, groups=x.shape[1], **p), pw, pwb)
+    if op == "spatial_separable_conv2d":
+        from test_separable import _torch_stage_params
+
+        v, h = _torch_stage_params(p)
+        return lambda x, wv, wh, b: F.conv2d(F.conv2d(x, wv, None, **v), wh, b, **h)
+    if op == "pixel_shuffle":
+        return lambda x: F.pixel_shuffle(x, p["upscale_factor"])
+    if op == "pixel_unshuffle":
+        return lambda x: F.pixel_unshuffle(x, p["downscale_factor"])
+    if op == "deform_conv2d":
+        from test_deform_conv import torch_deform_conv2d
+
+        return lambda x, o, w, b, m: torch_deform_conv2d(x, o, w, b, mask=m, **p)
+    if op == "involution2d":
+        from test_involution import torch_involution
+
+        return lambda x, k: torch_involution(x, k, **p)
+    if op == "dynamic_conv2d":
+        from test_dynamic_conv import torch_dynamic
+
+        return lambda x, w, a, b: torch_dynamic(x, w, a, b, **p)
+    if op == "odconv2d":
+        from test_dynamic_conv import torch_odconv
+
+        return lambda *a: torch_odconv(*a, **p)
+    if op == "warehouse_conv2d":
+        from test_dynamic_conv import torch_warehouse
+
+        return lambda x, c, a: torch_warehouse(x, c, a, **p)
+    raise KeyError(op)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("case", [c for c in CASES if not c.startswith("spectral")])
+def test_grad_matches_torch_autograd(case, jit):
+    from conftest import torch_autograd
+
+    op, arrays, params, present, gy = _setup(case)
+    fn = _torch_fn(op, params)
+    y_torch, torch_grads = torch_autograd(fn, list(arrays.values()), gy)
+    _close(np.asarray(_call(op, params)({n: jnp.asarray(arrays[n]) for n in present})), y_torch,
+           f"{op} forward vs torch")
+    got = _grads(lambda d: jnp.sum(_call(op, params)(d) * gy), arrays, present, jit)
+    for n, g in zip(ARRAY_ARGS[op], torch_grads):
+        assert (g is None) == (n not in present), n
+        if g is not None:
+            _close(got[n], g, f"{op} d/d{n} vs torch, jit={jit}")
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("case", ["spectral_filter2d", "spectral_filter2d_per_sample"])
+def test_complex_gradient_is_the_conjugate_of_torch(case, jit):
+    """torch stores dL/dRe + i dL/dIm in .grad of a complex leaf; JAX's cotangent is its
+    conjugate. cuconv.jax follows JAX: conj(torch's grad)."""
+    torch = pytest.importorskip("torch")
+    op, arrays, params, present, gy = _setup(case)
+    x, f = (torch.tensor(arrays[n], requires_grad=True) for n in ("input", "filter"))
+    y = torch.fft.irfft2(torch.fft.rfft2(x, norm="ortho") * f, s=tuple(x.shape[2:]), norm="ortho")
+    y.backward(torch.tensor(gy))
+    got = _grads(lambda d: jnp.sum(_call(op, params)(d) * gy), arrays, present, jit)
+    _close(got["input"], x.grad.numpy(), "d/dinput vs torch")
+    _close(got["filter"], np.conj(f.grad.numpy()), "d/dfilter vs conj(torch)")
+    assert np.abs(f.grad.numpy().imag).max() > 1e-3  # the conjugation is visible
+
+
+# --- None handling, transformations, errors, dtypes ---
+
+def test_absent_optional_arrays_and_partial_argnums():
+    op, arrays, params, present, gy = _setup("odconv2d_partial")
+    assert present == ("input", "weight", "kernel_attention", "channel_attention")
+    x, w, ka, ca = (jnp.asarray(arrays[n]) for n in present)
+    # grad with respect to one argument only; the others are constants closed over
+    gw = jax.jit(jax.grad(lambda w: jnp.sum(cj.odconv2d(x, w, ka, None, ca, None, **params) * gy)))(w)
+    expected = cuconv.odconv2d_backward(gy, **arrays, **params)[1]
+    _close(gw, expected, "odconv2d d/dweight")
+    # conv2d without bias, bias=None spelled out
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 2, 5, 5)))
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 2, 3, 3)))
+    gx = jax.grad(lambda x: jnp.sum(cj.conv2d(x, w, None, padding=1) ** 2))(x)
+    y = np.asarray(cj.conv2d(x, w, padding=1))
+    _close(gx, cuconv.conv2d_backward(2 * y, np.asarray(x), np.asarray(w), padding=1, wrt="input")[0], "conv2d dx")
+
+
+def test_eager_calls_run_cuconv_directly(monkeypatch):
+    """Concrete arrays (eager calls, eager jax.grad) go to cuconv through DLPack, no callback."""
+    def no_callback(*args, **kwargs):
+        raise AssertionError("a callback for concrete arrays")
+
+    monkeypatch.setattr(cj, "_callback", no_callback)
+    op, arrays, params, present, gy = _setup("deform_conv2d")
+    got = _grads(lambda d: jnp.sum(_call(op, params)(d) * gy), arrays, present, jit=False)
+    expected = cuconv.deform_conv2d_backward(gy, **arrays, **params)
+    for n, e in zip(ARRAY_ARGS[op], expected):
+        _close(got[n], e, f"eager d/d{n}")
+    with pytest.raises(AssertionError, match="a callback"):
+        jax.jit(_call(op, params))({n: jnp.asarray(arrays[n]) for n in present})
+
+
+def test_vmap_and_value_and_grad_under_jit():
+    rng = np.random.default_rng(3)
+    x, w = jnp.asarray(rng.standard_normal((3, 2, 6, 6))), jnp.asarray(rng.standard_normal((4, 2, 3, 3)))
+    batched = jax.jit(jax.vmap(lambda xb: cj.conv2d(xb[None], w, padding=1)[0]))(x)
+    np.testing.assert_array_equal(np.asarray(batched), cuconv.conv2d(np.asarray(x), np.asarray(w), padding=1))
+    value, (gx, gw) = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(cj.conv2d(x, w) ** 2), argnums=(0, 1)))(x, w)
+    y = cuconv.conv2d(np.asarray(x), np.asarray(w))
+    assert abs(float(value) - float(np.sum(y ** 2))) <= 1e-10 * float(np.sum(y ** 2))
+    ex, ew, _ = cuconv.conv2d_backward(2 * y, np.asarray(x), np.asarray(w))
+    _close(gx, ex, "dx")
+    _close(gw, ew, "dw")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("mode", MODES)
+def test_reduced_precision_under_jit_equals_cuconv(dtype, mode, monkeypatch):
+    monkeypatch.setenv("CUCONV_JAX_CALLBACK", mode)
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((2, 3, 6, 6)), dtype=dtype)
+    w = jnp.asarray(rng.standard_normal((4, 3, 3, 3)), dtype=dtype)
+    y = jax.jit(lambda x, w: cj.conv2d(x, w, padding=1))(x, w)
+    assert y.dtype == jnp.dtype(dtype)
+    expected = cuconv.conv2d(np.asarray(x), np.asarray(w), padding=1)
+    np.testing.assert_array_equal(np.asarray(y).astype(np.float64), expected.astype(np.float64))
+    gw = jax.jit(jax.grad(lambda w: jnp.sum(cj.conv2d(x, w, padding=1).astype(jnp.float32))))(w)
+    assert gw.dtype == jnp.dtype(dtype)
+    ones = np.ones(expected.shape, expected.dtype)
+    want = cuconv.conv2d_backward(ones, np.asarray(x), np.asarray(w), padding=1, wrt="weight")[1]
+    np.testing.assert_array_equal(np.asarray(gw).astype(np.float64), want.astype(np.float64))
+
+
+def test_bad_shapes_and_dtypes_raise_when_tracing():
+    x, w = jnp.zeros((1, 3, 5, 5)), jnp.zeros((4, 2, 3, 3))
+    with pytest.raises(ValueError, match="weight") as eager:
+        cj.conv2d(x, w)
+    with pytest.raises(ValueError, match="weight") as traced:
+        jax.jit(lambda x, w: cj.conv2d(x, w))(x, w)
+    assert str(eager.value) == str(traced.value)
+    with pytest.raises(TypeError, match="weight has dtype float32"):
+        jax.jit(lambda x, w: cj.conv2d(x, w))(x, jnp.zeros((4, 3, 3, 3), jnp.float32))
+    with pytest.raises(TypeError, match="input has dtype int32"):
+        cj.pixel_shuffle(jnp.zeros((1, 4, 2, 2), jnp.int32), 2)
+    with pytest.raises(TypeError, match="filter has dtype complex64, expected complex128"):
+        cj.spectral_filter2d(jnp.zeros((1, 1, 4, 4)), jnp.zeros((1, 1, 4, 3), jnp.complex64))
+    with pytest.raises(TypeError, match="missing a required argument: 'weight'"):
+        cj.conv2d(x)
+
+
+def test_callback_mode_selection(monkeypatch):
+    monkeypatch.delenv("CUCONV_JAX_CALLBACK", raising=False)
+    assert cj.callback_mode() in cj.CALLBACKS
+    monkeypatch.setenv("CUCONV_JAX_CALLBACK", "pure")
+    assert cj.callback_mode() == "pure"
+    monkeypatch.setenv("CUCONV_JAX_CALLBACK", "ffi")
+    with pytest.raises(ValueError, match="CUCONV_JAX_CALLBACK"):
+        cj.callback_mode()
+
+
+def test_each_mode_lowers_to_its_callback(monkeypatch):
+    x, w = jnp.zeros((1, 1, 4, 4)), jnp.zeros((1, 1, 3, 3))
+    for mode in MODES:
+        name = f"{mode}_callback"
+        monkeypatch.setenv("CUCONV_JAX_CALLBACK", mode)
+        forward = str(jax.make_jaxpr(lambda x: cj.conv2d(x, w))(x))
+        assert "custom_vjp_call" in forward and name in forward, forward
+        backward = str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(cj.conv2d(x, w))))(x))
+        assert backward.count(name) == 2, backward  # the forward's and the backward's
+
+
+# --- a small model trains under jit ---
+
+def _block(params, x):
+    """A ResNet-style block: deform_conv2d (offsets and mask predicted from x),
+    involution2d (kernels generated from the features), odconv2d (attentions from the
+    pooled features), plus the identity."""
+    b, c, h, w = x.shape
+    offset = 0.5 * jnp.tanh(cj.conv2d(x, params["w_offset"], padding=1))
+    mask = jax.nn.sigmoid(cj.conv2d(x, params["w_mask"], padding=1))
+    h1 = jax.nn.relu(cj.deform_conv2d(x, offset, params["w_deform"], params["b_deform"], padding=1, mask=mask))
+    kernel = cj.conv2d(h1, params["w_kernel"]).reshape(b, 2, 3, 3, h, w)
+    h2 = jax.nn.relu(cj.involution2d(h1, kernel, padding=1))
+    pooled = h2.mean(axis=(2, 3))
+    ka = jax.nn.softmax(pooled @ params["a_kernel"], axis=-1)
+    sa = jax.nn.sigmoid(pooled @ params["a_spatial"]).reshape(b, 3, 3)
+    ca = jax.nn.sigmoid(pooled @ params["a_channel"])
+    fa = jax.nn.sigmoid(pooled @ params["a_filter"])
+    return x + cj.odconv2d(h2, params["w_od"], ka, sa, ca, fa, padding=1)
+
+
+def test_small_model_trains_under_jit():
+    rng = np.random.default_rng(7)
+    c = 4
+    n = lambda *shape: jnp.asarray(0.5 * rng.standard_normal(shape))  # noqa: E731
+    params = {"w_offset": n(18, c, 3, 3) * 0.1, "w_mask": n(9, c, 3, 3), "w_deform": n(c, c, 3, 3),
+              "b_deform": n(c), "w_kernel": n(18, c, 1, 1), "a_kernel": n(c, 3), "a_spatial": n(c, 9),
+              "a_channel": n(c, c), "a_filter": n(c, c), "w_od": n(3, c, c, 3, 3)}
+    x = jnp.asarray(rng.standard_normal((2, c, 6, 6)))
+    target = x + 0.5 * jnp.asarray(rng.standard_normal((2, c, 6, 6)))
+
+    def loss(params):
+        return jnp.mean((_block(params, x) - target) ** 2)
+
+    @jax.jit
+    def step(params):
+        value, grads = jax.value_and_grad(loss)(params)
+        return value, jax.tree_util.tree_map(lambda p, g: p - 1.0 * g, params, grads)
+
+    losses = []
+    for _ in range(6):
+        value, params = step(params)
+        losses.append(float(value))
+    assert all(np.isfinite(losses))
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.8 * losses[0], losses
+    # the jitted gradient is the eager one
+    eager = jax.grad(loss)(params)
+    jitted = jax.jit(jax.grad(loss))(params)
+    for k in params:
+        _close(jitted[k], eager[k], f"model d/d{k}", tol=1e-12)
+
+
+# --- cuconv without jax ---
+
+def test_cuconv_imports_without_jax():
+    code = ("import sys; sys.modules['jax'] = None\n"
+            "import numpy as np, cuconv\n"
+            "assert cuconv.conv2d(np.ones((1, 1, 3, 3)), np.ones((1, 1, 3, 3))).shape == (1, 1, 1, 1)\n"
+            "try:\n    import cuconv.jax\nexcept ImportError:\n    print('no-jax-ok')\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "no-jax-ok"

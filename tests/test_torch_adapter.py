@@ -1,0 +1,505 @@
+"""cuconv.torch: every op as a torch custom op (gradcheck in float64, opcheck of the
+registrations, results equal to the cuconv calls), the nn layers against torch-native
+implementations of the same layers, autocast, channels_last, torch.compile(fullgraph=True)
+against eager mode, and a small model that trains. DDP: tests/test_torch_ddp.py."""
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cuconv
+import cuconv.torch as ct
+
+F64 = torch.float64
+
+
+def _randn(generator, *shape, dtype=F64):
+    return torch.randn(*shape, generator=generator, dtype=dtype)
+
+
+def op_case(op: str, seed: int = 0):
+    """(array arguments by name, parameters) of a small float64 call of `op` with odd
+    sizes, groups, strides and every optional array present."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: _randn(g, *shape)  # noqa: E731
+    cases = {
+        "conv2d": (dict(input=r(2, 4, 5, 6), weight=r(6, 2, 3, 2), bias=r(6)),
+                   dict(stride=(2, 1), padding=1, dilation=(1, 2), groups=2)),
+        "conv_transpose2d": (dict(input=r(2, 4, 3, 4), weight=r(4, 2, 3, 3), bias=r(4)),
+                             dict(stride=2, padding=1, output_padding=(1, 0), groups=2)),
+        "subpixel_conv2d": (dict(input=r(1, 3, 4, 5), weight=r(8, 3, 3, 3), bias=r(8)),
+                            dict(upscale_factor=2, padding=1)),
+        "depthwise_separable_conv2d": (dict(input=r(2, 3, 5, 5), depthwise_weight=r(6, 1, 3, 3),
+                                            pointwise_weight=r(4, 6, 1, 1), depthwise_bias=r(6), pointwise_bias=r(4)),
+                                       dict(stride=2, padding=1)),
+        "spatial_separable_conv2d": (dict(input=r(2, 4, 6, 5), weight_v=r(4, 2, 3, 1), weight_h=r(4, 2, 1, 3),
+                                          bias=r(4)), dict(padding=1, groups=2)),
+        "pixel_shuffle": (dict(input=r(2, 8, 3, 2)), dict(upscale_factor=2)),
+        "pixel_unshuffle": (dict(input=r(2, 2, 4, 6)), dict(downscale_factor=2)),
+        "deform_conv2d": (dict(input=r(1, 4, 5, 5), offset=0.7 * r(1, 36, 5, 5), weight=r(4, 2, 3, 3), bias=r(4),
+                               mask=r(1, 18, 5, 5)), dict(padding=1)),
+        "involution2d": (dict(input=r(2, 4, 6, 6), kernel=r(2, 2, 3, 3, 3, 3)), dict(stride=2, padding=1)),
+        "dynamic_conv2d": (dict(input=r(2, 4, 4, 4), weight=r(2, 2, 2, 3, 3), attention=r(2, 2), bias=r(2, 2)),
+                           dict(padding=1, groups=2)),
+        "odconv2d": (dict(input=r(2, 2, 4, 4), weight=r(2, 3, 2, 3, 3), kernel_attention=r(2, 2),
+                          spatial_attention=r(2, 3, 3), channel_attention=r(2, 2), filter_attention=r(2, 3)),
+                     dict(padding=1)),
+        "warehouse_conv2d": (dict(input=r(1, 4, 4, 4), cells=r(2, 2, 2, 3, 3), attention=r(1, 4, 2)),
+                             dict(padding=1, kernel_shape=(4, 4, 3, 3))),
+        "spectral_filter2d": (dict(input=r(2, 3, 4, 5), filter=torch.complex(r(2, 3, 4, 3), r(2, 3, 4, 3))), {}),
+    }
+    return cases[op]
+
+
+OPS = list(ct.OPS)
+
+
+def test_every_op_has_a_case_and_a_function():
+    assert set(OPS) == set(cuconv._shapes.ARRAY_ARGS)
+    for op in OPS:
+        arrays, _ = op_case(op)
+        assert tuple(arrays) == tuple(a for a in cuconv._shapes.ARRAY_ARGS[op] if a in arrays)
+        assert set(arrays) == set(cuconv._shapes.ARRAY_ARGS[op]), f"{op}: the case leaves an array out"
+        assert getattr(ct, op).__signature__ == ct.SPECS[op].signature
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_forward_and_gradients_are_cuconvs(op):
+    """The torch function returns cuconv.OP's result, and backward gives cuconv.OP_backward's."""
+    arrays, params = op_case(op)
+    leaves = {n: a.clone().requires_grad_() for n, a in arrays.items()}
+    y = getattr(ct, op)(**leaves, **params)
+    expected = getattr(cuconv, op)(**arrays, **params)
+    assert y.dtype == expected.dtype and y.is_contiguous() and y.requires_grad
+    torch.testing.assert_close(y.detach(), expected, rtol=0, atol=0)
+    gy = _randn(torch.Generator().manual_seed(1), *y.shape)
+    y.backward(gy)
+    grads = getattr(cuconv, op + "_backward")(gy, **arrays, **params)
+    for name, grad in zip(cuconv._shapes.ARRAY_ARGS[op], grads):
+        torch.testing.assert_close(leaves[name].grad, grad, rtol=0, atol=0, msg=f"{op}: gradient of {name}")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_gradcheck(op):
+    """torch.autograd.gradcheck in float64 on every array argument (complex filter included)."""
+    arrays, params = op_case(op)
+    names = list(arrays)
+    fn = getattr(ct, op)
+    inputs = tuple(arrays[n].requires_grad_() for n in names)
+    assert torch.autograd.gradcheck(lambda *a: fn(**dict(zip(names, a)), **params), inputs)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_opcheck(op):
+    """torch.library.opcheck: schema, autograd registration, fake tensors (the shape function),
+    AOT dispatch with dynamic shapes, for the forward and for the backward op."""
+    spec = ct.SPECS[op]
+    arrays, params = op_case(op)
+    leaves = {n: a.requires_grad_() for n, a in arrays.items()}
+    args = tuple(spec.to_schema(spec.bind((), {**leaves, **params})))
+    torch.library.opcheck(getattr(torch.ops.cuconv, op).default, args)
+    detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    gy = _randn(torch.Generator().manual_seed(2), *getattr(cuconv, op)(**arrays, **params).shape)
+    mask = [i % 2 == 0 for i in range(len(arrays))]  # a subset of the gradients
+    torch.library.opcheck(getattr(torch.ops.cuconv, op + "_backward").default, (gy, *detached, mask))
+
+
+def test_optional_arrays_absent_and_string_padding():
+    arrays, params = op_case("conv2d")
+    x, w = arrays["input"], arrays["weight"][:, :, :, :1]
+    for padding in ("same", "valid"):
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y = ct.conv2d(xa, w, None, 1, padding, 1, 2)
+        expected = F.conv2d(xb, w, None, 1, padding, 1, 2)
+        torch.testing.assert_close(y, expected)
+        y.backward(torch.ones_like(y))
+        expected.backward(torch.ones_like(expected))
+        torch.testing.assert_close(xa.grad, xb.grad)
+    arrays, params = op_case("odconv2d")
+    none = dict(spatial_attention=None, channel_attention=None, filter_attention=None)
+    leaves = {n: a.requires_grad_() for n, a in {**arrays, **none}.items() if a is not None}
+    torch.autograd.gradcheck(lambda x, w, ka: ct.odconv2d(x, w, ka, **none, **params),
+                             (leaves["input"], leaves["weight"], leaves["kernel_attention"]))
+
+
+def test_only_the_needed_gradients_are_computed(monkeypatch):
+    """wrt holds exactly the arrays that require grad."""
+    spec = ct.SPECS["deform_conv2d"]
+    seen = []
+    original = spec.backward_function
+    monkeypatch.setattr(spec, "backward_function", lambda *a, **k: (seen.append(k["wrt"]), original(*a, **k))[1])
+    arrays, params = op_case("deform_conv2d")
+    for wanted in (("offset",), ("input", "mask"), ("weight", "bias")):
+        leaves = {n: a.clone().requires_grad_(n in wanted) for n, a in arrays.items()}
+        ct.deform_conv2d(**leaves, **params).sum().backward()
+        assert seen[-1] == wanted
+        assert all((leaves[n].grad is not None) == (n in wanted) for n in leaves)
+    with torch.no_grad():
+        ct.deform_conv2d(**{n: a.requires_grad_() for n, a in arrays.items()}, **params)
+    assert len(seen) == 3
+
+
+def test_errors_are_cuconvs_eager_and_under_compile():
+    x, w = torch.randn(1, 3, 8, 8), torch.randn(4, 5, 3, 3)
+    with pytest.raises(ValueError, match="weight"):
+        ct.conv2d(x, w)
+    with pytest.raises(Exception, match="weight"):  # raised by the fake (shape) function while tracing
+        torch.compile(lambda a, b: ct.conv2d(a, b), fullgraph=True, backend="aot_eager")(x, w)
+    with pytest.raises(TypeError, match="unexpected"):
+        ct.conv2d(x, w, strides=2)
+
+
+def test_import_cuconv_does_not_import_torch():
+    code = ("import sys; sys.modules['torch'] = None\n"  # any import of torch now fails
+            "import numpy as np, cuconv\n"
+            "y = cuconv.conv2d(np.ones((1, 2, 4, 4)), np.ones((3, 2, 3, 3)))\n"
+            "assert y.shape == (1, 3, 2, 2) and 'cuconv.torch' not in sys.modules\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# Layers: each against a torch-native implementation of the same layer, same parameters.
+
+def _compare(layer, native, x, atol=1e-10):
+    """Output and every gradient (input and parameters) of layer(x) equal native(x), where
+    native is a function of (x, parameters by name) written with torch ops only."""
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    params = dict(layer.named_parameters())
+    ya = layer(xa)
+    copies = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
+    yb = native(xb, copies)
+    torch.testing.assert_close(ya, yb, rtol=0, atol=atol)
+    gy = torch.randn_like(ya)
+    ya.backward(gy)
+    yb.backward(gy)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=0, atol=atol)
+    for n, p in params.items():
+        torch.testing.assert_close(p.grad, copies[n].grad, rtol=0, atol=atol, msg=f"gradient of {n}")
+
+
+def test_conv2d_layer_is_nn_conv2d():
+    torch.manual_seed(0)
+    layer = ct.Conv2d(4, 6, (3, 2), stride=2, padding=1, dilation=(1, 2), groups=2, dtype=F64)
+    torch.manual_seed(0)
+    native = nn.Conv2d(4, 6, (3, 2), stride=2, padding=1, dilation=(1, 2), groups=2, dtype=F64)
+    torch.testing.assert_close(layer.state_dict(), native.state_dict(), rtol=0, atol=0)  # same initialisation
+    x = torch.randn(2, 4, 7, 9, dtype=F64)
+    _compare(layer, lambda x, p: F.conv2d(x, p["weight"], p["bias"], 2, 1, (1, 2), 2), x)
+    reflect = ct.Conv2d(4, 6, 3, padding=1, padding_mode="reflect", dtype=F64)
+    _compare(reflect, lambda x, p: F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), p["weight"], p["bias"]), x)
+
+
+def test_conv_transpose2d_layer_is_nn_conv_transpose2d():
+    torch.manual_seed(0)
+    layer = ct.ConvTranspose2d(4, 6, 3, stride=2, padding=1, groups=2, dtype=F64)
+    x = torch.randn(2, 4, 5, 4, dtype=F64)
+    _compare(layer, lambda x, p: F.conv_transpose2d(x, p["weight"], p["bias"], 2, 1, 0, 2), x)
+    y = layer(x, output_size=(10, 8))
+    torch.testing.assert_close(y, F.conv_transpose2d(x, layer.weight, layer.bias, 2, 1, 1, 2))
+
+
+def test_depthwise_separable_layer():
+    layer = ct.DepthwiseSeparableConv2d(3, 5, 3, stride=2, padding=1, depth_multiplier=2, dtype=F64)
+    assert layer.depthwise_weight.shape == (6, 1, 3, 3) and layer.pointwise_weight.shape == (5, 6, 1, 1)
+    native = lambda x, p: F.conv2d(F.conv2d(x, p["depthwise_weight"], p["depthwise_bias"], 2, 1, groups=3),  # noqa
+                                   p["pointwise_weight"], p["pointwise_bias"])
+    _compare(layer, native, torch.randn(2, 3, 7, 6, dtype=F64))
+
+
+def _bilinear_deform_conv(x, offset, weight, bias, mask, padding):
+    """torchvision deform_conv2d semantics with grid_sample (zero outside, align_corners=True),
+    one offset group, weight groups 1, stride/dilation 1."""
+    b, c, h, w = x.shape
+    kh, kw = weight.shape[2:]
+    ho, wo = offset.shape[2:]
+    oy, ox = torch.meshgrid(torch.arange(ho, dtype=x.dtype), torch.arange(wo, dtype=x.dtype), indexing="ij")
+    samples = []
+    for t in range(kh * kw):
+        i, j = divmod(t, kw)
+        ys = oy - padding + i + offset[:, 2 * t]
+        xs = ox - padding + j + offset[:, 2 * t + 1]
+        grid = torch.stack([2 * xs / (w - 1) - 1, 2 * ys / (h - 1) - 1], dim=-1)
+        s = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        samples.append(s * (1 if mask is None else mask[:, t:t + 1]))
+    cols = torch.stack(samples, dim=2)  # [B, C, K, Ho, Wo]
+    return torch.einsum("bckhw,ock->bohw", cols, weight.reshape(weight.shape[0], c, -1)) + bias[:, None, None]
+
+
+@pytest.mark.parametrize("modulated", [True, False])
+def test_deform_conv2d_layer(modulated):
+    torch.manual_seed(0)
+    layer = ct.DeformConv2d(3, 4, 3, padding=1, modulated=modulated, dtype=F64)
+    predictor = layer.offset_predictor
+    assert predictor.weight.shape == ((27 if modulated else 18), 3, 3, 3)
+    assert not predictor.weight.any() and not predictor.bias.any()  # DCN's zero initialisation
+    x = torch.randn(2, 3, 6, 5, dtype=F64)
+    start = layer(x)
+    conv = F.conv2d(x, layer.weight, None, padding=1)
+    torch.testing.assert_close(start, (0.5 * conv if modulated else conv) + layer.bias[:, None, None])
+    with torch.no_grad():
+        predictor.weight.normal_(0, 0.3)
+        predictor.bias.normal_(0, 0.3)
+
+    def native(x, p):
+        out = F.conv2d(x, p["offset_predictor.weight"], p["offset_predictor.bias"], padding=1)
+        mask = torch.sigmoid(out[:, 18:]) if modulated else None
+        return _bilinear_deform_conv(x, out[:, :18], p["weight"], p["bias"], mask, 1)
+    _compare(layer, native, x)
+
+
+@pytest.mark.parametrize("stride,size", [(1, 6), (2, 7)])
+def test_involution2d_layer_is_rednets(stride, size):
+    """d-li14/involution's unfold implementation (with the ceil-mode pool for odd sizes)."""
+    torch.manual_seed(0)
+    layer = ct.Involution2d(8, 3, stride=stride, group_channels=4, dtype=F64)
+    assert layer.span.weight.shape == (2 * 9, 2, 1, 1) and layer.reduce.weight.shape == (2, 8, 1, 1)
+    layer.train()
+
+    def native(x, p):
+        pooled = x if stride == 1 else F.avg_pool2d(x, stride, stride, ceil_mode=True)
+        h = F.conv2d(pooled, p["reduce.weight"])
+        h = F.relu(F.batch_norm(h, None, None, p["norm.weight"], p["norm.bias"], training=True))
+        k = F.conv2d(h, p["span.weight"], p["span.bias"])
+        b, _, ho, wo = k.shape
+        k = k.view(b, 2, 9, ho, wo).unsqueeze(2)
+        cols = F.unfold(x, 3, 1, 1, stride).view(b, 2, 4, 9, ho, wo)
+        return (k * cols).sum(dim=3).view(b, 8, ho, wo)
+    _compare(layer, native, torch.randn(2, 8, size, size, dtype=F64))
+
+
+def test_dynamic_conv2d_layer_is_batch_folded_grouped_conv():
+    torch.manual_seed(0)
+    layer = ct.DynamicConv2d(4, 6, 3, padding=1, groups=2, num_experts=3, temperature=2.0, dtype=F64)
+    x = torch.randn(3, 4, 5, 6, dtype=F64)
+    torch.testing.assert_close(layer.attention(x).sum(1), torch.ones(3, dtype=F64))
+
+    def native(x, p):
+        a = torch.softmax(F.linear(F.relu(F.linear(x.mean((2, 3)), p["fc1.weight"])), p["fc2.weight"],
+                                   p["fc2.bias"]) / 2.0, dim=1)
+        w = torch.einsum("bk,koihw->boihw", a, p["weight"]).reshape(3 * 6, 2, 3, 3)
+        y = F.conv2d(x.reshape(1, 3 * 4, 5, 6), w, (a @ p["bias"]).reshape(-1), padding=1, groups=3 * 2)
+        return y.view(3, 6, 5, 6)
+    _compare(layer, native, x)
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_odconv2d_layer(depthwise):
+    torch.manual_seed(0)
+    c, groups = (6, 6) if depthwise else (6, 2)
+    layer = ct.ODConv2d(6, c, 3, padding=1, groups=groups, kernel_num=3, min_channel=4, temperature=1.5, dtype=F64)
+    assert (layer.filter_fc is None) == depthwise
+    x = torch.randn(3, 6, 5, 5, dtype=F64)
+
+    def native(x, p):
+        h = F.relu(F.batch_norm(F.linear(x.mean((2, 3)), p["fc.weight"]), None, None, p["norm.weight"],
+                                p["norm.bias"], training=True))
+        head = lambda name: F.linear(h, p[name + ".weight"], p[name + ".bias"]) / 1.5  # noqa: E731
+        ca, ka = torch.sigmoid(head("channel_fc")), torch.softmax(head("kernel_fc"), 1)
+        sa = torch.sigmoid(head("spatial_fc")).view(3, 1, 1, 1, 3, 3)
+        fa = torch.ones(3, c, dtype=F64) if depthwise else torch.sigmoid(head("filter_fc"))
+        w = (ka[:, :, None, None, None, None] * (sa * p["weight"][None])).sum(1)  # [B, Cout, Cin/g, 3, 3]
+        xs = (x * ca[:, :, None, None]).reshape(1, 3 * 6, 5, 5)
+        y = F.conv2d(xs, w.reshape(3 * c, 6 // groups, 3, 3), padding=1, groups=3 * groups).view(3, c, 5, 5)
+        return y * fa[:, :, None, None]
+    _compare(layer, native, x)
+
+
+def test_pixel_shuffle_and_subpixel_layers():
+    x = torch.randn(2, 8, 3, 5, dtype=F64)
+    _compare(ct.PixelShuffle(2), lambda x, p: F.pixel_shuffle(x, 2), x, atol=0)
+    _compare(ct.PixelUnshuffle(2), lambda x, p: F.pixel_unshuffle(x, 2), torch.randn(1, 2, 4, 6, dtype=F64), atol=0)
+    layer = ct.SubPixelConv2d(8, 3, 3, upscale_factor=2, padding=1, dtype=F64)
+    assert layer.weight.shape == (12, 8, 3, 3)
+    _compare(layer, lambda x, p: F.pixel_shuffle(F.conv2d(x, p["weight"], p["bias"], padding=1), 2), x)
+    icnr = ct.SubPixelConv2d(8, 3, 3, upscale_factor=2, padding=1, icnr=True)
+    for sub in range(4):  # the r*r sub-kernels of an output channel start equal
+        torch.testing.assert_close(icnr.weight[sub::4], icnr.weight[::4], rtol=0, atol=0)
+    assert not torch.equal(icnr.weight[0], icnr.weight[4])
+
+
+def test_adaptive_frequency_filter_is_affnets():
+    """AFFNet / AFNO's einsum implementation of the same block."""
+    torch.manual_seed(0)
+    layer = ct.AdaptiveFrequencyFilter(8, num_blocks=2, hidden_size_factor=2, sparsity_threshold=0.3, dtype=F64)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.mul_(20)  # a mask well away from 0, so soft-shrink does not zero it all
+    x = torch.randn(2, 8, 6, 5, dtype=F64)
+
+    def native(x, p):
+        B, C, H, W = x.shape
+        X = torch.fft.rfft2(x, norm="ortho")
+        z = X.reshape(B, 2, 4, H, W // 2 + 1)
+        mm = lambda a, w: torch.einsum("bkihw,kio->bkohw", a, w)  # noqa: E731
+        bias = lambda b: b[None, :, :, None, None]  # noqa: E731
+        w1, b1, w2, b2 = p["w1"], p["b1"], p["w2"], p["b2"]
+        o1r = F.relu(mm(z.real, w1[0]) - mm(z.imag, w1[1]) + bias(b1[0]))
+        o1i = F.relu(mm(z.imag, w1[0]) + mm(z.real, w1[1]) + bias(b1[1]))
+        o2r = mm(o1r, w2[0]) - mm(o1i, w2[1]) + bias(b2[0])
+        o2i = mm(o1i, w2[0]) + mm(o1r, w2[1]) + bias(b2[1])
+        mask = torch.view_as_complex(F.softshrink(torch.stack([o2r, o2i], -1), 0.3)).reshape(B, C, H, -1)
+        return torch.fft.irfft2(X * mask, s=(H, W), norm="ortho") + x
+    mask = layer.mask(x).detach()
+    assert (mask.real == 0).any() and (mask.imag == 0).any() and (mask != 0).float().mean() > 0.5  # sparsified
+    _compare(layer, native, x)
+
+
+# ---------------------------------------------------------------------------------------
+# AMP, channels_last, torch.compile, training.
+
+class ResBlock(nn.Module):
+    """A ResNet basic block whose convolutions are cuconv's: deformable, involution, ODConv."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.deform = ct.DeformConv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.involution = ct.Involution2d(c, 3, group_channels=4)
+        self.odconv = ct.ODConv2d(c, c, 3, padding=1, min_channel=4)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.deform(x)))
+        y = F.relu(self.involution(y))
+        return F.relu(x + self.bn2(self.odconv(y)))
+
+
+class Net(nn.Module):
+    def __init__(self, c=8, classes=4):
+        super().__init__()
+        self.stem = ct.Conv2d(3, c, 3, padding=1)
+        self.block = ResBlock(c)
+        self.head = nn.Linear(c, classes)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)).mean(dim=(2, 3)))
+
+
+def _model_and_data(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    model = Net().to(dtype)
+    with torch.no_grad():  # start away from DCN's zero offsets, so the sampling is fractional
+        model.block.deform.offset_predictor.weight.normal_(0, 0.1)
+    return model, torch.randn(6, 3, 8, 8, dtype=dtype), torch.randint(0, 4, (6,))
+
+
+def test_small_model_trains():
+    model, x, labels = _model_and_data()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    losses = []
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), labels)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.7 * losses[0], losses
+
+
+def test_autocast_bfloat16():
+    """Under torch.autocast('cpu', bfloat16) the ops run in bfloat16 (parameters stay
+    float32 and get float32 gradients); results are within bfloat16 rounding of float32."""
+    model, x, labels = _model_and_data()
+    model.eval()
+    expected = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ct.conv2d(x, model.stem.weight).dtype == torch.bfloat16
+        assert ct.pixel_shuffle(x[:, :, :, :4].repeat(1, 4, 1, 1), 2).dtype == torch.float32  # kept, as torch's
+        out = model(x)
+        loss = F.cross_entropy(out, labels)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.isfinite().all()
+               for p in model.parameters() if p.requires_grad)
+    assert (out.float() - expected).abs().max() < 0.05 * expected.abs().max()
+    assert not torch.equal(out.float(), expected)  # it did run in reduced precision
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ct.AdaptiveFrequencyFilter(8, num_blocks=2)(x.repeat(1, 3, 1, 1)[:, :8].to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+
+
+def test_channels_last_inputs():
+    model, x, _ = _model_and_data(dtype=F64)
+    model.eval()
+    aff = ct.AdaptiveFrequencyFilter(8, num_blocks=2, dtype=F64)
+    for layer, inp in ((model, x), (aff, torch.randn(2, 8, 6, 6, dtype=F64))):
+        a = inp.clone().requires_grad_()
+        b = inp.clone().to(memory_format=torch.channels_last).requires_grad_()
+        assert not b.is_contiguous()
+        ya, yb = layer(a), layer(b)
+        torch.testing.assert_close(ya, yb, rtol=1e-12, atol=1e-12)
+        ya.square().sum().backward()
+        yb.square().sum().backward()
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+
+
+class CompileNet(nn.Module):
+    """Every layer once (float64)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = Net()
+        self.aff = ct.AdaptiveFrequencyFilter(8, num_blocks=2)
+        self.sub = ct.SubPixelConv2d(8, 2, 3, padding=1)
+        self.unshuffle = ct.PixelUnshuffle(2)
+        self.dyn = ct.DynamicConv2d(8, 8, 3, padding=1, num_experts=2)
+        self.sep = ct.DepthwiseSeparableConv2d(8, 4, 3, padding=1)
+        self.up = ct.ConvTranspose2d(4, 4, 2, stride=2)
+        self.shuffle = ct.PixelShuffle(2)
+
+    def forward(self, x):
+        y = self.net.block(self.net.stem(x))
+        y = self.unshuffle(self.sub(self.aff(y)))
+        y = self.shuffle(self.up(self.sep(self.dyn(y))))
+        return y
+
+
+def _eager_and_compiled(model, x, backend):
+    model.eval()
+    grads = []
+    outs = []
+    for run in (model, torch.compile(model, fullgraph=True, backend=backend)):
+        model.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = run(xi)
+        y.square().sum().backward()
+        outs.append(y.detach())
+        grads.append([xi.grad] + [p.grad for p in model.parameters()])
+    return outs, grads
+
+
+def test_compile_fullgraph_matches_eager():
+    """fullgraph=True (a graph break would raise) through AOTAutograd: the same kernels, so
+    output and every gradient are bitwise equal to eager mode."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = CompileNet().to(F64)
+    (y, yc), (g, gc) = _eager_and_compiled(model, torch.randn(2, 3, 8, 8, dtype=F64), "aot_eager")
+    assert y.shape == (2, 1, 32, 32)
+    torch.testing.assert_close(yc, y, rtol=0, atol=0)
+    for a, b in zip(g, gc):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_compile_inductor():
+    """The default backend (inductor) compiles the torch code around the cuconv ops."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(ct.Conv2d(3, 4, 3, padding=1), nn.ReLU(), ct.DeformConv2d(4, 4, 3, padding=1),
+                          ct.Involution2d(4, 3, group_channels=2), nn.Tanh()).to(F64)
+    (y, yc), (g, gc) = _eager_and_compiled(model, torch.randn(2, 3, 6, 6, dtype=F64), "inductor")
+    torch.testing.assert_close(yc, y, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g, gc):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+def test_layers_are_exported():
+    module = importlib.import_module("cuconv.torch")
+    for name in ("Conv2d", "ConvTranspose2d", "DepthwiseSeparableConv2d", "DeformConv2d", "Involution2d",
+                 "DynamicConv2d", "ODConv2d", "PixelShuffle", "SubPixelConv2d", "AdaptiveFrequencyFilter", *OPS):
+        assert name in module.__all__ and hasattr(module, name)

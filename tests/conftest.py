@@ -121,6 +121,21 @@ def assert_reduced_precision(op, op_backward, reference, reference_backward, tor
             assert within_twice_anchor(got, anchor, ref, dtype), f"result {index} (0 = output, then gradients)"
 
 
+def assert_all_match(got, *expected, names=(), tol: float = 1e-10, context="") -> None:
+    """Each result (the output, then the gradients) within `tol` (rel_err) of its
+    counterpart in every expected list; None wherever the expectation is None."""
+    for expected_list in expected:
+        assert len(got) == len(expected_list), (context, len(got), len(expected_list))
+    for index, result in enumerate(got):
+        name = names[index] if index < len(names) else f"result {index}"
+        for expected_list in expected:
+            if expected_list[index] is None:
+                assert result is None, (context, name)
+            else:
+                error = rel_err(result, expected_list[index])
+                assert error < tol, (context, name, error)
+
+
 def assert_gradients_match_finite_differences(forward, backward, arrays, params, rng, samples: int = 8,
                                               eps: float = 1e-6, rtol: float = 1e-6) -> None:
     """backward is the derivative of forward (float64 references): central differences of

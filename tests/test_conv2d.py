@@ -12,7 +12,9 @@ import torch.nn.functional as F
 import cuconv
 from cuconv import reference
 from cuconv.ops import _common
-from conftest import assert_gradients_match_finite_differences, assert_reduced_precision, rel_err, to_backend, to_numpy, torch_autograd
+from conftest import (
+    assert_gradients_match_finite_differences, assert_reduced_precision, rel_err, to_backend, to_numpy,
+    torch_autograd)
 
 
 def random_config(seed):

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from cuconv import _arrays
 from cuconv.ops import _common
 from cuconv.ops.deform_conv import deform_conv2d, deform_conv2d_backward
-from conftest import assert_gradients_match_finite_differences, assert_reduced_precision, rel_err, to_backend, to_numpy, torch_autograd
+from conftest import (
+    assert_all_match, assert_gradients_match_finite_differences, assert_reduced_precision, rel_err, to_backend,
+    to_numpy, torch_autograd)
 
 reference = importlib.import_module("cuconv.reference.deform_conv")
 conv2d = importlib.import_module("cuconv.ops.conv2d").conv2d
@@ -95,11 +97,7 @@ def random_config(seed, with_mask=None):
 
 
 def _check_all(got, expected, tol=1e-10, label=""):
-    for name, g, e in zip(("output",) + GRADS, got, expected):
-        if e is None:
-            assert g is None, (label, name)
-        else:
-            assert rel_err(g, e) < tol, (label, name, rel_err(g, e))
+    assert_all_match(got, expected, names=("output",) + GRADS, tol=tol, context=label)
 
 
 # --- float64 against the reference and the torch oracle ---

@@ -25,7 +25,9 @@ from cuconv.ops.dynamic_conv import (
     warehouse_conv2d,
     warehouse_conv2d_backward,
 )
-from conftest import assert_gradients_match_finite_differences, assert_reduced_precision, rel_err, to_backend, to_numpy, torch_autograd
+from conftest import (
+    assert_all_match, assert_gradients_match_finite_differences, assert_reduced_precision, rel_err, to_backend,
+    to_numpy, torch_autograd)
 
 reference = importlib.import_module("cuconv.reference.dynamic_conv")
 dynamic_module = sys.modules["cuconv.ops.dynamic_conv"]
@@ -125,13 +127,7 @@ def random_warehouse_config(seed):
 
 
 def _check_all(got, refs, torch_refs, names, tol=1e-10):
-    assert len(got) == len(refs) == len(torch_refs)
-    for name, g, g_ref, g_torch in zip(names, got, refs, torch_refs):
-        if g_ref is None:
-            assert g is None, name
-            continue
-        assert rel_err(g, g_ref) < tol, name
-        assert rel_err(g, g_torch) < tol, name
+    assert_all_match(got, refs, torch_refs, names=names, tol=tol)
 
 
 def _oracle(fn, arrays, gy, params):

@@ -17,7 +17,9 @@ from cuconv import _arrays
 from cuconv.ops import _common
 from cuconv.ops.conv2d import conv2d, conv_output_size
 from cuconv.ops.involution import involution2d, involution2d_backward
-from conftest import assert_gradients_match_finite_differences, assert_reduced_precision, rel_err, to_backend, to_numpy, torch_autograd
+from conftest import (
+    assert_all_match, assert_gradients_match_finite_differences, assert_reduced_precision, rel_err, to_backend,
+    to_numpy, torch_autograd)
 
 reference = importlib.import_module("cuconv.reference.involution")
 involution_module = sys.modules["cuconv.ops.involution"]
@@ -72,9 +74,7 @@ def torch_oracle(x, k, gy, params, dtype="float64"):
 
 
 def _check_all(got, refs, oracle, tol=1e-10):
-    for name, g, g_ref, g_torch in zip(("output", "grad_input", "grad_kernel"), got, refs, oracle):
-        assert rel_err(g, g_ref) < tol, name
-        assert rel_err(g, g_torch) < tol, name
+    assert_all_match(got, refs, oracle, names=("output", "grad_input", "grad_kernel"), tol=tol)
 
 
 # --- float64 against the reference and the torch unfold oracle ---

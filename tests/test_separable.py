@@ -20,7 +20,9 @@ from cuconv.ops.separable import (
     spatial_separable_conv2d_backward,
 )
 from cuconv.reference import separable as reference
-from conftest import assert_gradients_match_finite_differences, assert_reduced_precision, rel_err, to_backend, to_numpy, torch_autograd
+from conftest import (
+    assert_all_match, assert_gradients_match_finite_differences, assert_reduced_precision, rel_err, to_backend,
+    to_numpy, torch_autograd)
 
 separable_module = sys.modules["cuconv.ops.separable"]
 
@@ -105,12 +107,7 @@ def torch_spatial(x, wv, wh, b, gy, params, dtype="float64"):
 
 
 def _check_all(got, refs, torch_refs, names, tol=1e-10):
-    for name, g, g_ref, g_torch in zip(names, got, refs, torch_refs):
-        if g_ref is None:
-            assert g is None, name
-            continue
-        assert rel_err(g, g_ref) < tol, name
-        assert rel_err(g, g_torch) < tol, name
+    assert_all_match(got, refs, torch_refs, names=names, tol=tol)
 
 
 # --- float64 against the reference and torch autograd ---

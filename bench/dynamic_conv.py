@@ -120,8 +120,9 @@ QUICK = ("r50 3x3 128 28", "r50 1x1 256->64 56", "mbv2 dw3x3 384 14")
 
 
 def bench_cases(dtypes, quick, torch_module=None) -> list[BenchCase]:
-    """dynamic_conv2d forward and forward+backward (every gradient) per layer and dtype;
-    baselines need torch (CuPy arrays otherwise, no baselines)."""
+    """dynamic_conv2d and odconv2d (all four attentions) forward and forward+backward
+    (every gradient) per layer and dtype; baselines need torch (CuPy arrays otherwise,
+    no baselines)."""
     cases = []
     for dtype in dtypes:
         if torch_module is None and dtype == "bfloat16":
@@ -132,34 +133,52 @@ def bench_cases(dtypes, quick, torch_module=None) -> list[BenchCase]:
             pad = k // 2
             out = (size + 2 * pad - k) // stride + 1
             flops = 2.0 * BATCH * cout * (cin // groups) * k * k * out * out
-            shapes = [(BATCH, cin, size, size), (K, cout, cin // groups, k, k), (BATCH, K)]
-            scales = [1.0, (cin // groups * k * k) ** -0.5, 1.0 / K]
-            for pass_ in ("fwd", "fwd+bwd"):
-                cases.append(_case(label, dtype, pass_, shapes, scales, (BATCH, cout, out, out),
-                                   dict(stride=stride, padding=pad, groups=groups), flops, torch_module))
+            params = dict(stride=stride, padding=pad, groups=groups)
+            for variant in ("dynamic", "odconv"):
+                shapes = [(BATCH, cin, size, size), (K, cout, cin // groups, k, k), (BATCH, K)]
+                scales = [1.0, (cin // groups * k * k) ** -0.5, 1.0 / K]
+                if variant == "odconv":  # spatial, channel and filter attentions, near 1 like sigmoids
+                    shapes += [(BATCH, k, k), (BATCH, cin), (BATCH, cout)]
+                    scales += [0.5, 0.5, 0.5]
+                for pass_ in ("fwd", "fwd+bwd"):
+                    cases.append(_case(variant, f"{variant} {label}", dtype, pass_, shapes, scales,
+                                       (BATCH, cout, out, out), params, flops, torch_module))
     return cases
 
 
-def _case(label, dtype, pass_, shapes, scales, y_shape, params, flops, torch) -> BenchCase:
+_VARIANTS = {  # the op, its backward, and the torch batch-folded baseline
+    "dynamic": (dynamic_conv2d, dynamic_conv2d_backward, _torch_dynamic),
+    "odconv": (odconv2d, odconv2d_backward, _torch_odconv),
+}
+
+
+def _case(variant, label, dtype, pass_, shapes, scales, y_shape, params, flops, torch) -> BenchCase:
     backward = pass_ == "fwd+bwd"
+    op, op_backward, folded = _VARIANTS[variant]
     if backward:
         shapes, scales = shapes + [y_shape], scales + [1.0]
 
-    def run_cuconv(x, w, a, gy=None):
-        dynamic_conv2d(x, w, a, **params)
+    def split(inputs):  # (arrays..., gy) -> (arrays, gy); gy is there only for fwd+bwd
+        return (inputs[:-1], inputs[-1]) if backward else (inputs, None)
+
+    def run_cuconv(*inputs):
+        arrays, gy = split(inputs)
+        op(*arrays, **params)
         if backward:
-            dynamic_conv2d_backward(gy, x, w, a, **params)
+            op_backward(gy, *arrays, **params)
 
     baselines = {}
     if torch is not None:
         F = torch.nn.functional
 
-        def run_folded(x, w, a, gy=None):
-            y = _torch_dynamic(F, x, w, a, **params)
+        def run_folded(*inputs):
+            arrays, gy = split(inputs)
+            y = folded(F, *arrays, **params)
             if backward:
-                torch.autograd.grad(y, (x, w, a), gy)
+                torch.autograd.grad(y, arrays, gy)
 
-        def run_static(x, w, a, gy=None):
+        def run_static(*inputs):
+            (x, w, *_), gy = split(inputs)
             y = F.conv2d(x, w[0], None, **params)
             if backward:
                 torch.autograd.grad(y, (x, w), gy, allow_unused=True)

@@ -109,8 +109,16 @@ def _case(label, dtype, pass_, x_shape, k_shape, stride, flops, torch) -> BenchC
 
 
 def _baselines(torch, stride, pad, backward) -> dict:
+    def run_one_thread_per_output(x, k, gy=None):
+        """The official CuPy kernel's design (one thread per output, reading device memory),
+        as cuconv's own direct kernel; the backward is cuconv's either way."""
+        involution2d(x, k, stride=stride, padding=pad, algorithm="direct")
+        if backward:
+            involution2d_backward(gy, x, k, stride=stride, padding=pad)
+
+    direct = {"one thread/output": (lambda s: s, run_one_thread_per_output)}
     if torch is None:
-        return {}
+        return direct
     F = torch.nn.functional
 
     def run_unfold(x, k, gy=None):
@@ -129,4 +137,4 @@ def _baselines(torch, stride, pad, backward) -> dict:
         if backward:
             torch.autograd.grad(y, (x, w), gy)
 
-    return {"torch unfold": (lambda s: s, run_unfold), "torch dw conv": (to_depthwise, run_depthwise)}
+    return {**direct, "torch unfold": (lambda s: s, run_unfold), "torch dw conv": (to_depthwise, run_depthwise)}

@@ -375,3 +375,14 @@ def test_launch_counter_sees_launches(launches):
     involution2d(X, K, padding=1)
     involution2d_backward(np.ones((2, 6, 8, 8)), X, K, padding=1)
     assert launches == ["involution2d_fwd", "involution2d_bwd_input", "involution2d_bwd_kernel"]
+
+
+def test_direct_algorithm_on_request(backend, launches):
+    """algorithm='direct' runs the one-thread-per-output kernel (the benchmark's stand-in
+    for the official design) and agrees with the reference; an unknown one is refused."""
+    x, k, params = random_config(5)
+    y = involution2d(to_backend(x, backend), to_backend(k, backend), **params, algorithm="direct")
+    assert launches == ["involution2d_direct_fwd"]
+    assert rel_err(y, reference.involution2d(x, k, **params)) < 1e-10
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        involution2d(x, k, **params, algorithm="tiled")

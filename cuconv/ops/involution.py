@@ -160,8 +160,14 @@ def _plan(out_h, out_w, cg, kernel_h, kernel_w, stride, dilation, budget):
     return best
 
 
-def _launch_forward(call: Call, geom: Geometry, x, kernel, y) -> None:
-    plan = forward_plan(call, geom)
+ALGORITHMS = ("auto", "direct")
+
+
+def _launch_forward(call: Call, geom: Geometry, x, kernel, y, algorithm: str = "auto") -> None:
+    """'auto': the halo-tiled kernel where its smallest tile fits the shared-memory budget,
+    else the direct one; 'direct': one thread per output reading device memory (the
+    official CuPy kernel's design, kept as a fallback and a benchmark baseline)."""
+    plan = forward_plan(call, geom) if algorithm != "direct" else None
     if plan is None:
         pixels = geom.out_h * geom.out_w
         block = threads_for(pixels, _MAX_THREADS)
@@ -179,18 +185,21 @@ def _launch_forward(call: Call, geom: Geometry, x, kernel, y) -> None:
 
 # --- the op ---
 
-def involution2d(input, kernel, stride=1, padding=0, dilation=1):
+def involution2d(input, kernel, stride=1, padding=0, dilation=1, *, algorithm="auto"):
     """y[b, c, oy, ox] = sum_{i, j} kernel[b, c // (C // G), i, j, oy, ox] *
     x[b, c, oy*sh - ph + i*dh, ox*sw - pw + j*dw] (zero padding).
 
     input [B, C, H, W], kernel [B, G, kh, kw, Ho, Wo] (C % G == 0; Ho, Wo as conv2d's
-    output size) -> [B, C, Ho, Wo]. stride, padding, dilation: an int or a pair."""
+    output size) -> [B, C, Ho, Wo]. stride, padding, dilation: an int or a pair.
+    algorithm: 'auto' (tiled where it fits) or 'direct' (one thread per output)."""
     op = "involution2d"
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"{op}: algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     call = Call(op, input=input, kernel=kernel)
     geom = Geometry(op, call, stride, padding, dilation)
     y = call.empty(geom.output_shape)
     if geom.batch:
-        _launch_forward(call, geom, call.operand("input"), call.operand("kernel"), y)
+        _launch_forward(call, geom, call.operand("input"), call.operand("kernel"), y, algorithm)
     return call.export(y)
 
 

@@ -93,7 +93,7 @@ def _deform(op, s, stride=1, padding=0, dilation=1):
     return _module("deform_conv").DeformGeometry(op, s, stride, padding, dilation).output_shape
 
 
-def _involution(op, s, stride=1, padding=0, dilation=1):
+def _involution(op, s, stride=1, padding=0, dilation=1, algorithm="auto"):
     return _module("involution").Geometry(op, s, stride, padding, dilation).output_shape
 
 

@@ -203,10 +203,15 @@ def involution2d(input, kernel, stride=1, padding=0, dilation=1, *, algorithm="a
     return call.export(y)
 
 
-def involution2d_backward(grad_output, input, kernel, stride=1, padding=0, dilation=1, wrt=None):
+def involution2d_backward(grad_output, input, kernel, stride=1, padding=0, dilation=1, wrt=None, *,
+                          algorithm="auto"):
     """Gradients of involution2d: (grad_input, grad_kernel); None for an argument not in
-    `wrt` (a name or tuple of names among input, kernel)."""
+    `wrt` (a name or tuple of names among input, kernel). `algorithm` is the forward's
+    (accepted as every backward takes its forward's arguments; the gradients' kernels are
+    the same for both)."""
     op = "involution2d_backward"
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"{op}: algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     call = Call(op, input=input, grad_output=grad_output, kernel=kernel)
     geom = Geometry(op, call, stride, padding, dilation)
     check_grad_output(op, call, geom.output_shape)

@@ -120,5 +120,15 @@ def _case(label, dtype, pass_, shapes, stride, pad, groups, flops, torch) -> Ben
         if backward:
             torch.autograd.grad(y, (x, w), gy)
 
+    baselines = torch_baselines(torch, run_torch)
+    if dtype in ("float16", "bfloat16"):
+        # the opt-in tensor-core forward (algorithm='implicit_gemm'), timed in the same run
+        # as the direct kernels and cuDNN until it is measured and tuned enough for 'auto'
+        def run_implicit_gemm(x, w, gy=None):
+            cuconv.conv2d(x, w, None, stride, pad, 1, groups, algorithm="implicit_gemm")
+            if backward:
+                cuconv.conv2d_backward(gy, x, w, None, stride, pad, 1, groups, wrt=("input", "weight"))
+
+        baselines["cuconv implicit_gemm"] = (lambda s: s, run_implicit_gemm)
     return BenchCase(NAME, label, dtype, pass_, flops * (3 if backward else 1), make_inputs, run_cuconv,
-                     torch_baselines(torch, run_torch), bytes_moved=traffic)
+                     baselines, bytes_moved=traffic)

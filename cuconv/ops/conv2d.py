@@ -2,10 +2,12 @@
 
 Covers stride, padding (int, pair, 'same', 'valid'), dilation, groups (grouped,
 depthwise, 1x1) and an optional bias. Kernels: kernels_cu/conv2d.cu (formulas and
-thread mapping are documented there). Algorithms: 'direct' (those kernels) and 'fft'
-(stride 1, groups 1 or depthwise: cuconv/ops/spectral.py); `algorithm='auto'` picks
-'fft' for kernels of at least spectral.FFT_AUTO_MIN_TAPS taps where fft supports the
-conv (an unmeasured, conservative threshold), else 'direct'.
+thread mapping are documented there). Algorithms: 'direct' (those kernels), 'fft'
+(stride 1, groups 1 or depthwise: cuconv/ops/spectral.py) and 'implicit_gemm' (the
+tensor-core forward for float16/bfloat16, cuconv/ops/conv2d_igemm.py; opt-in only
+until measured on a GPU); `algorithm='auto'` picks 'fft' for kernels of at least
+spectral.FFT_AUTO_MIN_TAPS taps where fft supports the conv (an unmeasured,
+conservative threshold), else 'direct'.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ KERNELS = KernelModule(
     kernels=("conv2d_fwd", "conv2d_bwd_input", "conv2d_bwd_weight", "conv2d_bwd_bias"),
     params_struct="Conv2dParams",
 )
-ALGORITHMS = ("direct", "fft")
+ALGORITHMS = ("direct", "fft", "implicit_gemm")
 # Shared memory one block stages weights in: a tuning choice well under every
 # device's per-block limit (which is read from the device and still enforced).
 _WEIGHT_STAGE_BYTES = 16 * 1024
@@ -180,10 +182,15 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     call = Call(op, input=input, weight=weight, bias=bias, optional=("bias",))
     geom = conv_geometry(op, call.shape("input"), call.shape("weight"), call.shape("bias"),
                          stride, padding, dilation, groups)
-    if _check_algorithm(op, algorithm, geom) == "fft":
+    chosen = _check_algorithm(op, algorithm, geom)
+    if chosen == "fft":
         from .spectral import conv2d_fft
 
         return conv2d_fft(call, geom)
+    if chosen == "implicit_gemm":
+        from .conv2d_igemm import conv2d_implicit_gemm
+
+        return conv2d_implicit_gemm(call, geom)  # ValueError, nothing launched, where unsupported
     y = call.empty(geom.output_shape)
     launch_forward(call, geom, call.operand("input"), call.operand("weight"), call.operand("bias"), y)
     return call.export(y)
@@ -198,6 +205,10 @@ def conv2d_backward(grad_output, input, weight, bias=None, stride=1, padding=0, 
     geom = conv_geometry(op, call.shape("input"), call.shape("weight"), call.shape("bias"),
                          stride, padding, dilation, groups)
     chosen = _check_algorithm(op, algorithm, geom)
+    if chosen == "implicit_gemm":  # forward only so far: the gradients are the direct kernels'
+        from .conv2d_igemm import check_implicit_gemm
+
+        check_implicit_gemm(op, geom, call.dtype)
     check_grad_output(op, call, geom.output_shape)
     wanted = parse_wrt(op, wrt, ("input", "weight", "bias"))
     if chosen == "fft":

@@ -1,0 +1,171 @@
+// Warp-level tensor-core helpers: mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32
+// (sm_80+) and the register packing it needs. On the GPU each helper is one inline PTX
+// instruction; under CUCONV_INTERPRET (the host emulation, which has no PTX) a fallback
+// reproduces the instruction's result with the SAME per-lane fragment layout, gathering
+// the warp's fragments with __shfl_sync (slow, exact in layout).
+//
+// Fragment layout: PTX ISA, section "Matrix Fragments for mma.m16n8k16 with floating
+// point type" (9.7.14.5.8 in PTX ISA 8.x, docs.nvidia.com/cuda/parallel-thread-execution,
+// figures "MMA .m16n8k16 fragment layout for matrix A / B / accumulator C/D with .f16 /
+// .bf16 type"). With lane = %laneid, g = lane >> 2 (groupID), t = lane % 4
+// (threadID_in_group):
+//
+//   A (16x16, row-major M x K): 8 elements a0..a7 in four 32-bit registers, register r
+//     holding a(2r) in its low 16 bits and a(2r+1) in its high 16 bits:
+//       row(ai) = g      for i in {0,1,4,5},   g + 8 for i in {2,3,6,7}
+//       col(ai) = 2t + (i & 1)   for i < 4,    2t + (i & 1) + 8 for i >= 4
+//     i.e. a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..2t+1],
+//          a[2] = A[g][2t+8..2t+9], a[3] = A[g+8][2t+8..2t+9].
+//   B (16x8, K x N, ".col": each column is K-contiguous): 4 elements b0..b3 in two
+//     32-bit registers (b0, b2 in the low halves):
+//       row(bi) = 2t + (i & 1) for i < 2,  2t + (i & 1) + 8 for i >= 2;  col(bi) = g
+//     i.e. b[0] = B[2t..2t+1][g], b[1] = B[2t+8..2t+9][g].
+//   C, D (16x8 float32): c0..c3,
+//       row(ci) = g for i < 2,  g + 8 for i >= 2;  col(ci) = 2t + (i & 1)
+//     i.e. c[0..1] = C[g][2t..2t+1], c[2..3] = C[g+8][2t..2t+1].
+//
+// Numerics: D = A*B + C with float32 accumulation. The fallback forms each element
+// as C + sum_k A*B in double (every fp16/bf16 product is exact) and rounds once to
+// float; the hardware's internal fp32 summation may differ from it in the last bits of
+// the float32 accumulator, far below the fp16/bf16 rounding of a kernel's output.
+// Every lane of the warp must call a helper together (it is a warp-wide instruction),
+// from a 1-D block (the host fallback takes the lane as threadIdx.x % 32).
+#pragma once
+
+#include "cuconv.cuh"
+
+#ifdef CUCONV_INTERPRET
+#include <cstring>
+#endif
+
+typedef unsigned int mma_reg_t;  // one 32-bit fragment register (two 16-bit elements)
+
+// The 16 bits of a storage element.
+__device__ __forceinline__ unsigned short mma_bits(__half v) {
+#ifdef CUCONV_INTERPRET
+  unsigned short u;
+  std::memcpy(&u, &v, 2);
+  return u;
+#else
+  return __half_as_ushort(v);
+#endif
+}
+__device__ __forceinline__ unsigned short mma_bits(__nv_bfloat16 v) {
+#ifdef CUCONV_INTERPRET
+  unsigned short u;
+  std::memcpy(&u, &v, 2);
+  return u;
+#else
+  return __bfloat16_as_ushort(v);
+#endif
+}
+
+// A fragment register from two elements: lo -> bits 0..15, hi -> bits 16..31.
+template <typename T>
+__device__ __forceinline__ mma_reg_t mma_pack(T lo, T hi) {
+  return mma_reg_t(mma_bits(lo)) | (mma_reg_t(mma_bits(hi)) << 16);
+}
+
+// A fragment register from two consecutive elements p[0], p[1] (p 4-byte aligned):
+// the layout above keeps every register's pair adjacent in a K-contiguous array.
+template <typename T>
+__device__ __forceinline__ mma_reg_t mma_load_pair(const T* p) {
+#ifdef CUCONV_INTERPRET
+  mma_reg_t r;
+  std::memcpy(&r, p, 4);  // little-endian: p[0] in the low half, as on the GPU
+  return r;
+#else
+  return *reinterpret_cast<const mma_reg_t*>(p);
+#endif
+}
+
+#ifdef CUCONV_INTERPRET
+namespace cuconv_mma_host {
+
+inline double element(unsigned short bits, const __half*) {
+  __half h;
+  std::memcpy(&h, &bits, 2);
+  return double(__half2float(h));
+}
+inline double element(unsigned short bits, const __nv_bfloat16*) {
+  __nv_bfloat16 b;
+  std::memcpy(&b, &bits, 2);
+  return double(__bfloat162float(b));
+}
+template <typename T>
+inline double low(mma_reg_t r) { return element((unsigned short)(r & 0xffffu), (const T*)nullptr); }
+template <typename T>
+inline double high(mma_reg_t r) { return element((unsigned short)(r >> 16), (const T*)nullptr); }
+
+// d += A*B for the warp, on the host: each lane fetches the fragments holding the two
+// rows of A (g, g+8) and the two columns of B (2t, 2t+1) its D elements need.
+template <typename T>
+inline void mma_m16n8k16(float (&d)[4], const mma_reg_t (&a)[4], const mma_reg_t (&b)[2]) {
+  const int lane = int(threadIdx.x & 31);  // blockDim.x is a multiple of 32 for these kernels
+  const int g = lane >> 2, t = lane & 3;
+  double arow[2][16], bcol[2][16];  // arow[h][k] = A[g + 8h][k], bcol[j][k] = B[k][2t + j]
+  const unsigned long long a01 = (unsigned long long)a[0] | ((unsigned long long)a[1] << 32);
+  const unsigned long long a23 = (unsigned long long)a[2] | ((unsigned long long)a[3] << 32);
+  const unsigned long long b01 = (unsigned long long)b[0] | ((unsigned long long)b[1] << 32);
+  for (int s = 0; s < 4; ++s) {  // the four lanes 4g + s hold rows g and g+8 of A
+    const unsigned long long lo = __shfl_sync(0xffffffffu, a01, 4 * g + s);
+    const unsigned long long hi = __shfl_sync(0xffffffffu, a23, 4 * g + s);
+    const mma_reg_t r[4] = {mma_reg_t(lo), mma_reg_t(lo >> 32), mma_reg_t(hi), mma_reg_t(hi >> 32)};
+    // lane 4g+s: r[0] = A[g][2s..], r[1] = A[g+8][2s..], r[2] = A[g][2s+8..], r[3] = A[g+8][2s+8..]
+    arow[0][2 * s] = low<T>(r[0]);      arow[0][2 * s + 1] = high<T>(r[0]);
+    arow[1][2 * s] = low<T>(r[1]);      arow[1][2 * s + 1] = high<T>(r[1]);
+    arow[0][2 * s + 8] = low<T>(r[2]);  arow[0][2 * s + 9] = high<T>(r[2]);
+    arow[1][2 * s + 8] = low<T>(r[3]);  arow[1][2 * s + 9] = high<T>(r[3]);
+  }
+  for (int j = 0; j < 2; ++j) {
+    for (int s = 0; s < 4; ++s) {  // the four lanes 4n + s (n = 2t + j) hold column n of B
+      const unsigned long long v = __shfl_sync(0xffffffffu, b01, 4 * (2 * t + j) + s);
+      const mma_reg_t r0 = mma_reg_t(v), r1 = mma_reg_t(v >> 32);
+      // lane 4n+s: r0 = B[2s..2s+1][n], r1 = B[2s+8..2s+9][n]
+      bcol[j][2 * s] = low<T>(r0);      bcol[j][2 * s + 1] = high<T>(r0);
+      bcol[j][2 * s + 8] = low<T>(r1);  bcol[j][2 * s + 9] = high<T>(r1);
+    }
+  }
+  for (int i = 0; i < 4; ++i) {  // d[i] = D[g + 8*(i >> 1)][2t + (i & 1)]
+    double sum = double(d[i]);
+    for (int k = 0; k < 16; ++k) sum += arow[i >> 1][k] * bcol[i & 1][k];
+    d[i] = float(sum);
+  }
+}
+
+}  // namespace cuconv_mma_host
+#endif
+
+// d = A*B + d for one m16n8k16 tile (f16 inputs, f32 accumulators), layout above.
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const mma_reg_t (&a)[4], const mma_reg_t (&b)[2],
+                                             const __half*) {
+#ifdef CUCONV_INTERPRET
+  cuconv_mma_host::mma_m16n8k16<__half>(d, a, b);
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// The same with bf16 inputs.
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const mma_reg_t (&a)[4], const mma_reg_t (&b)[2],
+                                             const __nv_bfloat16*) {
+#ifdef CUCONV_INTERPRET
+  cuconv_mma_host::mma_m16n8k16<__nv_bfloat16>(d, a, b);
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// Typed entry point: mma_m16n8k16<T>(d, a, b) for T in {__half, __nv_bfloat16}.
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const mma_reg_t (&a)[4], const mma_reg_t (&b)[2]) {
+  mma_m16n8k16(d, a, b, static_cast<const T*>(nullptr));
+}

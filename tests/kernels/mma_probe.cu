@@ -1,0 +1,42 @@
+// Test-only probe of kernels_cu/common/mma.cuh: every warp multiplies its own random
+// A (16x16, row-major) by B (16x8, row-major K x N) and adds C (16x8 float32). Each lane
+// loads ITS fragments straight from global memory with the layout documented in
+// mma.cuh (the PTX ISA's m16n8k16 table), calls mma_m16n8k16<T>, and writes its D
+// fragment back with the same layout. The test compares D with A @ B + C, so a fallback
+// whose layout differs from the documented one, or a GPU whose instruction differs
+// from the fallback, fails.
+#include "../../kernels_cu/common/cuconv.cuh"
+#include "../../kernels_cu/common/mma.cuh"
+
+struct MmaProbeParams {
+  long long tiles;  // matrices in the batch: warp w of the grid handles tile w
+};
+
+// a [tiles, 16, 16] T, b [tiles, 16, 8] T, c [tiles, 16, 8] float, d [tiles, 16, 8] float
+template <typename T>
+__global__ void probe_mma(const MmaProbeParams p, const T* __restrict__ a, const T* __restrict__ b,
+                          const float* __restrict__ c, float* __restrict__ d) {
+  const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const bool active = warp < p.tiles;  // every lane still joins the mma (warp-wide)
+  const long long tile = active ? warp : 0;
+  const T* A = a + tile * 256;
+  const T* B = b + tile * 128;
+  const float* C = c + tile * 128;
+  mma_reg_t af[4], bf[2];
+  // a(2r), a(2r+1) in register r: rows g (r = 0, 2) / g+8 (r = 1, 3), cols 2t(+8 for r >= 2)
+  for (int r = 0; r < 4; ++r) {
+    const int row = g + 8 * (r & 1), col = 2 * t + 8 * (r >> 1);
+    af[r] = mma_pack(A[row * 16 + col], A[row * 16 + col + 1]);
+  }
+  // b(2r), b(2r+1) in register r: rows 2t, 2t+1 (+8 for r = 1), column g
+  for (int r = 0; r < 2; ++r) {
+    const int row = 2 * t + 8 * r;
+    bf[r] = mma_pack(B[row * 8 + g], B[(row + 1) * 8 + g]);
+  }
+  float acc[4];
+  for (int i = 0; i < 4; ++i) acc[i] = C[(g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)];
+  mma_m16n8k16<T>(acc, af, bf);
+  if (active)
+    for (int i = 0; i < 4; ++i) d[tile * 128 + (g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)] = acc[i];
+}

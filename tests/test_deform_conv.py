@@ -27,6 +27,17 @@ deform_module = sys.modules["cuconv.ops.deform_conv"]
 GRADS = ("input", "offset", "weight", "bias", "mask")
 
 
+
+def _positional(forward):
+    """forward with mask as its fifth positional argument (the shared checks pass every
+    array positionally; deform_conv2d takes mask by keyword after its parameters)."""
+    return lambda x, offset, weight, bias, mask, **params: forward(x, offset, weight, bias, mask=mask, **params)
+
+
+def _positional_backward(backward):
+    return lambda gy, x, offset, weight, bias, mask, **params: backward(gy, x, offset, weight, bias, mask=mask,
+                                                                        **params)
+
 def _pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
 
@@ -153,8 +164,7 @@ def test_finite_differences_of_the_reference():
     args = [x, offset, weight, bias, mask]
 
     assert_gradients_match_finite_differences(
-        lambda x_, o, w, b, m, **p: reference.deform_conv2d(x_, o, w, b, mask=m, **p),
-        lambda gy, x_, o, w, b, m, **p: reference.deform_conv2d_backward(gy, x_, o, w, b, mask=m, **p),
+        _positional(reference.deform_conv2d), _positional_backward(reference.deform_conv2d_backward),
         args, params, rng)
 
 
@@ -221,19 +231,9 @@ def test_reduced_precision_within_twice_torch_error(dtype):
     bias, mask = rng.standard_normal(6), rng.uniform(0, 1, (2, 2 * 9, 7, 6))
     params = dict(padding=1)
 
-    def op(x, o, w, b, m, **p):
-        return deform_conv2d(x, o, w, b, mask=m, **p)
-
-    def op_backward(gy, x, o, w, b, m, **p):
-        return deform_conv2d_backward(gy, x, o, w, b, mask=m, **p)
-
-    def ref(x, o, w, b, m, **p):
-        return reference.deform_conv2d(x, o, w, b, mask=m, **p)
-
-    def ref_backward(gy, x, o, w, b, m, **p):
-        return reference.deform_conv2d_backward(gy, x, o, w, b, mask=m, **p)
-
-    assert_reduced_precision(op, op_backward, ref, ref_backward,
+    assert_reduced_precision(_positional(deform_conv2d), _positional_backward(deform_conv2d_backward),
+                             _positional(reference.deform_conv2d),
+                             _positional_backward(reference.deform_conv2d_backward),
                              lambda tx, to, tw, tb, tm: torch_deform_conv2d(tx, to, tw, tb, mask=tm, **params),
                              (x, offset, weight, bias, mask), params, dtype)
 

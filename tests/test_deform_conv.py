@@ -27,7 +27,6 @@ deform_module = sys.modules["cuconv.ops.deform_conv"]
 GRADS = ("input", "offset", "weight", "bias", "mask")
 
 
-
 def _positional(forward):
     """forward with mask as its fifth positional argument (the shared checks pass every
     array positionally; deform_conv2d takes mask by keyword after its parameters)."""
@@ -37,6 +36,7 @@ def _positional(forward):
 def _positional_backward(backward):
     return lambda gy, x, offset, weight, bias, mask, **params: backward(gy, x, offset, weight, bias, mask=mask,
                                                                         **params)
+
 
 def _pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)

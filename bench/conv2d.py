@@ -82,8 +82,15 @@ def layers():
             + [(label, c, c, k, 1, size, c) for label, c, k, size in DEPTHWISE])
 
 
+# Passes timed per layer; --quick keeps the first and last.
+PASSES = ("fwd", "dgrad", "wgrad", "fwd+bwd")
+QUICK_PASSES = ("fwd", "fwd+bwd")
+# Gradients each pass asks for (fwd asks for none).
+_WRT = {"fwd": (), "dgrad": ("input",), "wgrad": ("weight",), "fwd+bwd": ("input", "weight")}
+
+
 def bench_cases(dtypes, quick, torch_module=None) -> list[BenchCase]:
-    """Forward and forward+backward cases; baselines need torch (CuPy arrays otherwise)."""
+    """fwd, dgrad, wgrad and fwd+bwd cases; baselines need torch (CuPy arrays otherwise)."""
     cases = []
     for label, cin, cout, k, stride, size, groups in layers():
         if quick and label not in QUICK:
@@ -95,40 +102,55 @@ def bench_cases(dtypes, quick, torch_module=None) -> list[BenchCase]:
         for dtype in dtypes:
             if torch_module is None and dtype == "bfloat16":
                 continue  # CuPy has no bfloat16
-            for pass_ in ("fwd", "fwd+bwd"):
+            for pass_ in QUICK_PASSES if quick else PASSES:
                 cases.append(_case(label, dtype, pass_, shapes, stride, pad, groups, flops, torch_module))
     return cases
 
 
+def _supported_algorithms(shapes, stride, pad, groups, dtype) -> list[str]:
+    """Every conv2d algorithm that runs this layer in dtype (each is timed by name)."""
+    import importlib
+
+    ops = importlib.import_module("cuconv.ops.conv2d")
+    geom = ops.conv_geometry("bench", shapes[0], shapes[1], None, stride, pad, 1, groups)
+    return [a for a in ops.ALGORITHMS if ops._unsupported(a, geom, dtype) is None]
+
+
 def _case(label, dtype, pass_, shapes, stride, pad, groups, flops, torch) -> BenchCase:
     """shapes: (input, weight, output); the output shape is an input set member (the
-    incoming gradient) only for fwd+bwd."""
-    backward = pass_ == "fwd+bwd"
-    traffic = tensor_bytes(shapes, dtype) * (3 if backward else 1)
-    shapes = shapes if backward else shapes[:2]
+    incoming gradient) except for fwd. 'cuconv' is algorithm='auto' (untuned unless
+    CUCONV_AUTOTUNE=1); every supported algorithm is also timed by name in the same run."""
+    wrt = _WRT[pass_]
+    with_forward = pass_ in ("fwd", "fwd+bwd")
+    # compulsory traffic: x and w read, y written; each gradient reads gy and one operand
+    # and writes its own result
+    traffic = tensor_bytes(shapes, dtype) * (1 if with_forward else 0) + tensor_bytes(shapes, dtype) * len(wrt)
+    shapes = shapes if wrt else shapes[:2]
     fan_in = shapes[1][1] * shapes[1][2] * shapes[1][3]
     # unit-scale activations and gradients, Kaiming-like weights
-    make_inputs = random_inputs(shapes, dtype, backward, (1.0, fan_in**-0.5, 1.0), torch)
+    make_inputs = random_inputs(shapes, dtype, bool(wrt), (1.0, fan_in**-0.5, 1.0), torch)
 
-    def run_cuconv(x, w, gy=None):
-        cuconv.conv2d(x, w, None, stride, pad, 1, groups)
-        if backward:
-            cuconv.conv2d_backward(gy, x, w, None, stride, pad, 1, groups, wrt=("input", "weight"))
+    def by_algorithm(algorithm):
+        def run(x, w, gy=None):
+            if with_forward:
+                cuconv.conv2d(x, w, None, stride, pad, 1, groups, algorithm=algorithm)
+            if wrt:
+                cuconv.conv2d_backward(gy, x, w, None, stride, pad, 1, groups, wrt=wrt, algorithm=algorithm)
+        return run
 
     def run_torch(x, w, gy=None):
-        y = torch.nn.functional.conv2d(x, w, None, stride, pad, 1, groups)
-        if backward:
+        if with_forward:
+            y = torch.nn.functional.conv2d(x, w, None, stride, pad, 1, groups)
+        if pass_ == "fwd+bwd":
             torch.autograd.grad(y, (x, w), gy)
+        elif wrt:  # one gradient alone: cuDNN's dgrad or wgrad
+            with torch.no_grad():
+                torch.ops.aten.convolution_backward(gy, x, w, None, (stride, stride), (pad, pad), (1, 1), False,
+                                                    (0, 0), groups, (pass_ == "dgrad", pass_ == "wgrad", False))
 
     baselines = torch_baselines(torch, run_torch)
-    if dtype in ("float16", "bfloat16"):
-        # the opt-in tensor-core forward (algorithm='implicit_gemm'), timed in the same run
-        # as the direct kernels and cuDNN until it is measured and tuned enough for 'auto'
-        def run_implicit_gemm(x, w, gy=None):
-            cuconv.conv2d(x, w, None, stride, pad, 1, groups, algorithm="implicit_gemm")
-            if backward:
-                cuconv.conv2d_backward(gy, x, w, None, stride, pad, 1, groups, wrt=("input", "weight"))
-
-        baselines["cuconv implicit_gemm"] = (lambda s: s, run_implicit_gemm)
-    return BenchCase(NAME, label, dtype, pass_, flops * (3 if backward else 1), make_inputs, run_cuconv,
-                     baselines, bytes_moved=traffic)
+    for algorithm in _supported_algorithms(shapes, stride, pad, groups, dtype):
+        baselines[f"cuconv {algorithm}"] = (lambda s: s, by_algorithm(algorithm))
+    work = flops * ((1 if with_forward else 0) + len(wrt))
+    return BenchCase(NAME, label, dtype, pass_, work, make_inputs, by_algorithm("auto"), baselines,
+                     bytes_moved=traffic)

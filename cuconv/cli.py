@@ -24,6 +24,12 @@ def _info() -> int:
         print(f"cuda backend: CuPy {cupy.__version__}, {count} device(s)")
     except Exception as e:  # no CuPy, no driver or no device
         print(f"cuda backend: unavailable ({type(e).__name__}: {e})")
+    import os
+
+    from . import _autotune
+
+    state = "on" if os.environ.get("CUCONV_AUTOTUNE", "").strip() == "1" else "off (CUCONV_AUTOTUNE=1 turns it on)"
+    print(f"autotuning: {state}; cache {_autotune.cache_path()}")
     return 0
 
 

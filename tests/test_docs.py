@@ -1,4 +1,4 @@
-"""The documentation: every ```python block in README.md and docs/*.md runs (the blocks
+"""The documentation: every ```python block in README.md and docs/**/*.md runs (the blocks
 of one page share a namespace, in order); ```py blocks are GPU-only examples and run
 when a GPU is present; the site builds with `mkdocs build --strict`; the performance
 page is what bench/results gives."""
@@ -13,7 +13,7 @@ import pytest
 from conftest import gpu_available
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
 def blocks(page: Path, language: str) -> list[str]:

@@ -1,19 +1,24 @@
 """conv2d: torch.nn.functional.conv2d semantics, forward and hand-written backward.
 
 Covers stride, padding (int, pair, 'same', 'valid'), dilation, groups (grouped,
-depthwise, 1x1) and an optional bias. Kernels: kernels_cu/conv2d.cu (formulas and
-thread mapping are documented there). Algorithms: 'direct' (those kernels), 'fft'
-(stride 1, groups 1 or depthwise: cuconv/ops/spectral.py) and 'implicit_gemm' (the
-tensor-core forward for float16/bfloat16, cuconv/ops/conv2d_igemm.py; opt-in only
-until measured on a GPU); `algorithm='auto'` picks 'fft' for kernels of at least
-spectral.FFT_AUTO_MIN_TAPS taps where fft supports the conv (an unmeasured,
-conservative threshold), else 'direct'.
+depthwise, 1x1) and an optional bias. Algorithms:
+  'direct'         kernels_cu/conv2d.cu: every conv, the correctness baseline;
+  'depthwise'      kernels_cu/depthwise.cu (cuconv/ops/depthwise.py): halo-tiled
+                   kernels for groups == in_channels;
+  'fft'            stride 1, groups 1 or depthwise (cuconv/ops/spectral.py);
+  'implicit_gemm'  tensor-core kernels for float16/bfloat16 (cuconv/ops/conv2d_igemm.py).
+`algorithm='auto'` takes the first supported entry of a fixed fallback order (fft for
+kernels of at least spectral.FFT_AUTO_MIN_TAPS taps, then depthwise, then direct), or,
+with CUCONV_AUTOTUNE=1 on a GPU, the fastest supported algorithm measured per shape
+(cuconv/_autotune.py). implicit_gemm is reached only by tuning or by name until it has
+been validated on a GPU.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import _autotune
 from .._kernels import KernelModule
 from ._common import Call, check_grad_output, int_pair, parse_wrt, positive_int, threads_for
 
@@ -22,7 +27,7 @@ KERNELS = KernelModule(
     kernels=("conv2d_fwd", "conv2d_bwd_input", "conv2d_bwd_weight", "conv2d_bwd_bias"),
     params_struct="Conv2dParams",
 )
-ALGORITHMS = ("direct", "fft", "implicit_gemm")
+ALGORITHMS = ("direct", "depthwise", "fft", "implicit_gemm")
 # Shared memory one block stages weights in: a tuning choice well under every
 # device's per-block limit (which is read from the device and still enforced).
 _WEIGHT_STAGE_BYTES = 16 * 1024
@@ -120,18 +125,47 @@ def conv_geometry(op: str, input_shape, weight_shape, bias_shape, stride, paddin
     return ConvGeometry(batch, cin, h, w, cout, out_h, out_w, kh, kw, stride, pad_before, dilation, groups)
 
 
-def _check_algorithm(op: str, algorithm: str, geom: ConvGeometry | None = None) -> str:
-    """The algorithm to run ('auto' resolved for geom); ValueError for an unknown one or
-    for 'fft' on a conv it does not support."""
-    from . import spectral  # conv2d's FFT path lives there (and imports this module)
+def _unsupported(algorithm: str, geom: ConvGeometry, dtype: str) -> str | None:
+    """None when `algorithm` can run this conv in `dtype`, else a phrase completing
+    "supports only ..."."""
+    if algorithm == "direct":
+        return None
+    if algorithm == "fft":
+        from .spectral import fft_supported
 
+        return fft_supported(geom)
+    if algorithm == "depthwise":
+        from .depthwise import depthwise_supported
+
+        return depthwise_supported(geom, dtype)
+    from .conv2d_igemm import implicit_gemm_supported
+
+    return implicit_gemm_supported(geom, dtype)
+
+
+def _candidates(geom: ConvGeometry, dtype: str) -> list[str]:
+    """The supported algorithms, fallback order first: what 'auto' runs untuned is [0]."""
+    from .spectral import fft_preferred
+
+    order = (["fft"] if fft_preferred(geom) else []) + ["depthwise", "direct", "fft", "implicit_gemm"]
+    return [a for a in dict.fromkeys(order) if _unsupported(a, geom, dtype) is None]
+
+
+def _check_algorithm(op: str, algorithm: str, geom: ConvGeometry, dtype: str) -> str:
+    """`algorithm` itself, or 'auto'; ValueError for an unknown one or one that cannot
+    run this conv (before anything is launched)."""
     if algorithm == "auto":
-        return "fft" if geom is not None and spectral.fft_preferred(geom) else "direct"
+        return algorithm
     if algorithm not in ALGORITHMS:
         raise ValueError(f"{op}: algorithm must be 'auto' or one of {ALGORITHMS}, got {algorithm!r}")
-    if algorithm == "fft" and geom is not None:
-        spectral.check_fft_geometry(op, geom)
+    why = _unsupported(algorithm, geom, dtype)
+    if why is not None:
+        raise ValueError(f"{op}: algorithm={algorithm!r} supports only {why}")
     return algorithm
+
+
+def _tuning_key(call: Call, op: str, stage: str, geom: ConvGeometry, has_bias: bool) -> str:
+    return _autotune.make_key(call, op, stage, dict(geom.params(), bias=has_bias))
 
 
 def _launch_per_pixel(call: Call, kernel: str, geom: ConvGeometry, planes: int, pixels: int,
@@ -182,15 +216,27 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     call = Call(op, input=input, weight=weight, bias=bias, optional=("bias",))
     geom = conv_geometry(op, call.shape("input"), call.shape("weight"), call.shape("bias"),
                          stride, padding, dilation, groups)
-    chosen = _check_algorithm(op, algorithm, geom)
-    if chosen == "fft":
+    chosen = _check_algorithm(op, algorithm, geom, call.dtype)
+    if chosen == "auto":
+        chosen = _autotune.choose(call, _tuning_key(call, op, "forward", geom, bias is not None),
+                                  _candidates(geom, call.dtype), lambda a: _forward(call, geom, a))
+    return _forward(call, geom, chosen)
+
+
+def _forward(call: Call, geom: ConvGeometry, algorithm: str):
+    """conv2d's result (exported) by `algorithm`, already checked to support the conv."""
+    if algorithm == "fft":
         from .spectral import conv2d_fft
 
         return conv2d_fft(call, geom)
-    if chosen == "implicit_gemm":
+    if algorithm == "implicit_gemm":
         from .conv2d_igemm import conv2d_implicit_gemm
 
-        return conv2d_implicit_gemm(call, geom)  # ValueError, nothing launched, where unsupported
+        return conv2d_implicit_gemm(call, geom)
+    if algorithm == "depthwise":
+        from .depthwise import depthwise_forward
+
+        return depthwise_forward(call, geom)
     y = call.empty(geom.output_shape)
     launch_forward(call, geom, call.operand("input"), call.operand("weight"), call.operand("bias"), y)
     return call.export(y)
@@ -204,18 +250,44 @@ def conv2d_backward(grad_output, input, weight, bias=None, stride=1, padding=0, 
     call = Call(op, input=input, grad_output=grad_output, weight=weight, bias=bias, optional=("bias",))
     geom = conv_geometry(op, call.shape("input"), call.shape("weight"), call.shape("bias"),
                          stride, padding, dilation, groups)
-    chosen = _check_algorithm(op, algorithm, geom)
-    if chosen == "implicit_gemm":  # forward only so far: the gradients are the direct kernels'
-        from .conv2d_igemm import check_implicit_gemm
-
-        check_implicit_gemm(op, geom, call.dtype)
+    chosen = _check_algorithm(op, algorithm, geom, call.dtype)
     check_grad_output(op, call, geom.output_shape)
     wanted = parse_wrt(op, wrt, ("input", "weight", "bias"))
-    if chosen == "fft":
+    has_bias = bias is not None
+    if chosen != "auto":
+        return _gradients(call, geom, chosen, wanted, has_bias)
+    candidates = _candidates(geom, call.dtype)
+    if not _autotune.tuning_enabled(call):
+        return _gradients(call, geom, candidates[0], wanted, has_bias)
+    # Tuned: each of the input and weight gradients by its own fastest algorithm.
+    grads = {}
+    for stage in ("input", "weight"):
+        if stage in wanted:
+            run = lambda a, stage=stage: _gradients(call, geom, a, {stage}, False)
+            key = _tuning_key(call, op, "grad_" + stage, geom, has_bias)
+            grads[stage] = run(_autotune.choose(call, key, candidates, run))[("input", "weight").index(stage)]
+    grad_bias = None
+    if "bias" in wanted and has_bias:
+        grad_bias = call.empty((geom.out_channels,))
+        launch_grad_bias(call, geom, call.operand("grad_output"), grad_bias)
+    return grads.get("input"), grads.get("weight"), call.export(grad_bias)
+
+
+def _gradients(call: Call, geom: ConvGeometry, algorithm: str, wanted, has_bias: bool):
+    """conv2d_backward's results (exported) by `algorithm`, already checked to support the conv."""
+    if algorithm == "fft":
         from .spectral import conv2d_fft_gradients
 
-        return conv2d_fft_gradients(call, geom, wanted, bias is not None)
-    return conv_gradients(call, geom, wanted, bias is not None)
+        return conv2d_fft_gradients(call, geom, wanted, has_bias)
+    if algorithm == "implicit_gemm":
+        from .conv2d_igemm import conv2d_implicit_gemm_gradients
+
+        return conv2d_implicit_gemm_gradients(call, geom, wanted, has_bias)
+    if algorithm == "depthwise":
+        from .depthwise import depthwise_gradients
+
+        return depthwise_gradients(call, geom, wanted, has_bias)
+    return conv_gradients(call, geom, wanted, has_bias)
 
 
 def conv_gradients(call: Call, geom: ConvGeometry, wanted, has_bias: bool):

@@ -1,12 +1,16 @@
-// conv2d_igemm: conv2d forward (torch.nn.functional.conv2d semantics) as an implicit
-// GEMM on the tensor cores, float16 / bfloat16 storage with float32 accumulation.
-// Opt-in only (conv2d(..., algorithm="implicit_gemm")); kernels_cu/conv2d.cu stays the
-// general path, and this kernel must match its conv2d_fwd.
+// conv2d_igemm: conv2d (torch.nn.functional.conv2d semantics) forward, input gradient
+// (dgrad) and weight gradient (wgrad) as implicit GEMMs on the tensor cores, float16 /
+// bfloat16 storage with float32 accumulation. Opt-in only (algorithm="implicit_gemm");
+// kernels_cu/conv2d.cu stays the general path, and these kernels must match its
+// conv2d_fwd, conv2d_bwd_input and conv2d_bwd_weight. The bias gradient is conv2d.cu's
+// conv2d_bwd_bias (a plain reduction: no GEMM in it). Design note with the GPU to-do
+// list: docs/kernels/implicit_gemm.md.
 //
 // STATUS: compile-checked for sm_80 / sm_90 and verified on the interpret backend (whose
 // mma fallback follows the PTX ISA fragment layout, pinned by tests/kernels/mma_probe.cu);
-// NOT YET RUN OR TIMED ON A GPU. A first GPU session should run tests/test_conv2d_igemm.py
-// (the probe test first) on the cuda backend before trusting any number.
+// NOT YET RUN OR TIMED ON A GPU (none of the three passes). A first GPU session should run
+// tests/test_conv2d_igemm.py (the probe test first) on the cuda backend before trusting
+// any number.
 //
 // Layout (contiguous NCHW, G = groups, Cin_g = Cin/G, Cout_g = Cout/G):
 //   x [B, Cin, H, W]    w [Cout, Cin_g, KH, KW]    bias [Cout] (nullable)    y [B, Cout, Ho, Wo]
@@ -14,9 +18,18 @@
 // Forward, for output channel o in group g = o / Cout_g:
 //   y[b,o,oy,ox] = bias[o] + sum_{c<Cin_g, ky, kx} w[o,c,ky,kx] * x[b, g*Cin_g+c, iy, ix]
 //   iy = oy*SH - PH + ky*DH,  ix = ox*SW - PW + kx*DW   (terms outside the image are 0)
-// (Gradients: not implemented here; conv2d_backward uses kernels_cu/conv2d.cu.)
 //
-// GEMM mapping, per group g:  Y_g[m, n] = sum_k A[m, k] * B[k, n]
+// Gradients, with gy = dL/dy [B, Cout, Ho, Wo]:
+//   dL/dx[b, g*Cin_g+c, iy, ix] = sum_{o<Cout_g, ky, kx} gy[b, g*Cout_g+o, oy, ox] * w[g*Cout_g+o, c, ky, kx]
+//     over the taps with oy = (iy + PH - ky*DH) / SH, ox = (ix + PW - kx*DW) / SW
+//     non-negative integers (exact division) and oy < Ho, ox < Wo
+//   dL/dw[g*Cout_g+o, c, ky, kx] = sum_{b, oy, ox} gy[b, g*Cout_g+o, oy, ox] * x[b, g*Cin_g+c, iy, ix]
+//     (iy, ix as in the forward; terms outside the image are 0)
+//
+// All three kernels share one tile shape and one fragment layout (below), described
+// for the forward first; the dgrad and wgrad sections say only what differs.
+//
+// FORWARD GEMM mapping (conv2d_igemm_fwd), per group g:  Y_g[m, n] = sum_k A[m, k] * B[k, n]
 //   m = (b*Ho + oy)*Wo + ox        M = B*Ho*Wo     (output pixels of the whole batch)
 //   n = output channel in group    N = Cout_g
 //   k = (c*KH + ky)*KW + kx        K = Cin_g*KH*KW (the filter's flattened order)
@@ -49,7 +62,59 @@
 // mma's own reduction); no atomics, no split-K. Bitwise reproducible for a fixed shape.
 // Index math is 64-bit (index_t) throughout.
 //
-// What should bound it on an H100, and what to try next (all UNMEASURED):
+// DGRAD GEMM mapping (conv2d_igemm_bwd_input), stride phase decomposition: for a given
+// input pixel only the taps with (iy + PH - ky*DH) % SH == 0 (and likewise in x) reach an
+// output pixel, so a plain GEMM over all taps would gather (SH*SW - 1)/(SH*SW) structural
+// zeros into A and spend their mma (4x the work at stride 2, 9x at stride 3). Instead the
+// input pixels are split into SH*SW phases (ry, rx) = ((iy + PH) % SH, (ix + PW) % SW);
+// within a phase the landing taps are the same for every pixel, ky = ky0 + sy*jy with
+// ky*DH = ry (mod SH), sy = SH / gcd(DH, SH) (IgemmPhase; likewise kx), and each phase is
+// a dense sub-GEMM. Per group g and phase (ry, rx):
+//   m = (b*Hr + u)*Wr + v          M = B*Hr*Wr     (the phase's input pixels
+//                                                   iy = iy0_r + SH*u, ix = ix0_r + SW*v)
+//   n = input channel in group     N = Cin_g
+//   k = (o*nky + jy)*nkx + jx      K = Cout_g*nky*nkx (only the phase's taps)
+//   A[m, k] = gy[b, g*Cout_g+o, oy, ox], oy = (iy + PH - ky*DH) / SH (exact by
+//             construction; 0 where oy or ox falls outside [0, Ho) x [0, Wo)):
+//             gathered like the forward's A (thread owns pixel row tid % 64,
+//             k = tid/64 + 2i); oy = oy0 - jy*(sy*DH/SH) is stepped, no division
+//   B[k, n] = w[g*Cout_g + o, n, ky, kx]: for a fixed n this is NOT K-contiguous (its
+//             k neighbours are KW or more elements apart within one o and Cin_g*KH*KW
+//             apart across o), so the B load transposes it into the same K-contiguous
+//             b_tile[n][k] the fragments read: thread owns k = tid % 32 ((o, ky, kx)
+//             decoded once per BK step) and rows n = tid/32 + 4i (stride KH*KW reads).
+//   Work items are (group, phase, m tile, n tile), the n tile fastest, with the m tile
+//   count of the largest phase (ceil(H/SH)*ceil(W/SW) pixels per image); a smaller
+//   phase's surplus tiles skip at once. A phase with no landing tap (K = 0, e.g.
+//   DH % SH == 0 and ry != 0) writes zeros. Stride 1 is the single phase with every tap.
+//   Epilogue: grad_x = from_acc<T>(acc) at (iy, ix), masked like the forward's (no bias);
+//   stores are SW apart along x for stride > 1.
+//
+// WGRAD GEMM mapping (conv2d_igemm_bwd_weight), per group g:
+//   m = output channel in group    M = Cout_g
+//   n = (c*KH + ky)*KW + kx        N = Cin_g*KH*KW (grad_w's flattened filter order)
+//   k = (b*Ho + oy)*Wo + ox        K = B*Ho*Wo     (huge: 256*56*56 = 802816 for a
+//                                                   ResNet-50 stage-1 layer)
+//   A[m, k] = gy[b, g*Cout_g+m, oy, ox]: pixel-contiguous per channel, K-contiguous rows
+//   B[k, n] = x[b, g*Cin_g+c, iy, ix] or 0 outside the image: the im2col matrix again,
+//             gathered along K (pixels) this time
+//   Both tiles are staged K-contiguous with one loader mapping: thread owns the pixel
+//   k = tid % 32 (b, oy, ox decoded once per BK step: consecutive threads read
+//   consecutive pixels, coalesced) and rows tid/32 + 4i, i < 16, of each tile.
+//   Deterministic split-K: the host fixes a number of K slices S from the shape alone
+//   (cuconv/ops/conv2d_igemm.py, wgrad_split: enough (group, m tile, n tile, slice)
+//   items for about two waves on 132 SMs, each slice at least 4 BK steps, at most 64
+//   slices); slice s covers k in [s*L, min(K, (s+1)*L)), L = p.split_steps*32, the last
+//   one possibly partial, none empty. Work items are (group, slice, m tile, n tile), the
+//   n tile fastest; each writes its whole fp32 partial tile (zeros included, so every
+//   entry is written even for B = 0) into
+//     workspace [S, Cout, Cin_g*KH*KW] float32   (S * Cout * Cin_g*KH*KW * 4 bytes)
+//   and conv2d_igemm_reduce_splits then sums the S partials of each weight in slice
+//   order 0..S-1 and rounds once to T. No atomics: bitwise reproducible for a shape.
+//
+// What should bound it on an H100, and what to try next (all UNMEASURED; written for the
+// forward, and it applies to dgrad and wgrad alike; per-pass estimates are in
+// docs/kernels/implicit_gemm.md):
 //   - As written it is bound by the A gather, not the tensor cores: scalar 2-byte global
 //     loads with a 64-bit div/mod decode of k per element, a full __syncthreads round
 //     trip per BK step with no overlap of loads and mma, and 4-byte shared-memory
@@ -73,11 +138,53 @@ struct Conv2dIgemmParams {
   long long out_channels, out_h, out_w;
   long long kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
   long long groups;
+  long long splits, split_steps;  // wgrad only: K slices S and BK steps per slice (fwd/dgrad: 1, 0)
 };
 
 constexpr int kIgemmThreads = 128;                    // 4 warps; the host launches exactly this
 constexpr int kIgemmBM = 64, kIgemmBN = 64, kIgemmBK = 32;
 constexpr int kIgemmLd = kIgemmBK + 8;                // padded row of a staged tile (elements)
+
+// The block's 64 x 64 fp32 accumulator tile, spread over the 4 warps (layout above).
+typedef float IgemmAcc[2][4][4];
+
+__device__ __forceinline__ void igemm_zero(IgemmAcc& acc) {
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mi][ni][i] = 0.0f;
+}
+
+// One BK step of the warp's 32 x 32 sub-tile: acc += a_tile[warp_m.., :] * b_tile[warp_n.., :]^T,
+// both tiles K-contiguous [64][kIgemmLd]. Warp-wide: every lane calls it.
+template <typename T>
+__device__ __forceinline__ void igemm_mma_step(IgemmAcc& acc, const T* a_tile, const T* b_tile, int warp_m,
+                                               int warp_n, int gid, int tid4) {
+#pragma unroll
+  for (int ks = 0; ks < kIgemmBK; ks += 16) {
+    mma_reg_t af[2][4], bf[4][2];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+      const T* base = a_tile + (warp_m + 16 * mi + gid) * kIgemmLd + ks + 2 * tid4;
+      af[mi][0] = mma_load_pair(base);                     // A[gid][2t..]
+      af[mi][1] = mma_load_pair(base + 8 * kIgemmLd);      // A[gid+8][2t..]
+      af[mi][2] = mma_load_pair(base + 8);                 // A[gid][2t+8..]
+      af[mi][3] = mma_load_pair(base + 8 * kIgemmLd + 8);  // A[gid+8][2t+8..]
+    }
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni) {
+      const T* base = b_tile + (warp_n + 8 * ni + gid) * kIgemmLd + ks + 2 * tid4;
+      bf[ni][0] = mma_load_pair(base);      // B[2t..][gid]
+      bf[ni][1] = mma_load_pair(base + 8);  // B[2t+8..][gid]
+    }
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni) mma_m16n8k16<T>(acc[mi][ni], af[mi], bf[ni]);
+  }
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kIgemmThreads)
@@ -111,13 +218,8 @@ conv2d_igemm_fwd(const Conv2dIgemmParams p, const T* __restrict__ x, const T* __
     const T* x_group = x + (a_img * p.in_channels + group * cin_g) * p.in_h * p.in_w;
     const T* w_group = w + group * cout_g * K;
 
-    float acc[2][4][4];
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-      for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[mi][ni][i] = 0.0f;
+    IgemmAcc acc;
+    igemm_zero(acc);
 
     for (index_t k0 = 0; k0 < K; k0 += kIgemmBK) {
       __syncthreads();  // the previous step's tiles have been consumed by every warp
@@ -141,29 +243,7 @@ conv2d_igemm_fwd(const Conv2dIgemmParams p, const T* __restrict__ x, const T* __
         b_tile[nn * kIgemmLd + b_k] = (n < cout_g && k < K) ? w_group[n * K + k] : zero;
       }
       __syncthreads();
-
-#pragma unroll
-      for (int ks = 0; ks < kIgemmBK; ks += 16) {
-        mma_reg_t af[2][4], bf[4][2];
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi) {
-          const T* base = a_tile + (warp_m + 16 * mi + gid) * kIgemmLd + ks + 2 * tid4;
-          af[mi][0] = mma_load_pair(base);                     // A[gid][2t..]
-          af[mi][1] = mma_load_pair(base + 8 * kIgemmLd);      // A[gid+8][2t..]
-          af[mi][2] = mma_load_pair(base + 8);                 // A[gid][2t+8..]
-          af[mi][3] = mma_load_pair(base + 8 * kIgemmLd + 8);  // A[gid+8][2t+8..]
-        }
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni) {
-          const T* base = b_tile + (warp_n + 8 * ni + gid) * kIgemmLd + ks + 2 * tid4;
-          bf[ni][0] = mma_load_pair(base);      // B[2t..][gid]
-          bf[ni][1] = mma_load_pair(base + 8);  // B[2t+8..][gid]
-        }
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-          for (int ni = 0; ni < 4; ++ni) mma_m16n8k16<T>(acc[mi][ni], af[mi], bf[ni]);
-      }
+      igemm_mma_step<T>(acc, a_tile, b_tile, warp_m, warp_n, gid, tid4);
     }
 
     // Epilogue: acc[mi][ni][2h + j] is Y[m0 + warp_m + 16mi + gid + 8h][n0 + warp_n + 8ni + 2tid4 + j].
@@ -188,5 +268,234 @@ conv2d_igemm_fwd(const Conv2dIgemmParams p, const T* __restrict__ x, const T* __
         }
       }
     }
+  }
+}
+
+// dgrad's stride phase in one spatial dimension (stride S, padding P, dilation D, kernel
+// size KS): phase r < S holds the input coordinates i = first + S*u, u < count, i.e. those
+// with (i + P) % S == r, and exactly the taps kk = tap0 + tap_step*j, j < taps (those with
+// kk*D % S == r) reach an output coordinate from them: (i + P - kk*D) is then a multiple
+// of S, and the output coordinate is (i + P - kk*D) / S when that is in [0, Ho).
+struct IgemmPhase {
+  index_t first, count, tap0, tap_step, taps;
+  __device__ IgemmPhase(index_t r, index_t size, index_t stride, index_t pad, index_t kernel, index_t dilation) {
+    first = ((r - pad) % stride + stride) % stride;
+    count = first < size ? ceil_div(size - first, stride) : 0;
+    tap0 = 0;
+    while (tap0 < kernel && (tap0 * dilation) % stride != r) ++tap0;
+    index_t g = stride, d = dilation % stride;  // g = gcd(dilation, stride)
+    while (d != 0) {
+      const index_t t = g % d;
+      g = d;
+      d = t;
+    }
+    tap_step = stride / g;
+    taps = tap0 < kernel ? ceil_div(kernel - tap0, tap_step) : 0;
+  }
+};
+
+// dgrad: grad_x = conv2d's input gradient of grad_y (GEMM mapping and phases in the header).
+template <typename T>
+__global__ void __launch_bounds__(kIgemmThreads)
+conv2d_igemm_bwd_input(const Conv2dIgemmParams p, const T* __restrict__ grad_y, const T* __restrict__ w,
+                       T* __restrict__ grad_x) {
+  __align__(16) __shared__ T a_tile[kIgemmBM * kIgemmLd];
+  __align__(16) __shared__ T b_tile[kIgemmBN * kIgemmLd];
+  const index_t cin_g = p.in_channels / p.groups, cout_g = p.out_channels / p.groups;
+  const index_t taps = p.kernel_h * p.kernel_w;
+  const index_t pixels = p.in_h * p.in_w, out_pixels = p.out_h * p.out_w;
+  const index_t phases = p.stride_h * p.stride_w;
+  // m tiles of the largest phase (ceil(H/SH) x ceil(W/SW) pixels per image); smaller phases skip the rest
+  const index_t m_tiles = ceil_div(p.batch * ceil_div(p.in_h, p.stride_h) * ceil_div(p.in_w, p.stride_w), kIgemmBM);
+  const index_t n_tiles = ceil_div(cin_g, kIgemmBN);
+  const index_t items = p.groups * phases * m_tiles * n_tiles;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int gid = lane >> 2, tid4 = lane & 3;
+  const int warp_m = 32 * (warp & 1), warp_n = 32 * (warp >> 1);
+  const int a_row = tid % kIgemmBM, a_k = tid / kIgemmBM;  // A gather: one pixel row per thread
+  const int b_k = tid % kIgemmBK, b_row = tid / kIgemmBK;  // B load: one k column per thread
+  const T zero = from_acc<T>(0.0f);
+
+  for (index_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const index_t n_tile = item % n_tiles, m_tile = (item / n_tiles) % m_tiles;
+    const index_t phase = (item / (n_tiles * m_tiles)) % phases;
+    const index_t group = item / (n_tiles * m_tiles * phases);
+    const IgemmPhase py(phase / p.stride_w, p.in_h, p.stride_h, p.pad_h, p.kernel_h, p.dilation_h);
+    const IgemmPhase px(phase % p.stride_w, p.in_w, p.stride_w, p.pad_w, p.kernel_w, p.dilation_w);
+    const index_t phase_pixels = py.count * px.count, M = p.batch * phase_pixels;
+    const index_t phase_taps = py.taps * px.taps, K = cout_g * phase_taps;
+    const index_t m0 = m_tile * kIgemmBM, n0 = n_tile * kIgemmBN;
+    if (m0 >= M) continue;  // block-uniform: this phase has fewer pixels than the largest one
+
+    // This thread's input pixel (in the phase), decoded once per tile.
+    const index_t am = m0 + a_row;
+    const bool a_valid = am < M;
+    const index_t a_img = a_valid ? am / phase_pixels : 0, a_pix = a_valid ? am % phase_pixels : 0;
+    // Folded for the k loop: with jy = j / nkx, jx = j % nkx the tap is (ky0 + sy*jy, kx0 + sx*jx);
+    // iy + PH - ky0*DH and sy*DH are multiples of SH, so oy = (iy + PH - ky*DH) / SH = oy0 - jy*oy_step
+    // exactly (no division per element; likewise ox), and the tap's weight offset is w_tap0 + jy*wy + jx*sx.
+    const index_t nkx = px.taps, sx = px.tap_step;
+    const index_t oy0 = (py.first + (a_pix / px.count) * p.stride_h + p.pad_h - py.tap0 * p.dilation_h) / p.stride_h;
+    const index_t ox0 = (px.first + (a_pix % px.count) * p.stride_w + p.pad_w - px.tap0 * p.dilation_w) / p.stride_w;
+    const index_t oy_step = py.tap_step * p.dilation_h / p.stride_h, ox_step = sx * p.dilation_w / p.stride_w;
+    const index_t w_tap0 = py.tap0 * p.kernel_w + px.tap0, wy = py.tap_step * p.kernel_w;
+    const T* gy_group = grad_y + (a_img * p.out_channels + group * cout_g) * out_pixels;
+    const T* w_group = w + group * cout_g * cin_g * taps;  // [Cout_g, Cin_g, KH, KW] of this group
+
+    IgemmAcc acc;
+    igemm_zero(acc);
+
+    for (index_t k0 = 0; k0 < K; k0 += kIgemmBK) {
+      __syncthreads();  // the previous step's tiles have been consumed by every warp
+#pragma unroll 4
+      for (int i = 0; i < kIgemmBM * kIgemmBK / kIgemmThreads; ++i) {
+        const int kk = a_k + 2 * i;
+        const index_t k = k0 + kk;
+        T v = zero;
+        if (a_valid && k < K) {  // k = (o * phase taps in y + jy) * phase taps in x + jx
+          const index_t o = k / phase_taps, j = k % phase_taps;
+          const index_t oy = oy0 - (j / nkx) * oy_step, ox = ox0 - (j % nkx) * ox_step;
+          if (oy >= 0 && oy < p.out_h && ox >= 0 && ox < p.out_w) v = gy_group[(o * p.out_h + oy) * p.out_w + ox];
+        }
+        a_tile[a_row * kIgemmLd + kk] = v;
+      }
+      {
+        const index_t k = k0 + b_k;  // fixed for the step: (o, ky, kx) decoded once
+        const bool k_valid = k < K;
+        const index_t o = k_valid ? k / phase_taps : 0, j = k_valid ? k % phase_taps : 0;
+        const T* w_k = w_group + o * cin_g * taps + w_tap0 + (j / nkx) * wy + (j % nkx) * sx;
+#pragma unroll 4
+        for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i) {
+          const int nn = b_row + (kIgemmThreads / kIgemmBK) * i;
+          const index_t n = n0 + nn;
+          b_tile[nn * kIgemmLd + b_k] = (k_valid && n < cin_g) ? w_k[n * taps] : zero;  // transposed
+        }
+      }
+      __syncthreads();
+      igemm_mma_step<T>(acc, a_tile, b_tile, warp_m, warp_n, gid, tid4);
+    }
+
+    // Epilogue: acc[mi][ni][2h + j] is phase pixel m0 + warp_m + 16mi + gid + 8h, channel
+    // n0 + warp_n + 8ni + 2tid4 + j (an empty K, no tap in this phase, writes zeros).
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const index_t m = m0 + warp_m + 16 * mi + gid + 8 * h;
+        if (m >= M) continue;
+        const index_t img = m / phase_pixels, u = m % phase_pixels;
+        const index_t pix = (py.first + (u / px.count) * p.stride_h) * p.in_w + px.first + (u % px.count) * p.stride_w;
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const index_t n = n0 + warp_n + 8 * ni + 2 * tid4 + j;
+            if (n >= cin_g) continue;
+            grad_x[(img * p.in_channels + group * cin_g + n) * pixels + pix] = from_acc<T>(acc[mi][ni][2 * h + j]);
+          }
+        }
+      }
+    }
+  }
+}
+
+// wgrad, split-K: workspace[s, o, n] = slice s's fp32 partial of grad_w[o, n] (n = (c*KH + ky)*KW + kx);
+// conv2d_igemm_reduce_splits finishes it. GEMM mapping and split rule in the header.
+template <typename T>
+__global__ void __launch_bounds__(kIgemmThreads)
+conv2d_igemm_bwd_weight(const Conv2dIgemmParams p, const T* __restrict__ grad_y, const T* __restrict__ x,
+                        float* __restrict__ workspace) {
+  __align__(16) __shared__ T a_tile[kIgemmBM * kIgemmLd];
+  __align__(16) __shared__ T b_tile[kIgemmBN * kIgemmLd];
+  const index_t cin_g = p.in_channels / p.groups, cout_g = p.out_channels / p.groups;
+  const index_t taps = p.kernel_h * p.kernel_w, N = cin_g * taps;
+  const index_t out_pixels = p.out_h * p.out_w, K = p.batch * out_pixels, in_pixels = p.in_h * p.in_w;
+  const index_t slice = p.split_steps * kIgemmBK;
+  const index_t m_tiles = ceil_div(cout_g, kIgemmBM), n_tiles = ceil_div(N, kIgemmBN);
+  const index_t items = p.groups * p.splits * m_tiles * n_tiles;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int gid = lane >> 2, tid4 = lane & 3;
+  const int warp_m = 32 * (warp & 1), warp_n = 32 * (warp >> 1);
+  const int ld_k = tid % kIgemmBK, ld_row = tid / kIgemmBK;  // both loads: one pixel (k) per thread
+  const T zero = from_acc<T>(0.0f);
+
+  for (index_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const index_t n_tile = item % n_tiles, m_tile = (item / n_tiles) % m_tiles;
+    const index_t split = (item / (n_tiles * m_tiles)) % p.splits;
+    const index_t group = item / (n_tiles * m_tiles * p.splits);
+    const index_t m0 = m_tile * kIgemmBM, n0 = n_tile * kIgemmBN;
+    const index_t k_begin = split * slice, k_end = min_index(K, k_begin + slice);
+    const T* gy_group = grad_y + group * cout_g * out_pixels;  // + b*Cout*Ho*Wo + m*Ho*Wo + pix
+    const T* x_group = x + group * cin_g * in_pixels;          // + b*Cin*H*W + c*H*W + iy*W + ix
+
+    IgemmAcc acc;
+    igemm_zero(acc);
+
+    for (index_t k0 = k_begin; k0 < k_end; k0 += kIgemmBK) {
+      __syncthreads();  // the previous step's tiles have been consumed by every warp
+      const index_t k = k0 + ld_k;  // this thread's pixel for the step, decoded once
+      const bool k_valid = k < k_end;
+      const index_t img = k_valid ? k / out_pixels : 0, pix = k_valid ? k % out_pixels : 0;
+      const index_t iy0 = (pix / p.out_w) * p.stride_h - p.pad_h;
+      const index_t ix0 = (pix % p.out_w) * p.stride_w - p.pad_w;
+      const T* gy_k = gy_group + img * p.out_channels * out_pixels + pix;
+      const T* x_k = x_group + img * p.in_channels * in_pixels;
+#pragma unroll 4
+      for (int i = 0; i < kIgemmBM * kIgemmBK / kIgemmThreads; ++i) {
+        const int mm = ld_row + (kIgemmThreads / kIgemmBK) * i;
+        const index_t m = m0 + mm;
+        a_tile[mm * kIgemmLd + ld_k] = (k_valid && m < cout_g) ? gy_k[m * out_pixels] : zero;
+      }
+#pragma unroll 4
+      for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i) {
+        const int nn = ld_row + (kIgemmThreads / kIgemmBK) * i;
+        const index_t n = n0 + nn;
+        T v = zero;
+        if (k_valid && n < N) {
+          const index_t c = n / taps, tap = n % taps;
+          const index_t iy = iy0 + (tap / p.kernel_w) * p.dilation_h;
+          const index_t ix = ix0 + (tap % p.kernel_w) * p.dilation_w;
+          if (iy >= 0 && iy < p.in_h && ix >= 0 && ix < p.in_w) v = x_k[(c * p.in_h + iy) * p.in_w + ix];
+        }
+        b_tile[nn * kIgemmLd + ld_k] = v;
+      }
+      __syncthreads();
+      igemm_mma_step<T>(acc, a_tile, b_tile, warp_m, warp_n, gid, tid4);
+    }
+
+    // Epilogue: acc[mi][ni][2h + j] is the partial of weight row m0 + warp_m + 16mi + gid + 8h,
+    // column n0 + warp_n + 8ni + 2tid4 + j; written whole (an empty K range writes zeros).
+    float* ws = workspace + (split * p.out_channels + group * cout_g) * N;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const index_t m = m0 + warp_m + 16 * mi + gid + 8 * h;
+        if (m >= cout_g) continue;
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const index_t n = n0 + warp_n + 8 * ni + 2 * tid4 + j;
+            if (n < N) ws[m * N + n] = acc[mi][ni][2 * h + j];
+          }
+        }
+      }
+    }
+  }
+}
+
+// grad_w[e] = from_acc<T>(sum over s = 0, 1, ..., S-1 of workspace[s, e]) for the
+// Cout*Cin_g*KH*KW weights e: fixed slice order, one rounding. A block owns blockDim.x
+// consecutive weights; one thread per weight (any block size, grid-stride).
+template <typename T>
+__global__ void conv2d_igemm_reduce_splits(const Conv2dIgemmParams p, const float* __restrict__ workspace,
+                                           T* __restrict__ grad_w) {
+  const index_t total = p.out_channels * (p.in_channels / p.groups) * p.kernel_h * p.kernel_w;
+  const index_t stride = index_t(gridDim.x) * blockDim.x;
+  for (index_t e = index_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
+    float sum = 0.0f;
+    for (index_t s = 0; s < p.splits; ++s) sum += workspace[s * total + e];
+    grad_w[e] = from_acc<T>(sum);
   }
 }

@@ -1,10 +1,12 @@
-"""conv2d's algorithm='implicit_gemm' (cuconv/ops/conv2d_igemm.py, kernels_cu/conv2d_igemm.cu)
-and the tensor-core helper it is built on (kernels_cu/common/mma.cuh).
+"""conv2d's algorithm='implicit_gemm' (cuconv/ops/conv2d_igemm.py, kernels_cu/conv2d_igemm.cu):
+forward, dgrad and split-K wgrad, and the tensor-core helper they are built on
+(kernels_cu/common/mma.cuh).
 
 The mma probe pins mma.cuh's host fallback to the PTX ISA m16n8k16 fragment layout on
 interpret, and the real instruction to the same layout on cuda (when a GPU exists).
-The conv is called through conv2d_implicit_gemm(call, geom) directly, with the Call
-and geometry built as conv2d() builds them."""
+The conv is called through conv2d_implicit_gemm(call, geom) and
+conv2d_implicit_gemm_gradients(call, geom, wanted, has_bias) directly, with the Call and
+geometry built as conv2d() / conv2d_backward() build them."""
 
 import importlib
 from pathlib import Path
@@ -16,10 +18,11 @@ import torch
 
 from cuconv import _arrays, _interpret
 from cuconv._kernels import KernelModule
-from cuconv.ops._common import Call
+from cuconv.ops._common import Call, parse_wrt
 from cuconv.ops.conv2d import conv_geometry
-from cuconv.ops.conv2d_igemm import KERNELS, conv2d_implicit_gemm, implicit_gemm_supported
-from conftest import DTYPES, rel_err, to_backend, to_numpy, torch_autograd, unit_roundoff
+from cuconv.ops.conv2d_igemm import (KERNELS, conv2d_implicit_gemm, conv2d_implicit_gemm_gradients,
+                                     implicit_gemm_supported, wgrad_split)
+from conftest import DTYPES, rel_err, to_backend, to_numpy, torch_autograd, unit_roundoff, within_twice_anchor
 
 reference = importlib.import_module("cuconv.reference.conv2d")
 
@@ -217,12 +220,15 @@ def test_supported_reports_none_and_rejects_pixel_shuffled_output():
 
 def test_kernel_module_registered_for_half_types_only():
     assert KERNELS.dtypes == ("float16", "bfloat16")
-    assert KERNELS.name_expressions == ["conv2d_igemm_fwd<__half>", "conv2d_igemm_fwd<__nv_bfloat16>"]
+    assert KERNELS.name_expressions == [f"{k}<{t}>" for k in ("conv2d_igemm_fwd", "conv2d_igemm_bwd_input",
+                                                              "conv2d_igemm_bwd_weight", "conv2d_igemm_reduce_splits")
+                                        for t in ("__half", "__nv_bfloat16")]
 
 
 def test_public_api_selects_it_only_on_request(launches):
-    """cuconv.conv2d(..., algorithm='implicit_gemm') runs this kernel; 'auto' never does;
-    an unsupported dtype is refused before any launch, forward and backward."""
+    """cuconv.conv2d(..., algorithm='implicit_gemm') runs this kernel and conv2d_backward
+    by name runs dgrad + wgrad; 'auto' never does; an unsupported dtype is refused before
+    any launch, forward and backward."""
     import cuconv
 
     rng = np.random.default_rng(0)
@@ -233,9 +239,201 @@ def test_public_api_selects_it_only_on_request(launches):
     assert rel_err(y, cuconv.conv2d(x, w, padding=1)) < 4 * unit_roundoff("float16")
     assert launches[-1] == "conv2d_fwd"  # 'auto' kept the direct kernel
     launches.clear()
+    gy = rng.standard_normal(y.shape).astype(np.float16)
+    grads = cuconv.conv2d_backward(gy, x, w, padding=1, algorithm="implicit_gemm")
+    assert launches == ["conv2d_igemm_bwd_input", "conv2d_igemm_bwd_weight", "conv2d_igemm_reduce_splits"]
+    direct = cuconv.conv2d_backward(gy, x, w, padding=1, algorithm="direct")
+    assert grads[2] is None and direct[2] is None  # no bias
+    for mine, theirs in zip(grads[:2], direct[:2]):
+        assert rel_err(mine, theirs.astype(np.float64)) < 4 * unit_roundoff("float16")
+    launches.clear()
     with pytest.raises(ValueError, match="implicit_gemm"):
         cuconv.conv2d(x.astype(np.float32), w.astype(np.float32), algorithm="implicit_gemm")
     with pytest.raises(ValueError, match="implicit_gemm"):
         cuconv.conv2d_backward(np.ones((2, 6, 7, 5), np.float32), x.astype(np.float32), w.astype(np.float32),
                                algorithm="implicit_gemm")
+    assert launches == []
+
+
+# --- the gradients: dgrad (conv2d_igemm_bwd_input) and split-K wgrad ---
+
+def igemm_conv2d_backward(gy, x, w, b=None, stride=1, padding=0, dilation=1, groups=1, wrt=None):
+    """conv2d_backward(..., algorithm='implicit_gemm') as conv2d_backward() dispatches it."""
+    call = Call("conv2d_backward", input=x, grad_output=gy, weight=w, bias=b, optional=("bias",))
+    geom = conv_geometry("conv2d_backward", call.shape("input"), call.shape("weight"), call.shape("bias"),
+                         stride, padding, dilation, groups)
+    wanted = parse_wrt("conv2d_backward", wrt, ("input", "weight", "bias"))
+    return conv2d_implicit_gemm_gradients(call, geom, wanted, b is not None)
+
+
+def geometry(x_shape, w_shape, **params):
+    params.setdefault("groups", 1)
+    return conv_geometry("case", x_shape, w_shape, None, params.get("stride", 1), params.get("padding", 0),
+                         params.get("dilation", 1), params["groups"])
+
+
+# (B, Cin, H, W, Cout, kh, kw, params, bias). dgrad: SH*SW stride phases, each M = B*Hr*Wr,
+# N = Cin_g, K = Cout_g*(the phase's taps); wgrad: M = Cout_g, N = Cin_g*kh*kw, K = B*Ho*Wo
+# (split-K slices from wgrad_split)
+BACKWARD_CASES = [
+    (2, 3, 9, 11, 5, 3, 3, dict(padding=1), True),                       # odd sizes; wgrad K 198: 2 slices
+    (2, 5, 11, 10, 7, 3, 3, dict(stride=2, padding=1), False),          # stride 2: dgrad's divisibility
+    (1, 4, 13, 14, 6, 3, 2, dict(stride=(3, 2), padding=(1, 0)), True),  # stride 3 x 2, asymmetric kernel
+    (1, 3, 10, 11, 4, 2, 3, dict(stride=3, padding=2, dilation=(2, 1)), False),  # stride 3, dilation, pad
+    (2, 4, 9, 8, 5, 3, 3, dict(stride=2, padding=2, dilation=2), False),  # DH % SH == 0: phases with no tap
+    (1, 2, 9, 10, 3, 2, 2, dict(stride=4, padding=(0, 1)), True),       # stride 4, 2 taps: tapless phases
+    (1, 3, 2, 7, 4, 3, 3, dict(stride=3, padding=1), True),             # H < SH: a phase with no pixel
+    (1, 4, 10, 9, 9, 3, 3, dict(padding="same", dilation=2), True),     # 'same' with dilation
+    (2, 7, 8, 8, 12, 2, 4, dict(padding="same"), False),                # asymmetric 'same'
+    (1, 6, 9, 9, 10, 3, 3, dict(padding=1, groups=2), True),            # grouped
+    (2, 6, 8, 9, 12, 3, 3, dict(padding=1, groups=6), True),            # depthwise-like: Cin_g 1, Cout_g 2
+    (1, 70, 5, 6, 9, 1, 1, dict(), False),                              # dgrad N 70 (2 tiles); wgrad N 70
+    (2, 20, 7, 9, 70, 3, 3, dict(padding=1), True),                     # dgrad K 630; wgrad M 70, N 180
+    (2, 3, 21, 19, 8, 3, 3, dict(padding=1), False),                    # wgrad K 798: 7 slices, last partial
+]
+
+
+def backward_inputs(case, dtype):
+    batch, cin, h, w_, cout, kh, kw, params, with_bias = case
+    rng = np.random.default_rng(hash((batch, cin, h, w_, cout, kh, kw, "bwd")) % 2**32)
+    groups = params.get("groups", 1)
+    x = rng.standard_normal((batch, cin, h, w_)).astype(DTYPES[dtype])
+    w = rng.standard_normal((cout, cin // groups, kh, kw)).astype(DTYPES[dtype])
+    b = rng.standard_normal(cout).astype(DTYPES[dtype]) if with_bias else None
+    shape = geometry(x.shape, w.shape, **params).output_shape
+    gy = rng.standard_normal(shape).astype(DTYPES[dtype])
+    return gy, x, w, b
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}x{c[3]}-{c[4]}x{c[5]}x{c[6]}")
+def test_gradients_match_reference_within_twice_torch(backend, dtype, case):
+    params = case[7]
+    gy, x, w, b = backward_inputs(case, dtype)
+    as64 = lambda a: None if a is None else a.astype(np.float64)  # noqa: E731
+    refs = reference.conv2d_backward(as64(gy), as64(x), as64(w), as64(b), **params)
+    _, anchors = torch_autograd(torch_conv(params), [as64(x), as64(w), as64(b)], as64(gy), dtype)
+    grads = igemm_conv2d_backward(*(to_device(a, backend) for a in (gy, x, w, b)), **params)
+    assert (grads[2] is None) == (b is None)
+    for name, got, anchor, ref in zip(("input", "weight", "bias"), grads, anchors, refs):
+        if ref is None:
+            continue
+        got = to_numpy(got)
+        assert got.dtype == DTYPES[dtype] and got.shape == ref.shape, name
+        assert not np.isnan(got.astype(np.float64)).any(), name  # CUCONV_POISON: every element written
+        # DESIGN §5: within twice the anchor's error (torch CPU autograd in the same dtype)
+        assert within_twice_anchor(got, anchor, ref, dtype), (name, rel_err(got, ref), rel_err(anchor, ref))
+
+
+def test_gradients_match_direct_kernels_closely():
+    """Same float32 accumulation as conv2d.cu's bwd_input / bwd_weight: the results agree
+    to about one float16 rounding (only the fp32 summation order differs)."""
+    from cuconv.ops.conv2d import KERNELS as DIRECT, conv_gradients
+
+    gy, x, w, b = backward_inputs((2, 6, 9, 10, 20, 3, 3, dict(stride=2, padding=1), True), "float16")
+    got = igemm_conv2d_backward(gy, x, w, b, stride=2, padding=1)
+    call = Call("conv2d_backward", input=x, grad_output=gy, weight=w, bias=b, optional=("bias",))
+    geom = conv_geometry("conv2d_backward", x.shape, w.shape, b.shape, 2, 1, 1, 1)
+    direct = conv_gradients(call, geom, frozenset(("input", "weight", "bias")), True)
+    assert DIRECT.filename == "conv2d.cu"
+    for mine, theirs in zip(got, direct):
+        assert rel_err(mine, theirs.astype(np.float64)) <= 2 * unit_roundoff("float16")
+    assert np.array_equal(got[2], direct[2])  # the bias gradient is the direct kernel's
+
+
+def test_wgrad_split_rule():
+    """S slices of `steps` BK steps: none empty, covering K, fixed by the shape; more
+    slices when the (group, m, n) tiles alone cannot fill the GPU, none for big channels."""
+    for x_shape, w_shape, params in [((2, 3, 21, 19), (8, 3, 3, 3), dict(padding=1)),
+                                     ((256, 64, 56, 56), (64, 64, 3, 3), dict(padding=1)),
+                                     ((256, 512, 7, 7), (512, 512, 3, 3), dict(padding=1)),
+                                     ((1, 4, 5, 5), (4, 4, 3, 3), dict()),
+                                     ((0, 4, 5, 5), (4, 4, 3, 3), dict())]:
+        geom = geometry(x_shape, w_shape, **params)
+        splits, steps = wgrad_split(geom)
+        k_steps = -(-geom.batch * geom.out_h * geom.out_w // 32)
+        assert 1 <= splits <= 64 and steps >= 1
+        assert (splits - 1) * steps < max(k_steps, 1) <= splits * steps  # no empty slice, K covered
+        assert wgrad_split(geom) == (splits, steps)
+    assert wgrad_split(geometry((256, 512, 7, 7), (512, 512, 3, 3), padding=1))[0] == 1  # 576 tiles: no split
+    assert wgrad_split(geometry((256, 64, 56, 56), (64, 64, 3, 3), padding=1))[0] == 30  # 9 tiles
+    assert wgrad_split(geometry((1, 4, 5, 5), (4, 4, 3, 3)))[0] == 1  # one BK step
+
+
+def test_wgrad_several_slices_with_a_partial_last_one_and_its_workspace(launches):
+    """The last BACKWARD_CASES entry really splits K (checked against the reference
+    above); here: its slices, its workspace's size, and nothing else allocated."""
+    gy, x, w, _ = backward_inputs(BACKWARD_CASES[-1], "bfloat16")
+    geom = geometry(x.shape, w.shape, padding=1)
+    splits, steps = wgrad_split(geom)
+    k = geom.batch * geom.out_h * geom.out_w
+    assert splits == 7 and k - (splits - 1) * steps * 32 < steps * 32 and k % 32
+    with _arrays.track_allocations() as allocations:
+        igemm_conv2d_backward(gy, x, w, padding=1, wrt="weight")
+    assert allocations == [((splits, 8, 3 * 3 * 3), "float32"), (w.shape, "bfloat16")]
+    assert launches == ["conv2d_igemm_bwd_weight", "conv2d_igemm_reduce_splits"]
+
+
+def test_dgrad_allocates_only_its_output(launches):
+    gy, x, w, _ = backward_inputs(BACKWARD_CASES[1], "float16")
+    with _arrays.track_allocations() as allocations:
+        igemm_conv2d_backward(gy, x, w, stride=2, padding=1, wrt="input")
+    assert allocations == [(x.shape, "float16")]
+    assert launches == ["conv2d_igemm_bwd_input"]
+
+
+def test_gradients_deterministic_bitwise():
+    gy, x, w, b = backward_inputs(BACKWARD_CASES[-1], "float16")
+    first = igemm_conv2d_backward(gy, x, w, b, padding=1)
+    second = igemm_conv2d_backward(gy, x, w, b, padding=1)
+    for a, c in zip(first, second):
+        assert (a is None) == (c is None)
+        if a is not None:
+            assert np.array_equal(a.view(np.uint16), c.view(np.uint16))
+
+
+@pytest.mark.parametrize("wrt, expected", [
+    ("input", ["conv2d_igemm_bwd_input"]),
+    ("weight", ["conv2d_igemm_bwd_weight", "conv2d_igemm_reduce_splits"]),
+    ("bias", ["conv2d_bwd_bias"]),
+    (("input", "bias"), ["conv2d_igemm_bwd_input", "conv2d_bwd_bias"]),
+])
+def test_wrt_subsets_compute_only_what_is_asked(launches, wrt, expected):
+    gy, x, w, b = backward_inputs(BACKWARD_CASES[0], "float16")
+    full = igemm_conv2d_backward(gy, x, w, b, padding=1)
+    launches.clear()
+    got = igemm_conv2d_backward(gy, x, w, b, padding=1, wrt=wrt)
+    assert launches == expected
+    names = (wrt,) if isinstance(wrt, str) else wrt
+    for name, one, everything in zip(("input", "weight", "bias"), got, full):
+        if name in names:
+            assert np.array_equal(one.view(np.uint16), everything.view(np.uint16)), name
+        else:
+            assert one is None, name
+
+
+def test_gradients_without_bias_return_none_for_it(launches):
+    gy, x, w, _ = backward_inputs(BACKWARD_CASES[1], "bfloat16")
+    gx, gw, gb = igemm_conv2d_backward(gy, x, w, None, stride=2, padding=1)
+    assert gx.shape == x.shape and gw.shape == w.shape and gb is None
+    assert "conv2d_bwd_bias" not in launches
+
+
+def test_gradients_batch_zero():
+    x = np.zeros((0, 3, 5, 5), np.float16)
+    w = np.ones((4, 3, 3, 3), np.float16)
+    b = np.ones(4, np.float16)
+    gy = np.zeros((0, 4, 5, 5), np.float16)
+    gx, gw, gb = igemm_conv2d_backward(gy, x, w, b, padding=1)
+    assert gx.shape == (0, 3, 5, 5) and gx.dtype == np.float16
+    assert gw.shape == w.shape and gw.dtype == np.float16 and np.array_equal(gw, np.zeros_like(w))  # not NaN
+    assert np.array_equal(gb, np.zeros(4, np.float16))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gradients_unsupported_dtype_launch_nothing(dtype, launches):
+    x = np.ones((1, 2, 5, 5), dtype)
+    w = np.ones((3, 2, 3, 3), dtype)
+    with pytest.raises(ValueError, match="conv2d_backward: algorithm='implicit_gemm'.*float16 and bfloat16"):
+        igemm_conv2d_backward(np.ones((1, 3, 3, 3), dtype), x, w)
     assert launches == []

@@ -7,7 +7,8 @@ from __future__ import annotations
 import cuconv
 import cuconv.reference
 
-from .harness import BenchCase, CheckRow, OpCheck, random_inputs, self_check_op, tensor_bytes, torch_baselines
+from .harness import (BenchCase, CheckRow, OpCheck, random_inputs, self_check_op, tensor_bytes, tensor_core_rows,
+                      torch_baselines)
 
 NAME = "conv_transpose2d"
 
@@ -65,15 +66,19 @@ def _case(label, dtype, pass_, shapes, stride, pad, flops, torch) -> BenchCase:
     fan_in = shapes[1][0] * shapes[1][2] * shapes[1][3]  # input channels x taps reaching an output
     make_inputs = random_inputs(shapes, dtype, backward, (1.0, fan_in**-0.5, 1.0), torch)
 
-    def run_cuconv(x, w, gy=None):
-        cuconv.conv_transpose2d(x, w, None, stride, pad)
-        if backward:
-            cuconv.conv_transpose2d_backward(gy, x, w, None, stride, pad, wrt=("input", "weight"))
+    def by_algorithm(algorithm):
+        def run(x, w, gy=None):
+            cuconv.conv_transpose2d(x, w, None, stride, pad, algorithm=algorithm)
+            if backward:
+                cuconv.conv_transpose2d_backward(gy, x, w, None, stride, pad, wrt=("input", "weight"),
+                                                 algorithm=algorithm)
+        return run
 
     def run_torch(x, w, gy=None):
         y = torch.nn.functional.conv_transpose2d(x, w, None, stride, pad)
         if backward:
             torch.autograd.grad(y, (x, w), gy)
 
-    return BenchCase(NAME, label, dtype, pass_, flops * (3 if backward else 1), make_inputs, run_cuconv,
-                     torch_baselines(torch, run_torch), bytes_moved=traffic)
+    baselines = {**torch_baselines(torch, run_torch), **tensor_core_rows(dtype, by_algorithm)}
+    return BenchCase(NAME, label, dtype, pass_, flops * (3 if backward else 1), make_inputs, by_algorithm("auto"),
+                     baselines, bytes_moved=traffic)

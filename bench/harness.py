@@ -379,6 +379,14 @@ def torch_baselines(torch, run_torch: Callable) -> dict:
     return {"torch": (lambda s: s, run_torch), "torch CL": (channels_last, run_torch)}
 
 
+def tensor_core_rows(dtype: str, run_by_algorithm: Callable[[str], Callable]) -> dict:
+    """Baseline rows 'cuconv <algorithm>' for the tensor-core pass algorithms that take
+    this dtype (implicit_gemm for float16/bfloat16, implicit_gemm_tf32 for float32), timed
+    in the same run as the op's default ('auto')."""
+    names = {"float16": ("implicit_gemm",), "bfloat16": ("implicit_gemm",), "float32": ("implicit_gemm_tf32",)}
+    return {f"cuconv {a}": (lambda s: s, run_by_algorithm(a)) for a in names.get(dtype, ())}
+
+
 def set_bytes(input_set: tuple) -> int:
     return sum(int(a.nbytes) if hasattr(a, "nbytes") else a.numel() * a.element_size() for a in input_set)
 

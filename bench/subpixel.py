@@ -7,7 +7,8 @@ from __future__ import annotations
 import cuconv
 import cuconv.reference
 
-from .harness import BenchCase, CheckRow, OpCheck, random_inputs, self_check_op, tensor_bytes, torch_baselines
+from .harness import (BenchCase, CheckRow, OpCheck, random_inputs, self_check_op, tensor_bytes, tensor_core_rows,
+                      torch_baselines)
 
 NAME = "subpixel_conv2d"
 
@@ -55,15 +56,18 @@ def _case(label, r, dtype, pass_, shapes, flops, torch) -> BenchCase:
     shapes = shapes if backward else shapes[:2]
     make_inputs = random_inputs(shapes, dtype, backward, (1.0, (FEATURES * 9) ** -0.5, 1.0), torch)
 
-    def run_cuconv(x, w, gy=None):
-        cuconv.subpixel_conv2d(x, w, None, r, padding=1)
-        if backward:
-            cuconv.subpixel_conv2d_backward(gy, x, w, None, r, padding=1, wrt=("input", "weight"))
+    def by_algorithm(algorithm):
+        def run(x, w, gy=None):
+            cuconv.subpixel_conv2d(x, w, None, r, padding=1, algorithm=algorithm)
+            if backward:
+                cuconv.subpixel_conv2d_backward(gy, x, w, None, r, padding=1, wrt=("input", "weight"), algorithm=algorithm)
+        return run
 
     def run_torch(x, w, gy=None):
         y = _torch_subpixel(torch.nn.functional, x, w, None, r, padding=1)
         if backward:
             torch.autograd.grad(y, (x, w), gy)
 
-    return BenchCase(NAME, label, dtype, pass_, flops * (3 if backward else 1), make_inputs, run_cuconv,
-                     torch_baselines(torch, run_torch), bytes_moved=traffic)
+    baselines = {**torch_baselines(torch, run_torch), **tensor_core_rows(dtype, by_algorithm)}
+    return BenchCase(NAME, label, dtype, pass_, flops * (3 if backward else 1), make_inputs, by_algorithm("auto"),
+                     baselines, bytes_moved=traffic)

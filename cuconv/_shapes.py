@@ -58,13 +58,13 @@ def _conv(op, s, stride=1, padding=0, dilation=1, groups=1, algorithm="auto"):
                          groups).output_shape
 
 
-def _conv_transpose(op, s, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+def _conv_transpose(op, s, stride=1, padding=0, output_padding=0, groups=1, dilation=1, algorithm="auto"):
     g = transposed_geometry(op, s.shape("input"), s.shape("weight"), s.shape("bias"), stride, padding,
                             output_padding, groups, dilation)
     return (g.batch, g.in_channels, g.in_h, g.in_w)
 
 
-def _subpixel(op, s, upscale_factor=2, stride=1, padding=0, dilation=1, groups=1):
+def _subpixel(op, s, upscale_factor=2, stride=1, padding=0, dilation=1, groups=1, algorithm="auto"):
     geom = conv_geometry(op, s.shape("input"), s.shape("weight"), s.shape("bias"), stride, padding, dilation, groups)
     r = int(upscale_factor)
     return (geom.batch, geom.out_channels // (r * r), geom.out_h * r, geom.out_w * r)

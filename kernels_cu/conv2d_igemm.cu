@@ -1,19 +1,27 @@
 // conv2d_igemm: conv2d (torch.nn.functional.conv2d semantics) forward, input gradient
 // (dgrad) and weight gradient (wgrad) as implicit GEMMs on the tensor cores, float16 /
-// bfloat16 storage with float32 accumulation. Opt-in only (algorithm="implicit_gemm");
+// bfloat16 storage with float32 accumulation (mma m16n8k16), and float32 storage through
+// TF32 (mma m16n8k8 .tf32, operands rounded by cvt.rna.tf32.f32: 10 mantissa bits, ties
+// away from zero; float32 accumulation; what torch calls allow_tf32). Opt-in only
+// (algorithm="implicit_gemm" for fp16/bf16, "implicit_gemm_tf32" for float32);
 // kernels_cu/conv2d.cu stays the general path, and these kernels must match its
 // conv2d_fwd, conv2d_bwd_input and conv2d_bwd_weight. The bias gradient is conv2d.cu's
 // conv2d_bwd_bias (a plain reduction: no GEMM in it). Design note with the GPU to-do
 // list: docs/kernels/implicit_gemm.md.
 //
 // STATUS: compile-checked for sm_80 / sm_90 and verified on the interpret backend (whose
-// mma fallback follows the PTX ISA fragment layout, pinned by tests/kernels/mma_probe.cu);
-// NOT YET RUN OR TIMED ON A GPU (none of the three passes). A first GPU session should run
+// mma fallbacks follow the PTX ISA fragment layouts and the cvt.rna.tf32.f32 rounding,
+// pinned by tests/kernels/mma_probe.cu); NOT YET RUN OR TIMED ON A GPU (none of the three
+// passes, neither the fp16/bf16 nor the TF32 instantiations). A first GPU session should run
 // tests/test_conv2d_igemm.py (the probe test first) on the cuda backend before trusting
 // any number.
 //
 // Layout (contiguous NCHW, G = groups, Cin_g = Cin/G, Cout_g = Cout/G):
 //   x [B, Cin, H, W]    w [Cout, Cin_g, KH, KW]    bias [Cout] (nullable)    y [B, Cout, Ho, Wo]
+//   With upscale r > 1 (subpixel_conv2d) y and dL/dy are stored pixel-shuffled, exactly as in
+//   conv2d.cu: conv channel o = c*r*r + i*r + j, pixel (oy, ox) lives at [b, c, oy*r + i,
+//   ox*r + j] of a [B, Cout/r^2, Ho*r, Wo*r] tensor (IgemmOutLayout). The forward's epilogue
+//   stores there; dgrad's A gather and wgrad's A load read gy there. The GEMMs are unchanged.
 //
 // Forward, for output channel o in group g = o / Cout_g:
 //   y[b,o,oy,ox] = bias[o] + sum_{c<Cin_g, ky, kx} w[o,c,ky,kx] * x[b, g*Cin_g+c, iy, ix]
@@ -25,6 +33,9 @@
 //     non-negative integers (exact division) and oy < Ho, ox < Wo
 //   dL/dw[g*Cout_g+o, c, ky, kx] = sum_{b, oy, ox} gy[b, g*Cout_g+o, oy, ox] * x[b, g*Cin_g+c, iy, ix]
 //     (iy, ix as in the forward; terms outside the image are 0)
+//   conv2d_igemm_bwd_input also takes a nullable bias [Cin] added per INPUT channel
+//   (grad_x[b, i, ...] += bias[i]): null for conv2d's dgrad, the layer's bias when the
+//   kernel is conv_transpose2d's forward (the adjoint conv), as conv2d.cu's conv2d_bwd_input.
 //
 // All three kernels share one tile shape and one fragment layout (below), described
 // for the forward first; the dgrad and wgrad sections say only what differs.
@@ -41,9 +52,10 @@
 // Tiles and thread mapping (128 threads = 4 warps per block):
 //   block tile 64 (M) x 64 (N), K walked in steps of BK = 32; work items are
 //   (group, m tile, n tile) with the n tile fastest, walked by a grid-stride loop.
-//   Per BK step the block stages A as a_tile[64][32+8] and B as b_tile[64][32+8]
-//   (both K-contiguous, rows padded by 8 elements = 16 bytes so that the fragment
-//   loads of a warp, rows g = 0..7 x pairs t = 0..3, hit 32 distinct banks):
+//   Per BK step the block stages A as a_tile[64][ld] and B as b_tile[64][ld], ld = 32 + 8
+//   (fp16/bf16) or 32 + 4 (float), i.e. both K-contiguous, rows padded by 16 bytes so that
+//   the fragment loads of a warp, rows g = 0..7 x columns t = 0..3, hit 32 distinct banks
+//   (10 KB of static shared memory for fp16/bf16, 18 KB for float):
 //     A gather: thread tid owns pixel row tid % 64 (its b, oy, ox decoded once per
 //       tile) and k = tid/64 + 2i, i < 16: consecutive threads read consecutive pixels,
 //       i.e. consecutive ox of one input row, coalesced for stride 1.
@@ -52,12 +64,17 @@
 //   Out-of-range m, n, k (edge tiles, K not a multiple of 32) and padding taps are
 //   staged as 0, so every mma runs unmasked; the epilogue masks the stores.
 //   Warp w owns the 32 x 32 sub-tile at (32*(w % 2), 32*(w / 2)) = 2 (M) x 4 (N)
-//   m16n8k16 tiles, 32 float accumulators per lane; per BK step 2 k16 slices x 8 mma.
+//   m16n8 tiles, 32 float accumulators per lane; per BK step 2 k16 slices x 8 mma
+//   m16n8k16 (fp16/bf16), or 4 k8 slices x 8 mma m16n8k8 .tf32 (float: every fragment
+//   element rounded by cvt.rna.tf32.f32 as it leaves shared memory; see igemm_mma_step).
 //   Fragment ownership (mma.cuh, PTX ISA m16n8k16 layout), lane = 4*gid + tid4:
 //     A regs: a_tile[row0 + gid (+8)][k16 + 2*tid4 (+8) .. +1]
 //     B regs: b_tile[col0 + gid][k16 + 2*tid4 (+8) .. +1]
 //     D:      acc[mi][ni][2h + j] = Y[row0 + gid + 8h][col0 + 2*tid4 + j]
-//   Epilogue: y = from_acc<T>(acc + bias[o]) straight from the accumulator fragments.
+//   (float / tf32: A regs a_tile[row0 + gid (+8)][k8 + tid4 (+4)], B regs
+//   b_tile[col0 + gid][k8 + tid4 (+4)], D the same.)
+//   Epilogue: y = from_acc<T>(acc + bias[o]) straight from the accumulator fragments, stored
+//   at y's (possibly pixel-shuffled) position.
 // Determinism: every output's K sum runs in the same fixed order (k steps, then the
 // mma's own reduction); no atomics, no split-K. Bitwise reproducible for a fixed shape.
 // Index math is 64-bit (index_t) throughout.
@@ -87,8 +104,8 @@
 //   count of the largest phase (ceil(H/SH)*ceil(W/SW) pixels per image); a smaller
 //   phase's surplus tiles skip at once. A phase with no landing tap (K = 0, e.g.
 //   DH % SH == 0 and ry != 0) writes zeros. Stride 1 is the single phase with every tap.
-//   Epilogue: grad_x = from_acc<T>(acc) at (iy, ix), masked like the forward's (no bias);
-//   stores are SW apart along x for stride > 1.
+//   Epilogue: grad_x = from_acc<T>(acc + bias[g*Cin_g + n]) at (iy, ix) (bias nullable), masked
+//   like the forward's; stores are SW apart along x for stride > 1.
 //
 // WGRAD GEMM mapping (conv2d_igemm_bwd_weight), per group g:
 //   m = output channel in group    M = Cout_g
@@ -139,11 +156,34 @@ struct Conv2dIgemmParams {
   long long kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
   long long groups;
   long long splits, split_steps;  // wgrad only: K slices S and BK steps per slice (fwd/dgrad: 1, 0)
+  long long upscale;              // 1, or the pixel-shuffle factor r of y / dL/dy (subpixel_conv2d)
+};
+
+// Where the conv output element (b, o, oy, ox) lives in y (fwd writes it) or dL/dy (dgrad,
+// wgrad read it): b*image + channel(o) + oy*row + ox*col. Plain NCHW for upscale 1; for
+// upscale r the pixel-shuffled position [b, o / r^2, oy*r + (o / r) % r, ox*r + o % r] of a
+// [B, Cout/r^2, Ho*r, Wo*r] tensor, exactly as conv2d.cu's OutputPlane:
+//   channel(o) = (o / r^2)*r^2*Ho*Wo + ((o / r) % r)*r*Wo + o % r,  row = r^2*Wo,  col = r.
+struct IgemmOutLayout {
+  index_t r, plane, image, row, col;
+  __device__ explicit IgemmOutLayout(const Conv2dIgemmParams& p)
+      : r(p.upscale), plane(p.out_h * p.out_w), image(p.out_channels * p.out_h * p.out_w),
+        row(p.upscale * p.upscale * p.out_w), col(p.upscale) {}
+  __device__ index_t channel(index_t o) const {
+    if (r == 1) return o * plane;
+    return (o / (r * r)) * (r * r) * plane + ((o / r) % r) * (row / r) + o % r;  // row / r = r*Wo
+  }
+  __device__ index_t pixel(index_t oy, index_t ox) const { return oy * row + ox * col; }
 };
 
 constexpr int kIgemmThreads = 128;                    // 4 warps; the host launches exactly this
 constexpr int kIgemmBM = 64, kIgemmBN = 64, kIgemmBK = 32;
-constexpr int kIgemmLd = kIgemmBK + 8;                // padded row of a staged tile (elements)
+// A staged tile row: BK elements padded by 16 bytes (8 halves, 4 floats), so that the
+// fragment loads of a warp hit 32 distinct banks (rows g = 0..7 x columns t = 0..3).
+template <typename T>
+struct IgemmTile {
+  static constexpr int ld = kIgemmBK + 16 / int(sizeof(T));
+};
 
 // The block's 64 x 64 fp32 accumulator tile, spread over the 4 warps (layout above).
 typedef float IgemmAcc[2][4][4];
@@ -158,10 +198,12 @@ __device__ __forceinline__ void igemm_zero(IgemmAcc& acc) {
 }
 
 // One BK step of the warp's 32 x 32 sub-tile: acc += a_tile[warp_m.., :] * b_tile[warp_n.., :]^T,
-// both tiles K-contiguous [64][kIgemmLd]. Warp-wide: every lane calls it.
+// both tiles K-contiguous [64][ld]. Warp-wide: every lane calls it. fp16 / bf16: 2 k16 slices
+// of m16n8k16.
 template <typename T>
 __device__ __forceinline__ void igemm_mma_step(IgemmAcc& acc, const T* a_tile, const T* b_tile, int warp_m,
                                                int warp_n, int gid, int tid4) {
+  constexpr int kIgemmLd = IgemmTile<T>::ld;
 #pragma unroll
   for (int ks = 0; ks < kIgemmBK; ks += 16) {
     mma_reg_t af[2][4], bf[4][2];
@@ -186,10 +228,43 @@ __device__ __forceinline__ void igemm_mma_step(IgemmAcc& acc, const T* a_tile, c
   }
 }
 
+// float32 (TF32, opt-in): the same BK step as 4 k8 slices of m16n8k8.tf32; every fragment
+// element is rounded by mma_to_tf32 (cvt.rna.tf32.f32) as it is loaded from the tile.
+// Fragment ownership (mma.cuh, PTX ISA m16n8k8 .tf32 layout), lane = 4*gid + tid4:
+//   A regs: a_tile[row0 + gid (+8)][k8 + tid4 (+4)],  B regs: b_tile[col0 + gid][k8 + tid4 (+4)],
+//   D: as for fp16 / bf16. The overload wins over the template for T = float.
+__device__ __forceinline__ void igemm_mma_step(IgemmAcc& acc, const float* a_tile, const float* b_tile, int warp_m,
+                                               int warp_n, int gid, int tid4) {
+  constexpr int ld = IgemmTile<float>::ld;
+#pragma unroll
+  for (int ks = 0; ks < kIgemmBK; ks += 8) {
+    mma_reg_t af[2][4], bf[4][2];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+      const float* base = a_tile + (warp_m + 16 * mi + gid) * ld + ks + tid4;
+      af[mi][0] = mma_to_tf32(base[0]);           // A[gid][t]
+      af[mi][1] = mma_to_tf32(base[8 * ld]);      // A[gid+8][t]
+      af[mi][2] = mma_to_tf32(base[4]);           // A[gid][t+4]
+      af[mi][3] = mma_to_tf32(base[8 * ld + 4]);  // A[gid+8][t+4]
+    }
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni) {
+      const float* base = b_tile + (warp_n + 8 * ni + gid) * ld + ks + tid4;
+      bf[ni][0] = mma_to_tf32(base[0]);  // B[t][gid]
+      bf[ni][1] = mma_to_tf32(base[4]);  // B[t+4][gid]
+    }
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni) mma_m16n8k8_tf32(acc[mi][ni], af[mi], bf[ni]);
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kIgemmThreads)
 conv2d_igemm_fwd(const Conv2dIgemmParams p, const T* __restrict__ x, const T* __restrict__ w,
                  const T* __restrict__ bias, T* __restrict__ y) {
+  constexpr int kIgemmLd = IgemmTile<T>::ld;
   __align__(16) __shared__ T a_tile[kIgemmBM * kIgemmLd];
   __align__(16) __shared__ T b_tile[kIgemmBN * kIgemmLd];
   const index_t cin_g = p.in_channels / p.groups, cout_g = p.out_channels / p.groups;
@@ -243,10 +318,12 @@ conv2d_igemm_fwd(const Conv2dIgemmParams p, const T* __restrict__ x, const T* __
         b_tile[nn * kIgemmLd + b_k] = (n < cout_g && k < K) ? w_group[n * K + k] : zero;
       }
       __syncthreads();
-      igemm_mma_step<T>(acc, a_tile, b_tile, warp_m, warp_n, gid, tid4);
+      igemm_mma_step(acc, a_tile, b_tile, warp_m, warp_n, gid, tid4);
     }
 
-    // Epilogue: acc[mi][ni][2h + j] is Y[m0 + warp_m + 16mi + gid + 8h][n0 + warp_n + 8ni + 2tid4 + j].
+    // Epilogue: acc[mi][ni][2h + j] is Y[m0 + warp_m + 16mi + gid + 8h][n0 + warp_n + 8ni + 2tid4 + j],
+    // stored at its (possibly pixel-shuffled) position in y.
+    const IgemmOutLayout out(p);
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi) {
 #pragma unroll
@@ -254,6 +331,7 @@ conv2d_igemm_fwd(const Conv2dIgemmParams p, const T* __restrict__ x, const T* __
         const index_t m = m0 + warp_m + 16 * mi + gid + 8 * h;
         if (m >= M) continue;
         const index_t img = m / pixels, pix = m % pixels;
+        T* y_pixel = y + img * out.image + out.pixel(pix / p.out_w, pix % p.out_w);
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) {
 #pragma unroll
@@ -263,7 +341,7 @@ conv2d_igemm_fwd(const Conv2dIgemmParams p, const T* __restrict__ x, const T* __
             const index_t o = group * cout_g + n;
             float v = acc[mi][ni][2 * h + j];
             if (bias != nullptr) v += to_acc(bias[o]);
-            y[(img * p.out_channels + o) * pixels + pix] = from_acc<T>(v);
+            y_pixel[out.channel(o)] = from_acc<T>(v);
           }
         }
       }
@@ -298,12 +376,13 @@ struct IgemmPhase {
 template <typename T>
 __global__ void __launch_bounds__(kIgemmThreads)
 conv2d_igemm_bwd_input(const Conv2dIgemmParams p, const T* __restrict__ grad_y, const T* __restrict__ w,
-                       T* __restrict__ grad_x) {
+                       const T* __restrict__ bias, T* __restrict__ grad_x) {
+  constexpr int kIgemmLd = IgemmTile<T>::ld;
   __align__(16) __shared__ T a_tile[kIgemmBM * kIgemmLd];
   __align__(16) __shared__ T b_tile[kIgemmBN * kIgemmLd];
   const index_t cin_g = p.in_channels / p.groups, cout_g = p.out_channels / p.groups;
   const index_t taps = p.kernel_h * p.kernel_w;
-  const index_t pixels = p.in_h * p.in_w, out_pixels = p.out_h * p.out_w;
+  const index_t pixels = p.in_h * p.in_w;
   const index_t phases = p.stride_h * p.stride_w;
   // m tiles of the largest phase (ceil(H/SH) x ceil(W/SW) pixels per image); smaller phases skip the rest
   const index_t m_tiles = ceil_div(p.batch * ceil_div(p.in_h, p.stride_h) * ceil_div(p.in_w, p.stride_w), kIgemmBM);
@@ -339,7 +418,9 @@ conv2d_igemm_bwd_input(const Conv2dIgemmParams p, const T* __restrict__ grad_y, 
     const index_t ox0 = (px.first + (a_pix % px.count) * p.stride_w + p.pad_w - px.tap0 * p.dilation_w) / p.stride_w;
     const index_t oy_step = py.tap_step * p.dilation_h / p.stride_h, ox_step = sx * p.dilation_w / p.stride_w;
     const index_t w_tap0 = py.tap0 * p.kernel_w + px.tap0, wy = py.tap_step * p.kernel_w;
-    const T* gy_group = grad_y + (a_img * p.out_channels + group * cout_g) * out_pixels;
+    const IgemmOutLayout gy_at(p);  // gy may be pixel-shuffled (upscale > 1)
+    const T* gy_image = grad_y + a_img * gy_at.image;
+    const index_t gy_o0 = group * cout_g;
     const T* w_group = w + group * cout_g * cin_g * taps;  // [Cout_g, Cin_g, KH, KW] of this group
 
     IgemmAcc acc;
@@ -355,7 +436,8 @@ conv2d_igemm_bwd_input(const Conv2dIgemmParams p, const T* __restrict__ grad_y, 
         if (a_valid && k < K) {  // k = (o * phase taps in y + jy) * phase taps in x + jx
           const index_t o = k / phase_taps, j = k % phase_taps;
           const index_t oy = oy0 - (j / nkx) * oy_step, ox = ox0 - (j % nkx) * ox_step;
-          if (oy >= 0 && oy < p.out_h && ox >= 0 && ox < p.out_w) v = gy_group[(o * p.out_h + oy) * p.out_w + ox];
+          if (oy >= 0 && oy < p.out_h && ox >= 0 && ox < p.out_w)
+            v = gy_image[gy_at.channel(gy_o0 + o) + gy_at.pixel(oy, ox)];
         }
         a_tile[a_row * kIgemmLd + kk] = v;
       }
@@ -372,11 +454,12 @@ conv2d_igemm_bwd_input(const Conv2dIgemmParams p, const T* __restrict__ grad_y, 
         }
       }
       __syncthreads();
-      igemm_mma_step<T>(acc, a_tile, b_tile, warp_m, warp_n, gid, tid4);
+      igemm_mma_step(acc, a_tile, b_tile, warp_m, warp_n, gid, tid4);
     }
 
     // Epilogue: acc[mi][ni][2h + j] is phase pixel m0 + warp_m + 16mi + gid + 8h, channel
-    // n0 + warp_n + 8ni + 2tid4 + j (an empty K, no tap in this phase, writes zeros).
+    // n0 + warp_n + 8ni + 2tid4 + j (an empty K, no tap in this phase, writes zeros, or the bias),
+    // plus bias[g*Cin_g + n] when bias is given (conv_transpose2d's forward).
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi) {
 #pragma unroll
@@ -391,7 +474,10 @@ conv2d_igemm_bwd_input(const Conv2dIgemmParams p, const T* __restrict__ grad_y, 
           for (int j = 0; j < 2; ++j) {
             const index_t n = n0 + warp_n + 8 * ni + 2 * tid4 + j;
             if (n >= cin_g) continue;
-            grad_x[(img * p.in_channels + group * cin_g + n) * pixels + pix] = from_acc<T>(acc[mi][ni][2 * h + j]);
+            const index_t i = group * cin_g + n;
+            float v = acc[mi][ni][2 * h + j];
+            if (bias != nullptr) v += to_acc(bias[i]);
+            grad_x[(img * p.in_channels + i) * pixels + pix] = from_acc<T>(v);
           }
         }
       }
@@ -405,6 +491,7 @@ template <typename T>
 __global__ void __launch_bounds__(kIgemmThreads)
 conv2d_igemm_bwd_weight(const Conv2dIgemmParams p, const T* __restrict__ grad_y, const T* __restrict__ x,
                         float* __restrict__ workspace) {
+  constexpr int kIgemmLd = IgemmTile<T>::ld;
   __align__(16) __shared__ T a_tile[kIgemmBM * kIgemmLd];
   __align__(16) __shared__ T b_tile[kIgemmBN * kIgemmLd];
   const index_t cin_g = p.in_channels / p.groups, cout_g = p.out_channels / p.groups;
@@ -425,8 +512,9 @@ conv2d_igemm_bwd_weight(const Conv2dIgemmParams p, const T* __restrict__ grad_y,
     const index_t group = item / (n_tiles * m_tiles * p.splits);
     const index_t m0 = m_tile * kIgemmBM, n0 = n_tile * kIgemmBN;
     const index_t k_begin = split * slice, k_end = min_index(K, k_begin + slice);
-    const T* gy_group = grad_y + group * cout_g * out_pixels;  // + b*Cout*Ho*Wo + m*Ho*Wo + pix
-    const T* x_group = x + group * cin_g * in_pixels;          // + b*Cin*H*W + c*H*W + iy*W + ix
+    const IgemmOutLayout gy_at(p);                      // gy may be pixel-shuffled (upscale > 1)
+    const index_t gy_o0 = group * cout_g;               // gy at b*image + channel(gy_o0 + m) + pixel(oy, ox)
+    const T* x_group = x + group * cin_g * in_pixels;  // + b*Cin*H*W + c*H*W + iy*W + ix
 
     IgemmAcc acc;
     igemm_zero(acc);
@@ -436,15 +524,16 @@ conv2d_igemm_bwd_weight(const Conv2dIgemmParams p, const T* __restrict__ grad_y,
       const index_t k = k0 + ld_k;  // this thread's pixel for the step, decoded once
       const bool k_valid = k < k_end;
       const index_t img = k_valid ? k / out_pixels : 0, pix = k_valid ? k % out_pixels : 0;
-      const index_t iy0 = (pix / p.out_w) * p.stride_h - p.pad_h;
-      const index_t ix0 = (pix % p.out_w) * p.stride_w - p.pad_w;
-      const T* gy_k = gy_group + img * p.out_channels * out_pixels + pix;
+      const index_t oy = pix / p.out_w, ox = pix % p.out_w;
+      const index_t iy0 = oy * p.stride_h - p.pad_h;
+      const index_t ix0 = ox * p.stride_w - p.pad_w;
+      const T* gy_k = grad_y + img * gy_at.image + gy_at.pixel(oy, ox);
       const T* x_k = x_group + img * p.in_channels * in_pixels;
 #pragma unroll 4
       for (int i = 0; i < kIgemmBM * kIgemmBK / kIgemmThreads; ++i) {
         const int mm = ld_row + (kIgemmThreads / kIgemmBK) * i;
         const index_t m = m0 + mm;
-        a_tile[mm * kIgemmLd + ld_k] = (k_valid && m < cout_g) ? gy_k[m * out_pixels] : zero;
+        a_tile[mm * kIgemmLd + ld_k] = (k_valid && m < cout_g) ? gy_k[gy_at.channel(gy_o0 + m)] : zero;
       }
 #pragma unroll 4
       for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i) {
@@ -460,7 +549,7 @@ conv2d_igemm_bwd_weight(const Conv2dIgemmParams p, const T* __restrict__ grad_y,
         b_tile[nn * kIgemmLd + ld_k] = v;
       }
       __syncthreads();
-      igemm_mma_step<T>(acc, a_tile, b_tile, warp_m, warp_n, gid, tid4);
+      igemm_mma_step(acc, a_tile, b_tile, warp_m, warp_n, gid, tid4);
     }
 
     // Epilogue: acc[mi][ni][2h + j] is the partial of weight row m0 + warp_m + 16mi + gid + 8h,

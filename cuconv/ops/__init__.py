@@ -2,6 +2,7 @@
 
 from . import conv2d_igemm  # noqa: F401  (registers conv2d_igemm.cu: algorithm="implicit_gemm")
 from . import depthwise  # noqa: F401  (registers depthwise.cu: algorithm="depthwise")
+from . import depthwise_tc  # noqa: F401  (registers depthwise_tc.cu: algorithm="implicit_gemm", depthwise)
 from .conv2d import conv2d, conv2d_backward, conv_output_size
 from .conv_transpose2d import conv_transpose2d, conv_transpose2d_backward
 from .deform_conv import deform_conv2d, deform_conv2d_backward

@@ -6,17 +6,28 @@ depthwise, 1x1) and an optional bias. Algorithms:
   'depthwise'      kernels_cu/depthwise.cu (cuconv/ops/depthwise.py): halo-tiled
                    kernels for groups == in_channels;
   'fft'            stride 1, groups 1 or depthwise (cuconv/ops/spectral.py);
-  'implicit_gemm'  tensor-core kernels for float16/bfloat16 (cuconv/ops/conv2d_igemm.py).
+  'implicit_gemm'  tensor-core kernels for float16/bfloat16 (cuconv/ops/conv2d_igemm.py;
+                   stride-1 depthwise convs take the banded-Toeplitz kernels of
+                   cuconv/ops/depthwise_tc.py);
+  'implicit_gemm_tf32'  the same GEMMs for float32 with TF32 tensor-core math (inputs
+                   rounded to 10 mantissa bits: torch's allow_tf32). It weakens the
+                   float32 precision contract, so it runs only when named.
 `algorithm='auto'` takes the first supported entry of a fixed fallback order (fft for
 kernels of at least spectral.FFT_AUTO_MIN_TAPS taps, then depthwise, then direct), or,
 with CUCONV_AUTOTUNE=1 on a GPU, the fastest supported algorithm measured per shape
 (cuconv/_autotune.py). implicit_gemm is reached only by tuning or by name until it has
-been validated on a GPU.
+been validated on a GPU; implicit_gemm_tf32 only by name.
+
+conv_transpose2d and subpixel_conv2d are built from the same passes on a
+ConvGeometry; PASS_ALGORITHMS / pass_launchers give them the algorithms whose passes
+take explicit operands.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Callable
 
 from .. import _autotune
 from .._kernels import KernelModule
@@ -27,7 +38,7 @@ KERNELS = KernelModule(
     kernels=("conv2d_fwd", "conv2d_bwd_input", "conv2d_bwd_weight", "conv2d_bwd_bias"),
     params_struct="Conv2dParams",
 )
-ALGORITHMS = ("direct", "depthwise", "fft", "implicit_gemm")
+ALGORITHMS = ("direct", "depthwise", "fft", "implicit_gemm", "implicit_gemm_tf32")
 # Shared memory one block stages weights in: a tuning choice well under every
 # device's per-block limit (which is read from the device and still enforced).
 _WEIGHT_STAGE_BYTES = 16 * 1024
@@ -140,7 +151,7 @@ def _unsupported(algorithm: str, geom: ConvGeometry, dtype: str) -> str | None:
         return depthwise_supported(geom, dtype)
     from .conv2d_igemm import implicit_gemm_supported
 
-    return implicit_gemm_supported(geom, dtype)
+    return implicit_gemm_supported(geom, dtype, tf32=algorithm == "implicit_gemm_tf32")
 
 
 def _candidates(geom: ConvGeometry, dtype: str) -> list[str]:
@@ -148,7 +159,7 @@ def _candidates(geom: ConvGeometry, dtype: str) -> list[str]:
     from .spectral import fft_preferred
 
     order = (["fft"] if fft_preferred(geom) else []) + ["depthwise", "direct", "fft", "implicit_gemm"]
-    return [a for a in dict.fromkeys(order) if _unsupported(a, geom, dtype) is None]
+    return [a for a in dict.fromkeys(order) if _unsupported(a, geom, dtype) is None]  # never tf32: it changes precision
 
 
 def _check_algorithm(op: str, algorithm: str, geom: ConvGeometry, dtype: str) -> str:
@@ -209,6 +220,47 @@ def launch_grad_bias(call: Call, geom: ConvGeometry, grad_y, grad_bias) -> None:
                 grad_y, grad_bias)
 
 
+# Algorithms whose passes take explicit operands (the forward, input-gradient and
+# weight-gradient launchers above, or their tensor-core counterparts): what
+# conv_transpose2d and subpixel_conv2d can run on.
+PASS_ALGORITHMS = ("direct", "implicit_gemm", "implicit_gemm_tf32")
+
+
+@dataclass(frozen=True)
+class PassLaunchers:
+    forward: Callable      # (call, geom, x, w, bias, y)
+    grad_input: Callable   # (call, geom, grad_y, w, bias, grad_x)
+    grad_weight: Callable  # (call, geom, grad_y, x, grad_w)
+
+
+def pass_launchers(algorithm: str) -> PassLaunchers:
+    if algorithm == "direct":
+        return PassLaunchers(launch_forward, launch_grad_input, launch_grad_weight)
+    from . import conv2d_igemm
+
+    tf32 = algorithm == "implicit_gemm_tf32"
+    return PassLaunchers(functools.partial(conv2d_igemm.launch_igemm_forward, tf32=tf32),
+                         functools.partial(conv2d_igemm.launch_igemm_grad_input, tf32=tf32),
+                         functools.partial(conv2d_igemm.launch_igemm_grad_weight, tf32=tf32))
+
+
+def check_pass_algorithm(op: str, algorithm: str, geom: ConvGeometry, dtype: str) -> str:
+    """check_algorithm for the ops built on PASS_ALGORITHMS."""
+    if algorithm != "auto" and algorithm not in PASS_ALGORITHMS:
+        raise ValueError(f"{op}: algorithm must be 'auto' or one of {PASS_ALGORITHMS}, got {algorithm!r}")
+    return _check_algorithm(op, algorithm, geom, dtype)
+
+
+def run_passes(call: Call, op: str, stage: str, geom: ConvGeometry, algorithm: str, run: Callable):
+    """run(algorithm) for a checked `algorithm`; for 'auto', the fallback choice ('direct')
+    or, tuned, the fastest supported pass algorithm (never tf32, which changes precision)."""
+    if algorithm == "auto":
+        candidates = [a for a in PASS_ALGORITHMS[:2] if _unsupported(a, geom, call.dtype) is None]
+        key = _autotune.make_key(call, op, stage, geom.params())
+        algorithm = _autotune.choose(call, key, candidates, run)
+    return run(algorithm)
+
+
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto"):
     """y = conv2d(input [B, Cin, H, W], weight [Cout, Cin/groups, kh, kw], bias [Cout])
     -> [B, Cout, Ho, Wo], as torch.nn.functional.conv2d."""
@@ -230,9 +282,17 @@ def _forward(call: Call, geom: ConvGeometry, algorithm: str):
 
         return conv2d_fft(call, geom)
     if algorithm == "implicit_gemm":
+        from .depthwise_tc import depthwise_tc_forward, depthwise_tc_supported
+
+        if depthwise_tc_supported(geom, call.dtype) is None:  # the banded-Toeplitz depthwise GEMM
+            return depthwise_tc_forward(call, geom)
         from .conv2d_igemm import conv2d_implicit_gemm
 
         return conv2d_implicit_gemm(call, geom)
+    if algorithm == "implicit_gemm_tf32":
+        from .conv2d_igemm import conv2d_implicit_gemm
+
+        return conv2d_implicit_gemm(call, geom, tf32=True)
     if algorithm == "depthwise":
         from .depthwise import depthwise_forward
 
@@ -280,9 +340,17 @@ def _gradients(call: Call, geom: ConvGeometry, algorithm: str, wanted, has_bias:
 
         return conv2d_fft_gradients(call, geom, wanted, has_bias)
     if algorithm == "implicit_gemm":
+        from .depthwise_tc import depthwise_tc_gradients, depthwise_tc_supported
+
+        if depthwise_tc_supported(geom, call.dtype) is None:
+            return depthwise_tc_gradients(call, geom, wanted, has_bias)
         from .conv2d_igemm import conv2d_implicit_gemm_gradients
 
         return conv2d_implicit_gemm_gradients(call, geom, wanted, has_bias)
+    if algorithm == "implicit_gemm_tf32":
+        from .conv2d_igemm import conv2d_implicit_gemm_gradients
+
+        return conv2d_implicit_gemm_gradients(call, geom, wanted, has_bias, tf32=True)
     if algorithm == "depthwise":
         from .depthwise import depthwise_gradients
 
@@ -290,18 +358,26 @@ def _gradients(call: Call, geom: ConvGeometry, algorithm: str, wanted, has_bias:
     return conv_gradients(call, geom, wanted, has_bias)
 
 
-def conv_gradients(call: Call, geom: ConvGeometry, wanted, has_bias: bool):
-    """(grad_input, grad_weight, grad_bias) of a conv (conv2d, subpixel_conv2d) as the
-    caller's arrays; `call` holds grad_output, input and weight."""
+def conv_gradients(call: Call, geom: ConvGeometry, wanted, has_bias: bool, algorithm: str = "direct"):
+    """(grad_input, grad_weight, grad_bias) of a conv on `geom` (conv2d, subpixel_conv2d) as
+    the caller's arrays, by a checked PASS_ALGORITHMS entry or 'auto' (each gradient then
+    chosen on its own: run_passes); `call` holds grad_output, input and weight."""
     gy = call.operand("grad_output")
-    grad_input = grad_weight = grad_bias = None
-    if "input" in wanted:
-        grad_input = call.empty((geom.batch, geom.in_channels, geom.in_h, geom.in_w))
-        launch_grad_input(call, geom, gy, call.operand("weight"), None, grad_input)
-    if "weight" in wanted:
-        grad_weight = call.empty(call.shape("weight"))
-        launch_grad_weight(call, geom, gy, call.operand("input"), grad_weight)
+
+    def grad_input(algorithm):
+        out = call.empty((geom.batch, geom.in_channels, geom.in_h, geom.in_w))
+        pass_launchers(algorithm).grad_input(call, geom, gy, call.operand("weight"), None, out)
+        return call.export(out)
+
+    def grad_weight(algorithm):
+        out = call.empty(call.shape("weight"))
+        pass_launchers(algorithm).grad_weight(call, geom, gy, call.operand("input"), out)
+        return call.export(out)
+
+    gx = run_passes(call, call.op, "grad_input", geom, algorithm, grad_input) if "input" in wanted else None
+    gw = run_passes(call, call.op, "grad_weight", geom, algorithm, grad_weight) if "weight" in wanted else None
+    grad_bias = None
     if "bias" in wanted and has_bias:
         grad_bias = call.empty((geom.out_channels,))
         launch_grad_bias(call, geom, gy, grad_bias)
-    return call.export(grad_input), call.export(grad_weight), call.export(grad_bias)
+    return gx, gw, call.export(grad_bias)

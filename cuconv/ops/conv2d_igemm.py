@@ -10,7 +10,19 @@ GPU.
 
 Supported: float16 / bfloat16 inputs, any stride / padding / dilation, groups >= 1
 (each group is its own GEMM; grouped convs with few channels per group waste most of
-a 64-wide tile), no pixel-shuffled output (upscale 1).
+a 64-wide tile), plain or pixel-shuffled output (geom.upscale >= 1: the forward writes
+and both gradients read the conv output at its pixel_shuffle position, as conv2d.cu's
+kernels do, for subpixel_conv2d).
+
+TF32 (algorithm='implicit_gemm_tf32', the functions' tf32=True): float32 inputs on the
+tensor cores through mma.sync m16n8k8 .tf32. Every GEMM operand (x, w, grad_output as
+they enter the mma) is rounded to TF32 (cvt.rna.tf32.f32: 10 explicit mantissa bits,
+round to nearest, ties away from zero); products are exact and accumulation is
+float32, as torch's allow_tf32=True. That is a relative input error up to 2^-11 (about
+4.9e-4) instead of float32's 2^-24, so it breaks conv2d's float32 precision contract
+(DESIGN §5) and is reached only by naming it: tf32=False with float32 is a ValueError,
+and so is tf32=True with any other dtype. The bias (forward, dgrad) is added in float32
+after the mma, unrounded; the bias gradient is conv2d's direct float32 kernel.
 
 Memory: the forward and dgrad allocate only their output (the im2col / gathered
 grad_output matrices are staged tile by tile in shared memory; dgrad runs one dense
@@ -32,9 +44,10 @@ KERNELS = KernelModule(
     "conv2d_igemm.cu",
     kernels=("conv2d_igemm_fwd", "conv2d_igemm_bwd_input", "conv2d_igemm_bwd_weight", "conv2d_igemm_reduce_splits"),
     params_struct="Conv2dIgemmParams",
-    dtypes=("float16", "bfloat16"),
+    dtypes=("float16", "bfloat16", "float32"),
 )
-DTYPES = ("float16", "bfloat16")
+DTYPES = ("float16", "bfloat16")  # algorithm='implicit_gemm'
+TF32_DTYPES = ("float32",)        # algorithm='implicit_gemm_tf32' (tf32=True): opt-in, see the module docstring
 # Must match kIgemmThreads / kIgemmBM / kIgemmBN in the .cu (the kernel assumes exactly
 # this block size).
 _THREADS = 128
@@ -51,21 +64,34 @@ _SPLIT_MAX = 64
 _REDUCE_THREADS = 256
 
 
-def implicit_gemm_supported(geom: ConvGeometry, dtype: str) -> str | None:
-    """None when algorithm='implicit_gemm' can run this conv in `dtype`, else why not
-    (a phrase that completes "supports only ...")."""
+def algorithm_name(tf32: bool = False) -> str:
+    """The public algorithm name of this path: 'implicit_gemm', or 'implicit_gemm_tf32'."""
+    return "implicit_gemm_tf32" if tf32 else "implicit_gemm"
+
+
+def implicit_gemm_supported(geom: ConvGeometry, dtype: str, tf32: bool = False) -> str | None:
+    """None when algorithm='implicit_gemm' (tf32=False: float16 / bfloat16) or
+    algorithm='implicit_gemm_tf32' (tf32=True: float32 through TF32 tensor cores) can run
+    this conv in `dtype`, else why not (a phrase that completes "supports only ...").
+    Any geometry is supported, pixel-shuffled output (geom.upscale > 1) included."""
+    if tf32:
+        if dtype not in TF32_DTYPES:
+            return f"float32 inputs (got {dtype}; float16/bfloat16 use algorithm='implicit_gemm')"
+        return None
     if dtype not in DTYPES:
+        if dtype in TF32_DTYPES:
+            return (f"float16 and bfloat16 inputs (got {dtype}; float32 runs on the tensor cores only as "
+                    f"opt-in TF32, algorithm='implicit_gemm_tf32', which rounds the inputs to 10 mantissa bits)")
         return f"float16 and bfloat16 inputs (got {dtype})"
-    if geom.upscale != 1:
-        return f"a plain (not pixel-shuffled) output (got upscale {geom.upscale})"
     return None
 
 
-def check_implicit_gemm(op: str, geom: ConvGeometry, dtype: str) -> None:
-    """ValueError naming algorithm='implicit_gemm' when it cannot run this conv."""
-    why = implicit_gemm_supported(geom, dtype)
+def check_implicit_gemm(op: str, geom: ConvGeometry, dtype: str, tf32: bool = False) -> None:
+    """ValueError naming algorithm='implicit_gemm' (or 'implicit_gemm_tf32') when it
+    cannot run this conv."""
+    why = implicit_gemm_supported(geom, dtype, tf32)
     if why is not None:
-        raise ValueError(f"{op}: algorithm='implicit_gemm' supports only {why}")
+        raise ValueError(f"{op}: algorithm={algorithm_name(tf32)!r} supports only {why}")
 
 
 def _params(geom: ConvGeometry, splits: int = 1, split_steps: int = 0) -> dict:
@@ -74,7 +100,7 @@ def _params(geom: ConvGeometry, splits: int = 1, split_steps: int = 0) -> dict:
                 kernel_h=geom.kernel_h, kernel_w=geom.kernel_w,
                 stride_h=geom.stride[0], stride_w=geom.stride[1], pad_h=geom.pad[0], pad_w=geom.pad[1],
                 dilation_h=geom.dilation[0], dilation_w=geom.dilation[1], groups=geom.groups,
-                splits=splits, split_steps=split_steps)
+                splits=splits, split_steps=split_steps, upscale=geom.upscale)
 
 
 def _tiles(n: int, tile: int) -> int:
@@ -93,53 +119,86 @@ def wgrad_split(geom: ConvGeometry) -> tuple[int, int]:
     return max(1, _tiles(k_steps, steps)), steps
 
 
-def conv2d_implicit_gemm(call: Call, geom: ConvGeometry):
-    """conv2d's forward by implicit GEMM; `call` holds input, weight and (optional) bias,
-    `geom` comes from conv_geometry. ValueError (before any launch) when unsupported."""
-    check_implicit_gemm(call.op, geom, call.dtype)
-    y = call.empty(geom.output_shape)
+# The passes on explicit operands (kernel-side Arrays from call.operand / call.empty; the
+# caller allocates the outputs), mirroring conv2d.launch_forward / launch_grad_input /
+# launch_grad_weight: conv2d, conv_transpose2d (on the adjoint conv's geometry) and
+# subpixel_conv2d (geom.upscale > 1) are each a few calls of these. Each checks
+# implicit_gemm_supported(geom, call.dtype, tf32) first (ValueError before any launch):
+# tf32=False takes float16 / bfloat16, tf32=True takes float32 (and only float32).
+
+def launch_igemm_forward(call: Call, geom: ConvGeometry, x, w, bias, y, *, tf32: bool = False) -> None:
+    """y = conv(x, w) + bias by conv2d_igemm_fwd; y has geom.output_shape (pixel-shuffled
+    when geom.upscale > 1); bias [Cout] or None."""
+    check_implicit_gemm(call.op, geom, call.dtype, tf32)
     m_tiles = _tiles(geom.batch * geom.out_h * geom.out_w, _TILE_M)
     n_tiles = _tiles(geom.out_channels // geom.groups, _TILE_N)
     call.launch(KERNELS, "conv2d_igemm_fwd", geom.groups * m_tiles * n_tiles, _THREADS, _params(geom),
-                call.operand("input"), call.operand("weight"), call.operand("bias"), y)
+                x, w, bias, y)
+
+
+def launch_igemm_grad_input(call: Call, geom: ConvGeometry, grad_y, w, bias, grad_x, *, tf32: bool = False) -> None:
+    """grad_x [B, Cin, H, W] = conv's input gradient of grad_y (geom.output_shape, read at
+    its pixel-shuffled position when geom.upscale > 1), plus bias[i] per input channel i
+    when bias ([Cin]) is given: None for conv2d's dgrad, the layer's bias for
+    conv_transpose2d's forward. No workspace; one dense sub-GEMM per stride phase."""
+    check_implicit_gemm(call.op, geom, call.dtype, tf32)
+    # (group, stride phase, m tile, n tile); m tiles of the largest phase (see the .cu)
+    sh, sw = geom.stride
+    phase_pixels = geom.batch * _tiles(geom.in_h, sh) * _tiles(geom.in_w, sw)
+    items = geom.groups * sh * sw * _tiles(phase_pixels, _TILE_M) * _tiles(geom.in_channels // geom.groups, _TILE_N)
+    call.launch(KERNELS, "conv2d_igemm_bwd_input", items, _THREADS, _params(geom), grad_y, w, bias, grad_x)
+
+
+def launch_igemm_grad_weight(call: Call, geom: ConvGeometry, grad_y, x, grad_w, *, tf32: bool = False) -> None:
+    """grad_w [Cout, Cin_g, KH, KW] = conv's weight gradient (grad_y read at its
+    pixel-shuffled position when geom.upscale > 1): conv2d_igemm_bwd_weight into a float32
+    workspace [S, Cout, Cin_g*KH*KW] that this function allocates (S * Cout * Cin_g*KH*KW
+    * 4 bytes, S = wgrad_split(geom)[0]), then conv2d_igemm_reduce_splits (fixed slice
+    order: bitwise reproducible)."""
+    check_implicit_gemm(call.op, geom, call.dtype, tf32)
+    cin_g, cout_g = geom.in_channels // geom.groups, geom.out_channels // geom.groups
+    n = cin_g * geom.kernel_h * geom.kernel_w
+    splits, steps = wgrad_split(geom)
+    params = _params(geom, splits, steps)
+    workspace = call.empty((splits, geom.out_channels, n), "float32")
+    items = geom.groups * splits * _tiles(cout_g, _TILE_M) * _tiles(n, _TILE_N)
+    call.launch(KERNELS, "conv2d_igemm_bwd_weight", items, _THREADS, params, grad_y, x, workspace)
+    call.launch(KERNELS, "conv2d_igemm_reduce_splits", _tiles(geom.out_channels * n, _REDUCE_THREADS),
+                _REDUCE_THREADS, params, workspace, grad_w)
+
+
+def conv2d_implicit_gemm(call: Call, geom: ConvGeometry, *, tf32: bool = False):
+    """conv2d's forward by implicit GEMM; `call` holds input, weight and (optional) bias,
+    `geom` comes from conv_geometry (upscale > 1: the pixel-shuffled output of
+    subpixel_conv2d). ValueError (before any launch) when unsupported."""
+    check_implicit_gemm(call.op, geom, call.dtype, tf32)
+    y = call.empty(geom.output_shape)
+    launch_igemm_forward(call, geom, call.operand("input"), call.operand("weight"), call.operand("bias"), y,
+                         tf32=tf32)
     return call.export(y)
 
 
-def conv2d_implicit_gemm_gradients(call: Call, geom: ConvGeometry, wanted, has_bias: bool):
+def conv2d_implicit_gemm_gradients(call: Call, geom: ConvGeometry, wanted, has_bias: bool, *, tf32: bool = False):
     """(grad_input, grad_weight, grad_bias) of conv2d by implicit GEMM, as the caller's
     arrays (None where not in `wanted` or, for the bias, without one): the contract of
     conv2d.conv_gradients. `call` holds grad_output, input and weight; ValueError before
-    any launch when algorithm='implicit_gemm' cannot run this conv.
+    any launch when algorithm='implicit_gemm' (tf32=True: 'implicit_gemm_tf32') cannot run
+    this conv.
 
-    grad_input: conv2d_igemm_bwd_input, no workspace; for stride > 1 it runs one dense
-    sub-GEMM per stride phase (SH*SW of them), so no structural zeros are multiplied.
-    grad_weight: conv2d_igemm_bwd_weight into a float32 workspace [S, Cout, Cin_g*KH*KW]
-    (S * Cout * Cin_g*KH*KW * 4 bytes, S = wgrad_split(geom)[0]), then
-    conv2d_igemm_reduce_splits (fixed slice order: bitwise reproducible). grad_bias:
-    conv2d's direct reduction kernel."""
-    check_implicit_gemm(call.op, geom, call.dtype)
+    grad_input: launch_igemm_grad_input (no bias), no workspace; for stride > 1 it runs
+    one dense sub-GEMM per stride phase (SH*SW of them), so no structural zeros are
+    multiplied. grad_weight: launch_igemm_grad_weight (split-K workspace [S, Cout,
+    Cin_g*KH*KW] float32, S = wgrad_split(geom)[0], bitwise reproducible). grad_bias:
+    conv2d's direct reduction kernel (reads grad_output at its shuffled position too)."""
+    check_implicit_gemm(call.op, geom, call.dtype, tf32)
     gy = call.operand("grad_output")
-    cin_g, cout_g = geom.in_channels // geom.groups, geom.out_channels // geom.groups
-    taps = geom.kernel_h * geom.kernel_w
     grad_input = grad_weight = grad_bias = None
     if "input" in wanted:
         grad_input = call.empty((geom.batch, geom.in_channels, geom.in_h, geom.in_w))
-        # (group, stride phase, m tile, n tile); m tiles of the largest phase (see the .cu)
-        sh, sw = geom.stride
-        phase_pixels = geom.batch * _tiles(geom.in_h, sh) * _tiles(geom.in_w, sw)
-        items = geom.groups * sh * sw * _tiles(phase_pixels, _TILE_M) * _tiles(cin_g, _TILE_N)
-        call.launch(KERNELS, "conv2d_igemm_bwd_input", items, _THREADS, _params(geom),
-                    gy, call.operand("weight"), grad_input)
+        launch_igemm_grad_input(call, geom, gy, call.operand("weight"), None, grad_input, tf32=tf32)
     if "weight" in wanted:
-        splits, steps = wgrad_split(geom)
-        params = _params(geom, splits, steps)
-        workspace = call.empty((splits, geom.out_channels, cin_g * taps), "float32")
-        items = geom.groups * splits * _tiles(cout_g, _TILE_M) * _tiles(cin_g * taps, _TILE_N)
-        call.launch(KERNELS, "conv2d_igemm_bwd_weight", items, _THREADS, params,
-                    gy, call.operand("input"), workspace)
         grad_weight = call.empty(call.shape("weight"))
-        call.launch(KERNELS, "conv2d_igemm_reduce_splits", _tiles(grad_weight.data.size, _REDUCE_THREADS),
-                    _REDUCE_THREADS, params, workspace, grad_weight)
+        launch_igemm_grad_weight(call, geom, gy, call.operand("input"), grad_weight, tf32=tf32)
     if "bias" in wanted and has_bias:
         grad_bias = call.empty((geom.out_channels,))
         launch_grad_bias(call, geom, gy, grad_bias)

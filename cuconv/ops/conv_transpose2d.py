@@ -9,6 +9,10 @@ zero-inserted input, no scatter, no atomics):
   grad input         gx = conv2d_fwd(gy, w)                on the adjoint conv
   grad weight        gw = conv2d_bwd_weight(x, gy)         (a correlation of x with gy)
   grad bias          gb = sum of gy over batch and pixels
+
+`algorithm` picks the pass kernels as for conv2d: 'direct' (kernels_cu/conv2d.cu),
+'implicit_gemm' / 'implicit_gemm_tf32' (the tensor-core passes of
+cuconv/ops/conv2d_igemm.py, whose dgrad is this op's forward) or 'auto'.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 
 from ._common import Call, check_grad_output, int_pair, parse_wrt, positive_int
-from .conv2d import ConvGeometry, launch_forward, launch_grad_bias, launch_grad_input, launch_grad_weight
+from .conv2d import ConvGeometry, check_pass_algorithm, launch_grad_bias, pass_launchers, run_passes
 
 
 def transposed_geometry(op: str, input_shape, weight_shape, bias_shape, stride, padding, output_padding,
@@ -63,40 +67,55 @@ def _output_shape(adjoint: ConvGeometry) -> tuple[int, int, int, int]:
     return (adjoint.batch, adjoint.in_channels, adjoint.in_h, adjoint.in_w)
 
 
-def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, *,
+                     algorithm="auto"):
     """input [B, Cin, H, W], weight [Cin, Cout/groups, kh, kw], bias [Cout] -> [B, Cout, Hout, Wout],
     Hout = (H-1)*stride - 2*padding + dilation*(kh-1) + output_padding + 1."""
     op = "conv_transpose2d"
     call = Call(op, input=input, weight=weight, bias=bias, optional=("bias",))
     adjoint = transposed_geometry(op, call.shape("input"), call.shape("weight"), call.shape("bias"),
                                   stride, padding, output_padding, groups, dilation)
-    y = call.empty(_output_shape(adjoint))
-    launch_grad_input(call, adjoint, call.operand("input"), call.operand("weight"), call.operand("bias"), y)
-    return call.export(y)
+    chosen = check_pass_algorithm(op, algorithm, adjoint, call.dtype)
+
+    def run(algorithm):
+        y = call.empty(_output_shape(adjoint))
+        pass_launchers(algorithm).grad_input(call, adjoint, call.operand("input"), call.operand("weight"),
+                                             call.operand("bias"), y)
+        return call.export(y)
+
+    return run_passes(call, op, "forward", adjoint, chosen, run)
 
 
 def conv_transpose2d_backward(grad_output, input, weight, bias=None, stride=1, padding=0, output_padding=0,
-                              groups=1, dilation=1, wrt=None):
+                              groups=1, dilation=1, wrt=None, *, algorithm="auto"):
     """(grad_input, grad_weight, grad_bias) of conv_transpose2d; None for an argument not in
     `wrt` or that was None."""
     op = "conv_transpose2d_backward"
     call = Call(op, input=input, grad_output=grad_output, weight=weight, bias=bias, optional=("bias",))
     adjoint = transposed_geometry(op, call.shape("input"), call.shape("weight"), call.shape("bias"),
                                   stride, padding, output_padding, groups, dilation)
+    chosen = check_pass_algorithm(op, algorithm, adjoint, call.dtype)
     check_grad_output(op, call, _output_shape(adjoint))
     wanted = parse_wrt(op, wrt, ("input", "weight", "bias"))
     gy, x = call.operand("grad_output"), call.operand("input")
-    grad_input = grad_weight = grad_bias = None
-    if "input" in wanted:
-        grad_input = call.empty(call.shape("input"))
-        launch_forward(call, adjoint, gy, call.operand("weight"), None, grad_input)
-    if "weight" in wanted:
-        grad_weight = call.empty(call.shape("weight"))
-        launch_grad_weight(call, adjoint, x, gy, grad_weight)
+
+    def grad_input(algorithm):
+        out = call.empty(call.shape("input"))
+        pass_launchers(algorithm).forward(call, adjoint, gy, call.operand("weight"), None, out)
+        return call.export(out)
+
+    def grad_weight(algorithm):
+        out = call.empty(call.shape("weight"))
+        pass_launchers(algorithm).grad_weight(call, adjoint, x, gy, out)
+        return call.export(out)
+
+    gx = run_passes(call, op, "grad_input", adjoint, chosen, grad_input) if "input" in wanted else None
+    gw = run_passes(call, op, "grad_weight", adjoint, chosen, grad_weight) if "weight" in wanted else None
+    grad_bias = None
     if "bias" in wanted and bias is not None:
         grad_bias = call.empty((adjoint.in_channels,))
         # gy is the adjoint conv's *input*; seen as an output it has these dimensions
         gy_as_output = dataclasses.replace(adjoint, out_channels=adjoint.in_channels, out_h=adjoint.in_h,
                                            out_w=adjoint.in_w)
         launch_grad_bias(call, gy_as_output, gy, grad_bias)
-    return call.export(grad_input), call.export(grad_weight), call.export(grad_bias)
+    return gx, gw, call.export(grad_bias)

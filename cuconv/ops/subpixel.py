@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from ._common import Call, check_grad_output, parse_wrt, positive_int
-from .conv2d import conv_geometry, conv_gradients, launch_forward
+from .conv2d import check_pass_algorithm, conv_geometry, conv_gradients, pass_launchers, run_passes
 
 
 def _geometry(op: str, call: Call, upscale_factor, stride, padding, dilation, groups):
@@ -23,24 +23,34 @@ def _geometry(op: str, call: Call, upscale_factor, stride, padding, dilation, gr
     return dataclasses.replace(geom, upscale=r)
 
 
-def subpixel_conv2d(input, weight, bias=None, upscale_factor=2, stride=1, padding=0, dilation=1, groups=1):
+def subpixel_conv2d(input, weight, bias=None, upscale_factor=2, stride=1, padding=0, dilation=1, groups=1, *,
+                    algorithm="auto"):
     """pixel_shuffle(conv2d(input, weight, bias, stride, padding, dilation, groups), upscale_factor):
-    input [B, Cin, H, W], weight [C*r^2, Cin/groups, kh, kw] -> [B, C, Ho*r, Wo*r]."""
+    input [B, Cin, H, W], weight [C*r^2, Cin/groups, kh, kw] -> [B, C, Ho*r, Wo*r].
+    algorithm: 'auto', or one of conv2d.PASS_ALGORITHMS ('direct', 'implicit_gemm',
+    'implicit_gemm_tf32'), as for conv2d."""
     op = "subpixel_conv2d"
     call = Call(op, input=input, weight=weight, bias=bias, optional=("bias",))
     geom = _geometry(op, call, upscale_factor, stride, padding, dilation, groups)
-    y = call.empty(geom.output_shape)
-    launch_forward(call, geom, call.operand("input"), call.operand("weight"), call.operand("bias"), y)
-    return call.export(y)
+    chosen = check_pass_algorithm(op, algorithm, geom, call.dtype)
+
+    def run(algorithm):
+        y = call.empty(geom.output_shape)
+        pass_launchers(algorithm).forward(call, geom, call.operand("input"), call.operand("weight"),
+                                          call.operand("bias"), y)
+        return call.export(y)
+
+    return run_passes(call, op, "forward", geom, chosen, run)
 
 
 def subpixel_conv2d_backward(grad_output, input, weight, bias=None, upscale_factor=2, stride=1, padding=0,
-                             dilation=1, groups=1, wrt=None):
+                             dilation=1, groups=1, wrt=None, *, algorithm="auto"):
     """(grad_input, grad_weight, grad_bias) of subpixel_conv2d; grad_output has the
     shuffled output's shape and is read in place (no unshuffled copy)."""
     op = "subpixel_conv2d_backward"
     call = Call(op, input=input, grad_output=grad_output, weight=weight, bias=bias, optional=("bias",))
     geom = _geometry(op, call, upscale_factor, stride, padding, dilation, groups)
+    chosen = check_pass_algorithm(op, algorithm, geom, call.dtype)
     check_grad_output(op, call, geom.output_shape)
     wanted = parse_wrt(op, wrt, ("input", "weight", "bias"))
-    return conv_gradients(call, geom, wanted, bias is not None)
+    return conv_gradients(call, geom, wanted, bias is not None, chosen)

@@ -1,5 +1,6 @@
 // Warp-level tensor-core helpers: mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32
-// (sm_80+) and the register packing it needs. On the GPU each helper is one inline PTX
+// and mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 (sm_80+), and the register packing
+// and tf32 rounding they need. On the GPU each helper is one inline PTX
 // instruction; under CUCONV_INTERPRET (the host emulation, which has no PTX) a fallback
 // reproduces the instruction's result with the SAME per-lane fragment layout, gathering
 // the warp's fragments with __shfl_sync (slow, exact in layout).
@@ -30,6 +31,24 @@
 // the float32 accumulator, far below the fp16/bf16 rounding of a kernel's output.
 // Every lane of the warp must call a helper together (it is a warp-wide instruction),
 // from a 1-D block (the host fallback takes the lane as threadIdx.x % 32).
+//
+// TF32: mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 (sm_80+), float32 storage.
+// Fragment layout: PTX ISA, "Matrix Fragments for mma.m16n8k8" (9.7.14.5.7 in PTX ISA
+// 8.x), figures "MMA .m16n8k8 fragment layout for matrix A / B with .tf32 type" and the
+// .f32 accumulator. One tf32 element per 32-bit register, g and t as above:
+//   A (16x8, row-major M x K): a0 = A[g][t], a1 = A[g+8][t], a2 = A[g][t+4], a3 = A[g+8][t+4]
+//     (row = g for a0, a2 and g + 8 for a1, a3; col = t for a0, a1 and t + 4 for a2, a3).
+//   B (8x8, K x N, ".col"): b0 = B[t][g], b1 = B[t+4][g] (row = t, t + 4; col = g).
+//   C, D (16x8 float32): exactly the m16n8k16 layout above.
+// Operand rounding: mma_to_tf32(v) is cvt.rna.tf32.f32, i.e. v rounded to 10 explicit
+// mantissa bits, to nearest with ties AWAY from zero (an overflow rounds to +-inf), the
+// 13 low bits zero; the host fallback does the identical bit operation
+// ((bits + 0x1000) & ~0x1fff for finite v; inf and NaN kept). The instruction reads only
+// the tf32 bits of an operand (the host fallback masks the 13 low bits too), so callers
+// must round with mma_to_tf32 first: feeding raw floats would truncate instead.
+// Numerics: tf32 x tf32 products are exact in double; the fallback sums each D element in
+// double and rounds once to float (the hardware's fp32 accumulation may differ in the
+// last bits, as for f16/bf16).
 #pragma once
 
 #include "cuconv.cuh"
@@ -135,6 +154,77 @@ inline void mma_m16n8k16(float (&d)[4], const mma_reg_t (&a)[4], const mma_reg_t
 
 }  // namespace cuconv_mma_host
 #endif
+
+// cvt.rna.tf32.f32: v rounded to tf32 (ties away from zero), as a fragment register.
+#ifdef CUCONV_INTERPRET
+namespace cuconv_mma_host {
+inline mma_reg_t tf32_round(float v) {
+  mma_reg_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7f800000u) == 0x7f800000u) return (u & 0x7fffffu) ? (u | 0x400000u) & 0xffffe000u : u;  // NaN, inf
+  return (u + 0x1000u) & 0xffffe000u;  // + half a tf32 unit on the magnitude, then truncate: ties away from zero
+}
+inline double tf32_value(mma_reg_t r) {  // the operand as the tensor core reads it: its tf32 bits
+  r &= 0xffffe000u;
+  float f;
+  std::memcpy(&f, &r, 4);
+  return double(f);
+}
+
+// d += A*B for one m16n8k8 tf32 tile on the host (fragment layout above).
+inline void mma_m16n8k8_tf32(float (&d)[4], const mma_reg_t (&a)[4], const mma_reg_t (&b)[2]) {
+  const int lane = int(threadIdx.x & 31);
+  const int g = lane >> 2, t = lane & 3;
+  double arow[2][8], bcol[2][8];  // arow[h][k] = A[g + 8h][k], bcol[j][k] = B[k][2t + j]
+  const unsigned long long a01 = (unsigned long long)a[0] | ((unsigned long long)a[1] << 32);
+  const unsigned long long a23 = (unsigned long long)a[2] | ((unsigned long long)a[3] << 32);
+  const unsigned long long b01 = (unsigned long long)b[0] | ((unsigned long long)b[1] << 32);
+  for (int s = 0; s < 4; ++s) {  // lane 4g+s: a0 = A[g][s], a1 = A[g+8][s], a2 = A[g][s+4], a3 = A[g+8][s+4]
+    const unsigned long long lo = __shfl_sync(0xffffffffu, a01, 4 * g + s);
+    const unsigned long long hi = __shfl_sync(0xffffffffu, a23, 4 * g + s);
+    arow[0][s] = tf32_value(mma_reg_t(lo));
+    arow[1][s] = tf32_value(mma_reg_t(lo >> 32));
+    arow[0][s + 4] = tf32_value(mma_reg_t(hi));
+    arow[1][s + 4] = tf32_value(mma_reg_t(hi >> 32));
+  }
+  for (int j = 0; j < 2; ++j) {
+    for (int s = 0; s < 4; ++s) {  // lane 4n+s (n = 2t + j): b0 = B[s][n], b1 = B[s+4][n]
+      const unsigned long long v = __shfl_sync(0xffffffffu, b01, 4 * (2 * t + j) + s);
+      bcol[j][s] = tf32_value(mma_reg_t(v));
+      bcol[j][s + 4] = tf32_value(mma_reg_t(v >> 32));
+    }
+  }
+  for (int i = 0; i < 4; ++i) {  // d[i] = D[g + 8*(i >> 1)][2t + (i & 1)]
+    double sum = double(d[i]);
+    for (int k = 0; k < 8; ++k) sum += arow[i >> 1][k] * bcol[i & 1][k];
+    d[i] = float(sum);
+  }
+}
+}  // namespace cuconv_mma_host
+#endif
+
+__device__ __forceinline__ mma_reg_t mma_to_tf32(float v) {
+#ifdef CUCONV_INTERPRET
+  return cuconv_mma_host::tf32_round(v);
+#else
+  mma_reg_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(v));
+  return r;
+#endif
+}
+
+// d = A*B + d for one m16n8k8 tile (tf32 inputs from mma_to_tf32, f32 accumulators), layout above.
+__device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const mma_reg_t (&a)[4], const mma_reg_t (&b)[2]) {
+#ifdef CUCONV_INTERPRET
+  cuconv_mma_host::mma_m16n8k8_tf32(d, a, b);
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
 
 // d = A*B + d for one m16n8k16 tile (f16 inputs, f32 accumulators), layout above.
 __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const mma_reg_t (&a)[4], const mma_reg_t (&b)[2],

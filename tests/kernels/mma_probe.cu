@@ -1,4 +1,5 @@
-// Test-only probe of kernels_cu/common/mma.cuh: every warp multiplies its own random
+// Test-only probe of kernels_cu/common/mma.cuh (fp16/bf16 m16n8k16 first; the TF32
+// m16n8k8 probe and the cvt.rna.tf32.f32 rounding probe at the end): every warp multiplies its own random
 // A (16x16, row-major) by B (16x8, row-major K x N) and adds C (16x8 float32). Each lane
 // loads ITS fragments straight from global memory with the layout documented in
 // mma.cuh (the PTX ISA's m16n8k16 table), calls mma_m16n8k16<T>, and writes its D
@@ -39,4 +40,37 @@ __global__ void probe_mma(const MmaProbeParams p, const T* __restrict__ a, const
   mma_m16n8k16<T>(acc, af, bf);
   if (active)
     for (int i = 0; i < 4; ++i) d[tile * 128 + (g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)] = acc[i];
+}
+
+// TF32 probe of mma_m16n8k8_tf32 (T = float): a [tiles, 16, 8], b [tiles, 8, 8] (row-major
+// K x N), c and d [tiles, 16, 8], all float32. Each lane rounds ITS A and B elements with
+// mma_to_tf32 (cvt.rna.tf32.f32) and places them by the PTX ISA m16n8k8 .tf32 table:
+//   a0 = A[g][t], a1 = A[g+8][t], a2 = A[g][t+4], a3 = A[g+8][t+4];  b0 = B[t][g], b1 = B[t+4][g].
+// The test compares D with tf32(A) @ tf32(B) + C (exactly, for inputs made to hit ties).
+template <typename T>
+__global__ void probe_mma_tf32(const MmaProbeParams p, const T* __restrict__ a, const T* __restrict__ b,
+                               const float* __restrict__ c, float* __restrict__ d) {
+  const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const bool active = warp < p.tiles;  // every lane still joins the mma (warp-wide)
+  const long long tile = active ? warp : 0;
+  const T* A = a + tile * 128;
+  const T* B = b + tile * 64;
+  const float* C = c + tile * 128;
+  mma_reg_t af[4], bf[2];
+  for (int r = 0; r < 4; ++r) af[r] = mma_to_tf32(A[(g + 8 * (r & 1)) * 8 + t + 4 * (r >> 1)]);
+  for (int r = 0; r < 2; ++r) bf[r] = mma_to_tf32(B[(t + 4 * r) * 8 + g]);
+  float acc[4];
+  for (int i = 0; i < 4; ++i) acc[i] = C[(g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)];
+  mma_m16n8k8_tf32(acc, af, bf);
+  if (active)
+    for (int i = 0; i < 4; ++i) d[tile * 128 + (g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)] = acc[i];
+}
+
+// mma_to_tf32 alone: the bits of cvt.rna.tf32.f32(in[i]) into out[i], i < p.tiles (any 1-D grid).
+template <typename T>
+__global__ void probe_tf32_round(const MmaProbeParams p, const T* __restrict__ in, T* __restrict__ out) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < p.tiles;
+       i += (long long)gridDim.x * blockDim.x)
+    reinterpret_cast<mma_reg_t*>(out)[i] = mma_to_tf32(in[i]);
 }

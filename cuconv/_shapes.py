@@ -97,7 +97,7 @@ def _involution(op, s, stride=1, padding=0, dilation=1, algorithm="auto"):
     return _module("involution").Geometry(op, s, stride, padding, dilation).output_shape
 
 
-def _dynamic(op, s, stride=1, padding=0, dilation=1, groups=1):
+def _dynamic(op, s, stride=1, padding=0, dilation=1, groups=1, algorithm="auto"):
     return _module("dynamic_conv")._dynamic_geometry(op, s, stride, padding, dilation, groups)[0].output_shape
 
 

@@ -184,5 +184,13 @@ def _case(variant, label, dtype, pass_, shapes, scales, y_shape, params, flops, 
                 torch.autograd.grad(y, (x, w), gy, allow_unused=True)
 
         baselines = {"torch folded": (lambda s: s, run_folded), "torch static": (lambda s: s, run_static)}
+    if variant == "dynamic" and dtype in ("float16", "bfloat16"):
+        def run_implicit_gemm(*inputs):  # the tensor-core forward and input gradient
+            arrays, gy = split(inputs)
+            op(*arrays, **params, algorithm="implicit_gemm")
+            if backward:
+                op_backward(gy, *arrays, **params, algorithm="implicit_gemm")
+
+        baselines["cuconv implicit_gemm"] = (lambda s: s, run_implicit_gemm)
     return BenchCase(NAME, label, dtype, pass_, flops * (3 if backward else 1),
                      random_inputs(shapes, dtype, backward, scales, torch), run_cuconv, baselines)

@@ -129,6 +129,30 @@
 //   and conv2d_igemm_reduce_splits then sums the S partials of each weight in slice
 //   order 0..S-1 and rounds once to T. No atomics: bitwise reproducible for a shape.
 //
+// DYNAMIC (per-sample mixed) kernels, conv2d_igemm_dynamic_fwd / _dynamic_bwd_input, for
+// dynamic_conv2d (CondConv / DY-CNN, cuconv/ops/dynamic_conv.py, algorithm="implicit_gemm"):
+//   wbank [Kn, Cout, Cin_g, KH, KW] (Kn = p.kernels expert kernels), att [B, Kn],
+//   bias [Kn, Cout] (nullable; forward only), and sample b's kernel is
+//   M_b[o, c, ky, kx] = sum_{j<Kn} att[b, j] * wbank[j, o, c, ky, kx]
+//   y[b] = conv(x[b], M_b) + sum_j att[b, j] * bias[j, :];  dL/dx[b] = conv's dgrad of gy[b] with M_b.
+// Same GEMMs, tiles, fragments and epilogues as the forward / dgrad above (one kernel body each,
+// templated on the weight source, IgemmWeights / IgemmMixedWeights), with two differences:
+//   - Work items gain the sample: (b, group, m tile, n tile) (dgrad: (b, group, phase, m tile,
+//     n tile)), n tile fastest, and each GEMM's M covers the pixels of ONE image (Ho*Wo, or the
+//     phase's Hr*Wr), since B differs per sample. p.batch images = p.batch GEMMs per group.
+//   - The B-tile loader builds each staged element on the fly: B[k, n] = from_acc<T>(sum_j
+//     att[b, j] * wbank[j, ...]) with the Kn products summed in float32 in order j = 0..Kn-1
+//     (FMA-contracted on the GPU) and rounded ONCE to T before staging: the mixed kernel the mma
+//     sees is M_b rounded to T, as a user materialising it in T would get (so the reference
+//     comparison anchors on torch with the mixed kernel rounded to T). float32 with TF32 then
+//     rounds that value to TF32 in the fragment load, like any other float32 operand.
+//   The forward epilogue adds the bias mixture sum_j att[b, j] * bias[j, o] in float32
+//   (unrounded) to the accumulator before the single rounding of y. Nothing of size
+//   B*Cout*Cin_g*KH*KW exists anywhere: the mixture lives only in the staged b_tile. Cost: each
+//   staged B element reads Kn weights and Kn attentions (L1/L2-resident: one weight tile per
+//   block, one att row) instead of one weight: B-load work x Kn per BK step, the A gather and
+//   the mma unchanged. Deterministic as the plain kernels (fixed order, no atomics).
+//
 // What should bound it on an H100, and what to try next (all UNMEASURED; written for the
 // forward, and it applies to dgrad and wgrad alike; per-pass estimates are in
 // docs/kernels/implicit_gemm.md):
@@ -157,6 +181,7 @@ struct Conv2dIgemmParams {
   long long groups;
   long long splits, split_steps;  // wgrad only: K slices S and BK steps per slice (fwd/dgrad: 1, 0)
   long long upscale;              // 1, or the pixel-shuffle factor r of y / dL/dy (subpixel_conv2d)
+  long long kernels;              // dynamic kernels only: Kn, the expert kernels mixed per sample (else 1)
 };
 
 // Where the conv output element (b, o, oy, ox) lives in y (fwd writes it) or dL/dy (dgrad,
@@ -260,18 +285,61 @@ __device__ __forceinline__ void igemm_mma_step(IgemmAcc& acc, const float* a_til
   }
 }
 
+// Where the forward's and dgrad's B operand (the conv weight, in its [Cout, Cin_g, KH, KW]
+// flattened order e) and the bias come from. IgemmWeights: conv2d's own, one GEMM over the
+// whole batch. IgemmMixedWeights: dynamic_conv2d's per-sample mixture of p.kernels expert
+// kernels (header: DYNAMIC), one GEMM per sample; for_sample(b) selects attention row b.
 template <typename T>
-__global__ void __launch_bounds__(kIgemmThreads)
-conv2d_igemm_fwd(const Conv2dIgemmParams p, const T* __restrict__ x, const T* __restrict__ w,
-                 const T* __restrict__ bias, T* __restrict__ y) {
+struct IgemmWeights {
+  static constexpr bool per_sample = false;
+  const T* w;
+  const T* bias;  // nullable; [Cout] (forward) or [Cin] (dgrad)
+  __device__ IgemmWeights for_sample(index_t) const { return *this; }
+  __device__ __forceinline__ T weight(index_t e) const { return w[e]; }
+  __device__ __forceinline__ float bias_at(index_t i) const { return to_acc(bias[i]); }
+};
+
+template <typename T>
+struct IgemmMixedWeights {
+  static constexpr bool per_sample = true;
+  const T* w;     // [Kn, Cout, Cin_g, KH, KW]
+  const T* att;   // [B, Kn] (for_sample: row b)
+  const T* bias;  // nullable; [Kn, Cout] (forward only)
+  index_t kernels, bank, channels;  // Kn, Cout*Cin_g*KH*KW (one expert kernel), Cout
+  __device__ IgemmMixedWeights for_sample(index_t b) const {
+    IgemmMixedWeights s = *this;
+    s.att = att + b * kernels;
+    return s;
+  }
+  // M_b[e] = sum_j att[b, j] * w[j, e]: float32 sum in order j, ONE rounding to T (header).
+  __device__ __forceinline__ T weight(index_t e) const {
+    float v = 0.0f;
+    for (index_t j = 0; j < kernels; ++j) v += to_acc(att[j]) * to_acc(w[j * bank + e]);
+    return from_acc<T>(v);
+  }
+  // sum_j att[b, j] * bias[j, o] in float32, unrounded (added to the fp32 accumulator).
+  __device__ __forceinline__ float bias_at(index_t o) const {
+    float v = 0.0f;
+    for (index_t j = 0; j < kernels; ++j) v += to_acc(att[j]) * to_acc(bias[j * channels + o]);
+    return v;
+  }
+};
+
+// The forward (GEMM mapping in the header) for one weight source: conv2d_igemm_fwd (one GEMM
+// per group over the whole batch) and conv2d_igemm_dynamic_fwd (one per sample and group).
+template <typename T, typename Weights>
+__device__ __forceinline__ void igemm_fwd_body(const Conv2dIgemmParams& p, const T* __restrict__ x,
+                                               const Weights& weights, T* __restrict__ y) {
   constexpr int kIgemmLd = IgemmTile<T>::ld;
   __align__(16) __shared__ T a_tile[kIgemmBM * kIgemmLd];
   __align__(16) __shared__ T b_tile[kIgemmBN * kIgemmLd];
   const index_t cin_g = p.in_channels / p.groups, cout_g = p.out_channels / p.groups;
   const index_t taps = p.kernel_h * p.kernel_w, K = cin_g * taps;
-  const index_t pixels = p.out_h * p.out_w, M = p.batch * pixels;
+  // per_sample: p.batch GEMMs of one image each; else one GEMM over the p.batch images
+  const index_t samples = Weights::per_sample ? p.batch : 1, images = Weights::per_sample ? 1 : p.batch;
+  const index_t pixels = p.out_h * p.out_w, M = images * pixels;
   const index_t m_tiles = ceil_div(M, kIgemmBM), n_tiles = ceil_div(cout_g, kIgemmBN);
-  const index_t items = p.groups * m_tiles * n_tiles;
+  const index_t items = samples * p.groups * m_tiles * n_tiles;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int gid = lane >> 2, tid4 = lane & 3;
   const int warp_m = 32 * (warp & 1), warp_n = 32 * (warp >> 1);
@@ -281,17 +349,19 @@ conv2d_igemm_fwd(const Conv2dIgemmParams p, const T* __restrict__ x, const T* __
 
   for (index_t item = blockIdx.x; item < items; item += gridDim.x) {
     const index_t n_tile = item % n_tiles, m_tile = (item / n_tiles) % m_tiles;
-    const index_t group = item / (n_tiles * m_tiles);
+    const index_t group = (item / (n_tiles * m_tiles)) % p.groups;
+    const index_t sample = item / (n_tiles * m_tiles * p.groups);  // 0 unless per_sample
     const index_t m0 = m_tile * kIgemmBM, n0 = n_tile * kIgemmBN;
+    const Weights wb = weights.for_sample(sample);
 
     // This thread's gather pixel: decoded once per tile.
     const index_t am = m0 + a_row;
     const bool a_valid = am < M;
-    const index_t a_img = a_valid ? am / pixels : 0, a_pix = a_valid ? am % pixels : 0;
+    const index_t a_img = sample + (a_valid ? am / pixels : 0), a_pix = a_valid ? am % pixels : 0;
     const index_t iy0 = (a_pix / p.out_w) * p.stride_h - p.pad_h;
     const index_t ix0 = (a_pix % p.out_w) * p.stride_w - p.pad_w;
     const T* x_group = x + (a_img * p.in_channels + group * cin_g) * p.in_h * p.in_w;
-    const T* w_group = w + group * cout_g * K;
+    const index_t w_group = group * cout_g * K;  // weight offset e of the group's first row
 
     IgemmAcc acc;
     igemm_zero(acc);
@@ -315,7 +385,7 @@ conv2d_igemm_fwd(const Conv2dIgemmParams p, const T* __restrict__ x, const T* __
       for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i) {
         const int nn = b_row + (kIgemmThreads / kIgemmBK) * i;
         const index_t n = n0 + nn, k = k0 + b_k;
-        b_tile[nn * kIgemmLd + b_k] = (n < cout_g && k < K) ? w_group[n * K + k] : zero;
+        b_tile[nn * kIgemmLd + b_k] = (n < cout_g && k < K) ? wb.weight(w_group + n * K + k) : zero;
       }
       __syncthreads();
       igemm_mma_step(acc, a_tile, b_tile, warp_m, warp_n, gid, tid4);
@@ -330,7 +400,7 @@ conv2d_igemm_fwd(const Conv2dIgemmParams p, const T* __restrict__ x, const T* __
       for (int h = 0; h < 2; ++h) {
         const index_t m = m0 + warp_m + 16 * mi + gid + 8 * h;
         if (m >= M) continue;
-        const index_t img = m / pixels, pix = m % pixels;
+        const index_t img = sample + m / pixels, pix = m % pixels;
         T* y_pixel = y + img * out.image + out.pixel(pix / p.out_w, pix % p.out_w);
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) {
@@ -340,13 +410,29 @@ conv2d_igemm_fwd(const Conv2dIgemmParams p, const T* __restrict__ x, const T* __
             if (n >= cout_g) continue;
             const index_t o = group * cout_g + n;
             float v = acc[mi][ni][2 * h + j];
-            if (bias != nullptr) v += to_acc(bias[o]);
+            if (wb.bias != nullptr) v += wb.bias_at(o);
             y_pixel[out.channel(o)] = from_acc<T>(v);
           }
         }
       }
     }
   }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kIgemmThreads)
+conv2d_igemm_fwd(const Conv2dIgemmParams p, const T* __restrict__ x, const T* __restrict__ w,
+                 const T* __restrict__ bias, T* __restrict__ y) {
+  igemm_fwd_body(p, x, IgemmWeights<T>{w, bias}, y);
+}
+
+// dynamic_conv2d's forward: y[b] = conv(x[b], M_b) + sum_j att[b, j] * bias[j, :] (header: DYNAMIC).
+template <typename T>
+__global__ void __launch_bounds__(kIgemmThreads)
+conv2d_igemm_dynamic_fwd(const Conv2dIgemmParams p, const T* __restrict__ x, const T* __restrict__ w,
+                         const T* __restrict__ att, const T* __restrict__ bias, T* __restrict__ y) {
+  const index_t bank = p.out_channels * (p.in_channels / p.groups) * p.kernel_h * p.kernel_w;
+  igemm_fwd_body(p, x, IgemmMixedWeights<T>{w, att, bias, p.kernels, bank, p.out_channels}, y);
 }
 
 // dgrad's stride phase in one spatial dimension (stride S, padding P, dilation D, kernel
@@ -372,11 +458,12 @@ struct IgemmPhase {
   }
 };
 
-// dgrad: grad_x = conv2d's input gradient of grad_y (GEMM mapping and phases in the header).
-template <typename T>
-__global__ void __launch_bounds__(kIgemmThreads)
-conv2d_igemm_bwd_input(const Conv2dIgemmParams p, const T* __restrict__ grad_y, const T* __restrict__ w,
-                       const T* __restrict__ bias, T* __restrict__ grad_x) {
+// dgrad (GEMM mapping and phases in the header) for one weight source: conv2d_igemm_bwd_input
+// (one GEMM per group and phase over the whole batch) and conv2d_igemm_dynamic_bwd_input (one per
+// sample, group and phase). weights.bias: nullable, per INPUT channel (conv_transpose2d's forward).
+template <typename T, typename Weights>
+__device__ __forceinline__ void igemm_bwd_input_body(const Conv2dIgemmParams& p, const T* __restrict__ grad_y,
+                                                     const Weights& weights, T* __restrict__ grad_x) {
   constexpr int kIgemmLd = IgemmTile<T>::ld;
   __align__(16) __shared__ T a_tile[kIgemmBM * kIgemmLd];
   __align__(16) __shared__ T b_tile[kIgemmBN * kIgemmLd];
@@ -384,10 +471,12 @@ conv2d_igemm_bwd_input(const Conv2dIgemmParams p, const T* __restrict__ grad_y, 
   const index_t taps = p.kernel_h * p.kernel_w;
   const index_t pixels = p.in_h * p.in_w;
   const index_t phases = p.stride_h * p.stride_w;
+  // per_sample: p.batch GEMMs of one image each; else one GEMM over the p.batch images
+  const index_t samples = Weights::per_sample ? p.batch : 1, images = Weights::per_sample ? 1 : p.batch;
   // m tiles of the largest phase (ceil(H/SH) x ceil(W/SW) pixels per image); smaller phases skip the rest
-  const index_t m_tiles = ceil_div(p.batch * ceil_div(p.in_h, p.stride_h) * ceil_div(p.in_w, p.stride_w), kIgemmBM);
+  const index_t m_tiles = ceil_div(images * ceil_div(p.in_h, p.stride_h) * ceil_div(p.in_w, p.stride_w), kIgemmBM);
   const index_t n_tiles = ceil_div(cin_g, kIgemmBN);
-  const index_t items = p.groups * phases * m_tiles * n_tiles;
+  const index_t items = samples * p.groups * phases * m_tiles * n_tiles;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int gid = lane >> 2, tid4 = lane & 3;
   const int warp_m = 32 * (warp & 1), warp_n = 32 * (warp >> 1);
@@ -398,18 +487,20 @@ conv2d_igemm_bwd_input(const Conv2dIgemmParams p, const T* __restrict__ grad_y, 
   for (index_t item = blockIdx.x; item < items; item += gridDim.x) {
     const index_t n_tile = item % n_tiles, m_tile = (item / n_tiles) % m_tiles;
     const index_t phase = (item / (n_tiles * m_tiles)) % phases;
-    const index_t group = item / (n_tiles * m_tiles * phases);
+    const index_t group = (item / (n_tiles * m_tiles * phases)) % p.groups;
+    const index_t sample = item / (n_tiles * m_tiles * phases * p.groups);  // 0 unless per_sample
     const IgemmPhase py(phase / p.stride_w, p.in_h, p.stride_h, p.pad_h, p.kernel_h, p.dilation_h);
     const IgemmPhase px(phase % p.stride_w, p.in_w, p.stride_w, p.pad_w, p.kernel_w, p.dilation_w);
-    const index_t phase_pixels = py.count * px.count, M = p.batch * phase_pixels;
+    const index_t phase_pixels = py.count * px.count, M = images * phase_pixels;
     const index_t phase_taps = py.taps * px.taps, K = cout_g * phase_taps;
     const index_t m0 = m_tile * kIgemmBM, n0 = n_tile * kIgemmBN;
     if (m0 >= M) continue;  // block-uniform: this phase has fewer pixels than the largest one
+    const Weights wb = weights.for_sample(sample);
 
     // This thread's input pixel (in the phase), decoded once per tile.
     const index_t am = m0 + a_row;
     const bool a_valid = am < M;
-    const index_t a_img = a_valid ? am / phase_pixels : 0, a_pix = a_valid ? am % phase_pixels : 0;
+    const index_t a_img = sample + (a_valid ? am / phase_pixels : 0), a_pix = a_valid ? am % phase_pixels : 0;
     // Folded for the k loop: with jy = j / nkx, jx = j % nkx the tap is (ky0 + sy*jy, kx0 + sx*jx);
     // iy + PH - ky0*DH and sy*DH are multiples of SH, so oy = (iy + PH - ky*DH) / SH = oy0 - jy*oy_step
     // exactly (no division per element; likewise ox), and the tap's weight offset is w_tap0 + jy*wy + jx*sx.
@@ -421,7 +512,7 @@ conv2d_igemm_bwd_input(const Conv2dIgemmParams p, const T* __restrict__ grad_y, 
     const IgemmOutLayout gy_at(p);  // gy may be pixel-shuffled (upscale > 1)
     const T* gy_image = grad_y + a_img * gy_at.image;
     const index_t gy_o0 = group * cout_g;
-    const T* w_group = w + group * cout_g * cin_g * taps;  // [Cout_g, Cin_g, KH, KW] of this group
+    const index_t w_group = group * cout_g * cin_g * taps;  // weight offset e of [Cout_g, Cin_g, KH, KW] of this group
 
     IgemmAcc acc;
     igemm_zero(acc);
@@ -445,12 +536,12 @@ conv2d_igemm_bwd_input(const Conv2dIgemmParams p, const T* __restrict__ grad_y, 
         const index_t k = k0 + b_k;  // fixed for the step: (o, ky, kx) decoded once
         const bool k_valid = k < K;
         const index_t o = k_valid ? k / phase_taps : 0, j = k_valid ? k % phase_taps : 0;
-        const T* w_k = w_group + o * cin_g * taps + w_tap0 + (j / nkx) * wy + (j % nkx) * sx;
+        const index_t w_k = w_group + o * cin_g * taps + w_tap0 + (j / nkx) * wy + (j % nkx) * sx;
 #pragma unroll 4
         for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i) {
           const int nn = b_row + (kIgemmThreads / kIgemmBK) * i;
           const index_t n = n0 + nn;
-          b_tile[nn * kIgemmLd + b_k] = (k_valid && n < cin_g) ? w_k[n * taps] : zero;  // transposed
+          b_tile[nn * kIgemmLd + b_k] = (k_valid && n < cin_g) ? wb.weight(w_k + n * taps) : zero;  // transposed
         }
       }
       __syncthreads();
@@ -466,7 +557,7 @@ conv2d_igemm_bwd_input(const Conv2dIgemmParams p, const T* __restrict__ grad_y, 
       for (int h = 0; h < 2; ++h) {
         const index_t m = m0 + warp_m + 16 * mi + gid + 8 * h;
         if (m >= M) continue;
-        const index_t img = m / phase_pixels, u = m % phase_pixels;
+        const index_t img = sample + m / phase_pixels, u = m % phase_pixels;
         const index_t pix = (py.first + (u / px.count) * p.stride_h) * p.in_w + px.first + (u % px.count) * p.stride_w;
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) {
@@ -476,13 +567,31 @@ conv2d_igemm_bwd_input(const Conv2dIgemmParams p, const T* __restrict__ grad_y, 
             if (n >= cin_g) continue;
             const index_t i = group * cin_g + n;
             float v = acc[mi][ni][2 * h + j];
-            if (bias != nullptr) v += to_acc(bias[i]);
+            if (wb.bias != nullptr) v += wb.bias_at(i);
             grad_x[(img * p.in_channels + i) * pixels + pix] = from_acc<T>(v);
           }
         }
       }
     }
   }
+}
+
+// dgrad: grad_x = conv2d's input gradient of grad_y (+ bias[i] per input channel when non-null).
+template <typename T>
+__global__ void __launch_bounds__(kIgemmThreads)
+conv2d_igemm_bwd_input(const Conv2dIgemmParams p, const T* __restrict__ grad_y, const T* __restrict__ w,
+                       const T* __restrict__ bias, T* __restrict__ grad_x) {
+  igemm_bwd_input_body(p, grad_y, IgemmWeights<T>{w, bias}, grad_x);
+}
+
+// dynamic_conv2d's input gradient: grad_x[b] = conv's dgrad of grad_y[b] with M_b (header: DYNAMIC).
+// No bias (the bias does not reach the input gradient).
+template <typename T>
+__global__ void __launch_bounds__(kIgemmThreads)
+conv2d_igemm_dynamic_bwd_input(const Conv2dIgemmParams p, const T* __restrict__ grad_y, const T* __restrict__ w,
+                               const T* __restrict__ att, T* __restrict__ grad_x) {
+  const index_t bank = p.out_channels * (p.in_channels / p.groups) * p.kernel_h * p.kernel_w;
+  igemm_bwd_input_body(p, grad_y, IgemmMixedWeights<T>{w, att, nullptr, p.kernels, bank, p.out_channels}, grad_x);
 }
 
 // wgrad, split-K: workspace[s, o, n] = slice s's fp32 partial of grad_w[o, n] (n = (c*KH + ky)*KW + kx);

@@ -179,3 +179,40 @@ def test_conv2d_backward_tunes_each_gradient_on_its_own(tuning, monkeypatch):
     np.testing.assert_array_equal(gw, by_direct[1])
     np.testing.assert_array_equal(gb, by_direct[2])
     assert cuconv.conv2d_backward(gy, x, w, b, padding=1, wrt="weight")[0] is None
+
+
+def test_pass_ops_tune_between_direct_and_implicit_gemm(tuning, launches):
+    """conv_transpose2d, subpixel_conv2d and dynamic_conv2d: 'auto' is 'direct' untuned; tuned,
+    it runs the measured-faster candidate, per stage, and never the TF32 variant."""
+    cache, times, measured = tuning
+    rng = np.random.default_rng(2)
+    times.update(direct=2.0, implicit_gemm=1.0)
+    x = rng.standard_normal((1, 4, 5, 5)).astype(np.float16)
+    w = rng.standard_normal((4, 2, 3, 3)).astype(np.float16)
+    np.testing.assert_array_equal(cuconv.conv_transpose2d(x, w, stride=2),
+                                  cuconv.conv_transpose2d(x, w, stride=2, algorithm="implicit_gemm"))
+    ws = rng.standard_normal((8, 4, 3, 3)).astype(np.float16)
+    np.testing.assert_array_equal(cuconv.subpixel_conv2d(x, ws, padding=1),
+                                  cuconv.subpixel_conv2d(x, ws, padding=1, algorithm="implicit_gemm"))
+    wd = rng.standard_normal((3, 6, 4, 3, 3)).astype(np.float16)
+    att = rng.random((1, 3)).astype(np.float16)
+    gy = rng.standard_normal((1, 6, 5, 5)).astype(np.float16)
+    np.testing.assert_array_equal(cuconv.dynamic_conv2d(x, wd, att, padding=1),
+                                  cuconv.dynamic_conv2d(x, wd, att, padding=1, algorithm="implicit_gemm"))
+    tuned = cuconv.dynamic_conv2d_backward(gy, x, wd, att, padding=1)
+    for got, expected in zip(tuned, cuconv.dynamic_conv2d_backward(gy, x, wd, att, padding=1,
+                                                                   algorithm="implicit_gemm")):
+        np.testing.assert_array_equal(got, expected)
+    entries = [json.loads(k) for k in json.loads(cache.read_text())]
+    assert sorted((e["op"], e["stage"]) for e in entries) == [
+        ("conv_transpose2d", "forward"), ("dynamic_conv2d", "forward"), ("dynamic_conv2d_backward", "grad_input"),
+        ("subpixel_conv2d", "forward")]
+    assert set(measured) == {"direct", "implicit_gemm"}
+
+
+def test_pass_ops_untuned_auto_is_direct(launches):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 4, 5, 5)).astype(np.float16)
+    cuconv.conv_transpose2d(x, rng.standard_normal((4, 2, 3, 3)).astype(np.float16), stride=2)
+    cuconv.subpixel_conv2d(x, rng.standard_normal((8, 4, 3, 3)).astype(np.float16), padding=1)
+    assert launches == ["conv2d_bwd_input", "conv2d_fwd"]

@@ -329,7 +329,8 @@ def test_supported_reports_none_including_pixel_shuffled_output():
 def test_kernel_module_registered_for_half_types_and_tf32_float():
     assert KERNELS.dtypes == ("float16", "bfloat16", "float32")
     assert KERNELS.name_expressions == [f"{k}<{t}>" for k in ("conv2d_igemm_fwd", "conv2d_igemm_bwd_input",
-                                                              "conv2d_igemm_bwd_weight", "conv2d_igemm_reduce_splits")
+                                                              "conv2d_igemm_bwd_weight", "conv2d_igemm_reduce_splits",
+                                                              "conv2d_igemm_dynamic_fwd", "conv2d_igemm_dynamic_bwd_input")
                                         for t in ("__half", "__nv_bfloat16", "float")]
 
 

@@ -32,6 +32,12 @@ deterministic split-K: a float32 workspace of S * Cout * Cin_g*KH*KW * 4 bytes
 partial sums, reduced in fixed slice order by conv2d_igemm_reduce_splits; results are
 bitwise reproducible for a given shape. The bias gradient is conv2d's direct
 reduction kernel (conv2d.launch_grad_bias).
+
+dynamic_conv2d (CondConv / DY-CNN, algorithm='implicit_gemm' in cuconv/ops/dynamic_conv.py):
+launch_igemm_dynamic_forward / launch_igemm_dynamic_grad_input run the same forward and
+dgrad bodies with sample b's kernel sum_j att[b, j] * w[j] mixed in the B-tile loader
+(float32 sum, rounded once to the storage dtype, never stored), one GEMM per (sample,
+group); they allocate nothing. Kernels: conv2d_igemm_dynamic_fwd / _bwd_input.
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ from .conv2d import ConvGeometry, launch_grad_bias
 
 KERNELS = KernelModule(
     "conv2d_igemm.cu",
-    kernels=("conv2d_igemm_fwd", "conv2d_igemm_bwd_input", "conv2d_igemm_bwd_weight", "conv2d_igemm_reduce_splits"),
+    kernels=("conv2d_igemm_fwd", "conv2d_igemm_bwd_input", "conv2d_igemm_bwd_weight", "conv2d_igemm_reduce_splits",
+             "conv2d_igemm_dynamic_fwd", "conv2d_igemm_dynamic_bwd_input"),
     params_struct="Conv2dIgemmParams",
     dtypes=("float16", "bfloat16", "float32"),
 )
@@ -94,13 +101,13 @@ def check_implicit_gemm(op: str, geom: ConvGeometry, dtype: str, tf32: bool = Fa
         raise ValueError(f"{op}: algorithm={algorithm_name(tf32)!r} supports only {why}")
 
 
-def _params(geom: ConvGeometry, splits: int = 1, split_steps: int = 0) -> dict:
+def _params(geom: ConvGeometry, splits: int = 1, split_steps: int = 0, kernels: int = 1) -> dict:
     return dict(batch=geom.batch, in_channels=geom.in_channels, in_h=geom.in_h, in_w=geom.in_w,
                 out_channels=geom.out_channels, out_h=geom.out_h, out_w=geom.out_w,
                 kernel_h=geom.kernel_h, kernel_w=geom.kernel_w,
                 stride_h=geom.stride[0], stride_w=geom.stride[1], pad_h=geom.pad[0], pad_w=geom.pad[1],
                 dilation_h=geom.dilation[0], dilation_w=geom.dilation[1], groups=geom.groups,
-                splits=splits, split_steps=split_steps, upscale=geom.upscale)
+                splits=splits, split_steps=split_steps, upscale=geom.upscale, kernels=kernels)
 
 
 def _tiles(n: int, tile: int) -> int:
@@ -165,6 +172,60 @@ def launch_igemm_grad_weight(call: Call, geom: ConvGeometry, grad_y, x, grad_w, 
     call.launch(KERNELS, "conv2d_igemm_bwd_weight", items, _THREADS, params, grad_y, x, workspace)
     call.launch(KERNELS, "conv2d_igemm_reduce_splits", _tiles(geom.out_channels * n, _REDUCE_THREADS),
                 _REDUCE_THREADS, params, workspace, grad_w)
+
+
+# dynamic_conv2d (CondConv / DY-CNN) on the tensor cores: the forward and dgrad above with
+# sample b's kernel M_b = sum_j att[b, j] * w[j] mixed in the B-tile loader (float32 sum,
+# one rounding to the storage type; never stored), one GEMM per (sample, group). w is the
+# bank [Kn, Cout, Cin_g, KH, KW], att [B, Kn], bias [Kn, Cout] or None; geom is the conv's
+# geometry with one expert kernel's shape (upscale 1). See kernels_cu/conv2d_igemm.cu, DYNAMIC.
+
+def dynamic_implicit_gemm_supported(geom: ConvGeometry, dtype: str) -> str | None:
+    """None when dynamic_conv2d(..., algorithm='implicit_gemm') can run this conv in
+    `dtype` (float16 / bfloat16, any stride / padding / dilation / groups), else why not
+    (a phrase that completes "supports only ..."). The launchers below also take
+    float32 with tf32=True, which dynamic_conv2d does not expose."""
+    if dtype not in DTYPES:
+        return f"float16 and bfloat16 inputs (got {dtype})"
+    return None
+
+
+def _dynamic_items(geom: ConvGeometry, m_pixels: int, n: int, phases: int = 1) -> int:
+    return geom.batch * geom.groups * phases * _tiles(m_pixels, _TILE_M) * _tiles(n, _TILE_N)
+
+
+def launch_igemm_dynamic_forward(call: Call, geom: ConvGeometry, x, w, att, bias, y, *, tf32: bool = False) -> None:
+    """y [B, Cout, Ho, Wo] = conv(x[b], sum_j att[b, j] w[j]) + att @ bias by
+    conv2d_igemm_dynamic_fwd; w [Kn, Cout, Cin_g, KH, KW], att [B, Kn], bias [Kn, Cout] or
+    None. Allocates nothing."""
+    check_implicit_gemm(call.op, geom, call.dtype, tf32)
+    kernels = _dynamic_kernel_count(call.op, geom, w, att)
+    call.launch(KERNELS, "conv2d_igemm_dynamic_fwd",
+                _dynamic_items(geom, geom.out_h * geom.out_w, geom.out_channels // geom.groups), _THREADS,
+                _params(geom, kernels=kernels), x, w, att, bias, y)
+
+
+def launch_igemm_dynamic_grad_input(call: Call, geom: ConvGeometry, grad_y, w, att, grad_x, *,
+                                    tf32: bool = False) -> None:
+    """grad_x [B, Cin, H, W] = conv's input gradient of grad_y[b] with sample b's mixed
+    kernel, by conv2d_igemm_dynamic_bwd_input (one dense sub-GEMM per stride phase, as
+    launch_igemm_grad_input). Allocates nothing."""
+    check_implicit_gemm(call.op, geom, call.dtype, tf32)
+    kernels = _dynamic_kernel_count(call.op, geom, w, att)
+    sh, sw = geom.stride
+    items = _dynamic_items(geom, _tiles(geom.in_h, sh) * _tiles(geom.in_w, sw), geom.in_channels // geom.groups,
+                           sh * sw)
+    call.launch(KERNELS, "conv2d_igemm_dynamic_bwd_input", items, _THREADS, _params(geom, kernels=kernels),
+                grad_y, w, att, grad_x)
+
+
+def _dynamic_kernel_count(op: str, geom: ConvGeometry, w, att) -> int:
+    """Kn from the bank w [Kn, Cout, Cin_g, KH, KW]; ValueError when att is not [B, Kn]."""
+    kernels = int(w.shape[0])
+    if kernels < 1 or tuple(att.shape) != (geom.batch, kernels):
+        raise ValueError(f"{op}: attention must have shape {(geom.batch, kernels)} for a weight bank of shape "
+                         f"{tuple(w.shape)}, got {tuple(att.shape)}")
+    return kernels
 
 
 def conv2d_implicit_gemm(call: Call, geom: ConvGeometry, *, tf32: bool = False):

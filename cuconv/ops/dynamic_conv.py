@@ -20,6 +20,15 @@ rounded up to a warp, at most 256):
   spatial attention gradient  B * kh * kw * Cout * T
   channel attention gradient  B * Cin * T_in
 Each is reduced to its gradient by a second kernel in a fixed order (deterministic).
+
+dynamic_conv2d / dynamic_conv2d_backward (only those two) take `algorithm`:
+'direct' (the kernels above), 'implicit_gemm' (float16 / bfloat16: the forward and the
+INPUT gradient on the tensor cores, kernels_cu/conv2d_igemm.cu's conv2d_igemm_dynamic_fwd
+/ _bwd_input, sample b's kernel mixed in the implicit GEMM's B-tile loader and rounded
+once to the storage dtype; the weight, attention and bias gradients stay on the direct
+kernels above; no workspace, nothing mixed-kernel-sized allocated) or 'auto' (= 'direct'
+for now: the tensor-core path is unmeasured). dynamic_implicit_gemm_supported(geom, dtype)
+says whether 'implicit_gemm' can run a conv.
 """
 
 from __future__ import annotations
@@ -27,10 +36,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from numbers import Integral
 
-from .. import _arrays
+from .. import _arrays, _autotune
 from .._kernels import KernelModule
 from ._common import Call, check_grad_output, describe_shapes, parse_wrt, positive_int, threads_for
 from .conv2d import ConvGeometry, conv_geometry
+from .conv2d_igemm import (dynamic_implicit_gemm_supported, launch_igemm_dynamic_forward,
+                           launch_igemm_dynamic_grad_input)
 
 KERNELS = KernelModule(
     "dynamic_conv.cu",
@@ -252,31 +263,98 @@ def _wanted_roles(op: str, wrt, names: tuple[str, ...], roles: dict, call: Call)
 
 # --- dynamic_conv2d ---
 
-def dynamic_conv2d(input, weight, attention, bias=None, stride=1, padding=0, dilation=1, groups=1):
+DYNAMIC_ALGORITHMS = ("direct", "implicit_gemm")
+
+
+def _dynamic_algorithm(op: str, algorithm, geom: ConvGeometry, dtype: str) -> str:
+    """`algorithm` itself, or 'auto'; ValueError naming `algorithm` for an unknown one or
+    one that cannot run the conv."""
+    if algorithm == "auto":
+        return algorithm
+    if not isinstance(algorithm, str) or algorithm not in DYNAMIC_ALGORITHMS:
+        raise ValueError(f"{op}: algorithm must be 'auto' or one of {DYNAMIC_ALGORITHMS}, got {algorithm!r}")
+    if algorithm == "implicit_gemm":
+        why = dynamic_implicit_gemm_supported(geom, dtype)
+        if why is not None:
+            raise ValueError(f"{op}: algorithm='implicit_gemm' supports only {why}")
+    return algorithm
+
+
+def _resolve(call: Call, op: str, stage: str, geom: ConvGeometry, algorithm: str, run) -> str:
+    """'auto': 'direct' untuned (the tensor-core path is unmeasured), else the faster of
+    the supported algorithms measured for this shape (cuconv/_autotune.py)."""
+    if algorithm != "auto":
+        return algorithm
+    candidates = ["direct"] + (["implicit_gemm"] if dynamic_implicit_gemm_supported(geom, call.dtype) is None else [])
+    key = _autotune.make_key(call, op, stage, dict(geom.params(), kernels=call.shape("weight")[0]))
+    return _autotune.choose(call, key, candidates, run)
+
+
+def dynamic_conv2d(input, weight, attention, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+                   algorithm="auto"):
     """y[b] = conv2d(input[b], sum_k attention[b,k] * weight[k], sum_k attention[b,k] * bias[k], stride,
     padding, dilation, groups), fused (the per-sample kernel is mixed on chip).
 
     input [B, Cin, H, W], weight [K, Cout, Cin/groups, kh, kw], attention [B, K] (already
     normalised: CondConv's sigmoid, DY-CNN's temperature softmax), bias [K, Cout]
-    -> [B, Cout, Ho, Wo]. stride/padding/dilation/groups as torch's conv2d."""
+    -> [B, Cout, Ho, Wo]. stride/padding/dilation/groups as torch's conv2d.
+
+    algorithm: 'direct' (dynamic_conv.cu), 'implicit_gemm' (float16 / bfloat16 only:
+    tensor-core implicit GEMM, the mixed kernel built in the B-tile loader as a float32
+    sum rounded once to the input dtype, as if materialised in that dtype), or 'auto'
+    ('direct', or with CUCONV_AUTOTUNE=1 on a GPU the faster of the two for the shape)."""
     op = "dynamic_conv2d"
     call = Call(op, input=input, weight=weight, attention=attention, bias=bias, optional=("bias",))
     geom, mix = _dynamic_geometry(op, call, stride, padding, dilation, groups)
-    return call.export(_forward(call, geom, mix, "weight", "attention", bias="bias" if bias is not None else None))
+    def run(algorithm):
+        if algorithm == "implicit_gemm":
+            y = call.empty(geom.output_shape)
+            launch_igemm_dynamic_forward(call, geom, call.operand("input"), call.operand("weight"),
+                                         call.operand("attention"), call.operand("bias"), y)
+            return call.export(y)
+        return call.export(_forward(call, geom, mix, "weight", "attention", bias="bias" if bias is not None else None))
+
+    chosen = _dynamic_algorithm(op, algorithm, geom, call.dtype)
+    return run(_resolve(call, op, "forward", geom, chosen, run))
 
 
 def dynamic_conv2d_backward(grad_output, input, weight, attention, bias=None, stride=1, padding=0, dilation=1,
-                            groups=1, wrt=None):
+                            groups=1, wrt=None, *, algorithm="auto"):
     """Gradients of dynamic_conv2d: (grad_input, grad_weight, grad_attention, grad_bias);
     None for an argument not in `wrt` (a name or tuple of names among input, weight,
-    attention, bias) or that was None."""
+    attention, bias) or that was None.
+
+    algorithm: as dynamic_conv2d's. With 'implicit_gemm' only the INPUT gradient runs on
+    the tensor cores (conv2d_igemm_dynamic_bwd_input, mixed kernel rounded once to the
+    dtype); the weight, attention and bias gradients are always the direct kernels'
+    (bitwise the same as with algorithm='direct'). Under 'auto' with tuning on, only the
+    input gradient's algorithm is tuned."""
     op = "dynamic_conv2d_backward"
     call = Call(op, input=input, grad_output=grad_output, weight=weight, attention=attention, bias=bias,
                 optional=("bias",))
     geom, mix = _dynamic_geometry(op, call, stride, padding, dilation, groups)
     check_grad_output(op, call, geom.output_shape)
     roles = dict(input="input", cells="weight", attention="attention", bias="bias" if bias is not None else None)
-    grads = _gradients(call, geom, mix, roles, _wanted_roles(op, wrt, DYNAMIC_NAMES, roles, call))
+    wanted = _wanted_roles(op, wrt, DYNAMIC_NAMES, roles, call)
+    chosen = _dynamic_algorithm(op, algorithm, geom, call.dtype)
+
+    def input_gradient(algorithm):
+        if algorithm == "direct":
+            return _gradients(call, geom, mix, roles, {"input"})["input"]
+        grad_x = call.empty((geom.batch, geom.in_channels, geom.in_h, geom.in_w))
+        launch_igemm_dynamic_grad_input(call, geom, call.operand("grad_output"), call.operand("weight"),
+                                        call.operand("attention"), grad_x)
+        return call.export(grad_x)
+
+    grad_input = None
+    if "input" in wanted:
+        chosen = _resolve(call, op, "grad_input", geom, chosen, input_gradient)
+        if chosen == "implicit_gemm":  # the other gradients are the direct kernels' either way
+            wanted = wanted - {"input"}
+            grad_input = input_gradient(chosen)
+    grads = _gradients(call, geom, mix, roles, wanted)
+    if grad_input is not None:
+        grads["input"] = grad_input
     return tuple(grads.get(role) for role in ("input", "cells", "attention", "bias"))
 
 

@@ -108,3 +108,17 @@ def test_markdown_table_and_plots_of_a_result(tmp_path):
               "ceilings": {"copy_gbs": 3000.0, "gemm_tflops": 700.0, "gemm": "bf16 GEMM"}}
     for png in plots.write_plots(result, tmp_path / "result.json"):
         assert png.parent == tmp_path and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpu_session_script_parses_and_names_existing_tests():
+    """tools/gpu_session.sh runs on a GPU only; here: valid bash, and every test file it
+    names exists (a rename must not silently empty the sanitizer stage)."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    script = root / "tools" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    named = set(re.findall(r"tests/[\w/]+\.py", script.read_text()))
+    assert named and all((root / path).is_file() for path in named), named

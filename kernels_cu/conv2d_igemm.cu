@@ -58,7 +58,9 @@
 //   (10 KB of static shared memory for fp16/bf16, 18 KB for float):
 //     A gather: thread tid owns pixel row tid % 64 (its b, oy, ox decoded once per
 //       tile) and k = tid/64 + 2i, i < 16: consecutive threads read consecutive pixels,
-//       i.e. consecutive ox of one input row, coalesced for stride 1.
+//       i.e. consecutive ox of one input row, coalesced for stride 1. The thread's k walks
+//       the whole K in steps of 2, so its (c, ky, kx) digits are stepped by compare-and-carry
+//       (decoded by division once per tile, none per element; igemm_fwd_body).
 //     B load: thread tid owns k = tid % 32 and rows n = tid/32 + 4i, i < 16: K-contiguous,
 //       coalesced along each weight row.
 //   Out-of-range m, n, k (edge tiles, K not a multiple of 32) and padding taps are
@@ -98,8 +100,10 @@
 //   B[k, n] = w[g*Cout_g + o, n, ky, kx]: for a fixed n this is NOT K-contiguous (its
 //             k neighbours are KW or more elements apart within one o and Cin_g*KH*KW
 //             apart across o), so the B load transposes it into the same K-contiguous
-//             b_tile[n][k] the fragments read: thread owns k = tid % 32 ((o, ky, kx)
-//             decoded once per BK step) and rows n = tid/32 + 4i (stride KH*KW reads).
+//             b_tile[n][k] the fragments read: thread owns k = tid % 32 ((o, jy, jx)
+//             stepped by 32 per BK step with compare-and-carry) and rows n = tid/32 + 4i
+//             (stride KH*KW reads). The A gather's (o, jy, jx) and gy's (possibly shuffled)
+//             channel offset are stepped by 2 per element likewise: no division per element.
 //   Work items are (group, phase, m tile, n tile), the n tile fastest, with the m tile
 //   count of the largest phase (ceil(H/SH)*ceil(W/SW) pixels per image); a smaller
 //   phase's surplus tiles skip at once. A phase with no landing tap (K = 0, e.g.
@@ -116,8 +120,10 @@
 //   B[k, n] = x[b, g*Cin_g+c, iy, ix] or 0 outside the image: the im2col matrix again,
 //             gathered along K (pixels) this time
 //   Both tiles are staged K-contiguous with one loader mapping: thread owns the pixel
-//   k = tid % 32 (b, oy, ox decoded once per BK step: consecutive threads read
-//   consecutive pixels, coalesced) and rows tid/32 + 4i, i < 16, of each tile.
+//   k = tid % 32 ((b, oy, ox) stepped by 32 per BK step with compare-and-carry:
+//   consecutive threads read consecutive pixels, coalesced) and rows tid/32 + 4i, i < 16,
+//   of each tile; the rows' gy channel offsets and x tap offsets (c*H*W + ky*DH*W + kx*DW,
+//   ky*DH, kx*DW) are tabled in shared memory once per work item (2 KB).
 //   Deterministic split-K: the host fixes a number of K slices S from the shape alone
 //   (cuconv/ops/conv2d_igemm.py, wgrad_split: enough (group, m tile, n tile, slice)
 //   items for about two waves on 132 SMs, each slice at least 4 BK steps, at most 64
@@ -157,11 +163,11 @@
 // forward, and it applies to dgrad and wgrad alike; per-pass estimates are in
 // docs/kernels/implicit_gemm.md):
 //   - As written it is bound by the A gather, not the tensor cores: scalar 2-byte global
-//     loads with a 64-bit div/mod decode of k per element, a full __syncthreads round
-//     trip per BK step with no overlap of loads and mma, and 4-byte shared-memory
-//     fragment loads. Expect a small fraction of the ~990 dense TFLOP/s (fp16/bf16) peak.
-//   - Next steps, roughly in order of payoff: a per-tile (c, ky, kx) -> offset table (or
-//     incremental k decode) instead of div/mod; 32-bit indices inside a tile where the
+//     loads (their k decode is division-free since round 3: compare-and-carry walks and
+//     per-item tables, still 64-bit), a full __syncthreads round trip per BK step with no
+//     overlap of loads and mma, and 4-byte shared-memory fragment loads. Expect a small
+//     fraction of the ~990 dense TFLOP/s (fp16/bf16) peak.
+//   - Next steps, roughly in order of payoff: 32-bit indices inside a tile where the
 //     host proves they fit; ldmatrix.x4 for fragment loads; cp.async double/triple
 //     buffering of both tiles (the B tile and the interior of the A tile are plain
 //     16-byte copies); larger tiles (128x128 or 128x256, BK 32/64) with more warps;
@@ -199,10 +205,37 @@ struct IgemmOutLayout {
     return (o / (r * r)) * (r * r) * plane + ((o / r) % r) * (row / r) + o % r;  // row / r = r*Wo
   }
   __device__ index_t pixel(index_t oy, index_t ox) const { return oy * row + ox * col; }
+  // channel(o) for a walk of o by small steps, without division: off = channel(o), and for r > 1
+  // o's two low base-r digits j = o % r, i = (o / r) % r. advance(d), d <= 2, is o += d by
+  // compare-and-carry: j + d <= r + 1 < 2r for r >= 2, so each digit carries at most once
+  // (r == 1: off = o*plane, no digits).
+  struct Walk {
+    index_t off, j, i;
+  };
+  __device__ Walk walk(index_t o) const { return Walk{channel(o), o % r, (o / r) % r}; }
+  __device__ __forceinline__ void advance(Walk& w, index_t d) const {
+    if (r == 1) {
+      w.off += d * plane;
+      return;
+    }
+    w.j += d;
+    w.off += d;  // o % r contributes 1 per unit
+    if (w.j >= r) {
+      w.j -= r;
+      w.off += row / r - r;  // (o / r) % r contributes r*Wo per unit
+      if (++w.i >= r) {
+        w.i -= r;
+        w.off += r * r * plane - r * (row / r);  // o / r^2 contributes r^2*Ho*Wo per unit
+      }
+    }
+  }
 };
 
 constexpr int kIgemmThreads = 128;                    // 4 warps; the host launches exactly this
 constexpr int kIgemmBM = 64, kIgemmBN = 64, kIgemmBK = 32;
+// fwd / dgrad A gather: a thread's staged k advance by this much per element (kIgemmBK / it
+// elements per BK step), and the k-column loaders' (fwd / dgrad B, wgrad) k by kIgemmBK per step.
+constexpr int kIgemmAStep = kIgemmThreads / kIgemmBM;
 // A staged tile row: BK elements padded by 16 bytes (8 halves, 4 floats), so that the
 // fragment loads of a warp hit 32 distinct banks (rows g = 0..7 x columns t = 0..3).
 template <typename T>
@@ -346,6 +379,13 @@ __device__ __forceinline__ void igemm_fwd_body(const Conv2dIgemmParams& p, const
   const int a_row = tid % kIgemmBM, a_k = tid / kIgemmBM;  // A gather: one pixel row per thread
   const int b_k = tid % kIgemmBK, b_row = tid / kIgemmBK;  // B load: one k column per thread
   const T zero = from_acc<T>(0.0f);
+  // The A gather's k walk (k = a_k + kIgemmAStep*j over the whole K, j counting every staged element
+  // of every BK step) in the mixed radix (c, ky, kx): each element adds the constant digits
+  // (kIgemmAStep / taps, (kIgemmAStep / KW) % KH, kIgemmAStep % KW), carried by compare-and-subtract
+  // (each step digit is below its radix, so one carry per digit suffices): no division per element.
+  const index_t in_pixels = p.in_h * p.in_w;
+  const int step_kx = int(kIgemmAStep % p.kernel_w), step_ky = int((kIgemmAStep / p.kernel_w) % p.kernel_h);
+  const index_t step_c = (kIgemmAStep / taps) * in_pixels;
 
   for (index_t item = blockIdx.x; item < items; item += gridDim.x) {
     const index_t n_tile = item % n_tiles, m_tile = (item / n_tiles) % m_tiles;
@@ -362,6 +402,8 @@ __device__ __forceinline__ void igemm_fwd_body(const Conv2dIgemmParams& p, const
     const index_t ix0 = (a_pix % p.out_w) * p.stride_w - p.pad_w;
     const T* x_group = x + (a_img * p.in_channels + group * cin_g) * p.in_h * p.in_w;
     const index_t w_group = group * cout_g * K;  // weight offset e of the group's first row
+    // The k walk's digits at k = a_k (decoded once per tile): kx, ky and c*H*W.
+    index_t a_kx = a_k % p.kernel_w, a_ky = (a_k / p.kernel_w) % p.kernel_h, a_c = (a_k / taps) * in_pixels;
 
     IgemmAcc acc;
     igemm_zero(acc);
@@ -370,16 +412,26 @@ __device__ __forceinline__ void igemm_fwd_body(const Conv2dIgemmParams& p, const
       __syncthreads();  // the previous step's tiles have been consumed by every warp
 #pragma unroll 4
       for (int i = 0; i < kIgemmBM * kIgemmBK / kIgemmThreads; ++i) {
-        const int kk = a_k + 2 * i;
-        const index_t k = k0 + kk;
+        const int kk = a_k + kIgemmAStep * i;
+        const index_t k = k0 + kk;  // = (a_c / (H*W) * KH + a_ky) * KW + a_kx
         T v = zero;
         if (a_valid && k < K) {
-          const index_t c = k / taps, tap = k % taps;
-          const index_t iy = iy0 + (tap / p.kernel_w) * p.dilation_h;
-          const index_t ix = ix0 + (tap % p.kernel_w) * p.dilation_w;
-          if (iy >= 0 && iy < p.in_h && ix >= 0 && ix < p.in_w) v = x_group[(c * p.in_h + iy) * p.in_w + ix];
+          const index_t iy = iy0 + a_ky * p.dilation_h;
+          const index_t ix = ix0 + a_kx * p.dilation_w;
+          if (iy >= 0 && iy < p.in_h && ix >= 0 && ix < p.in_w) v = x_group[a_c + iy * p.in_w + ix];
         }
         a_tile[a_row * kIgemmLd + kk] = v;
+        a_kx += step_kx;  // k += kIgemmAStep
+        a_ky += step_ky;
+        a_c += step_c;
+        if (a_kx >= p.kernel_w) {
+          a_kx -= p.kernel_w;
+          ++a_ky;
+        }
+        if (a_ky >= p.kernel_h) {
+          a_ky -= p.kernel_h;
+          a_c += in_pixels;
+        }
       }
 #pragma unroll 4
       for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i) {
@@ -513,6 +565,17 @@ __device__ __forceinline__ void igemm_bwd_input_body(const Conv2dIgemmParams& p,
     const T* gy_image = grad_y + a_img * gy_at.image;
     const index_t gy_o0 = group * cout_g;
     const index_t w_group = group * cout_g * cin_g * taps;  // weight offset e of [Cout_g, Cin_g, KH, KW] of this group
+    // No division per element or per step: both loaders walk k = (o*nky + jy)*nkx + jx in the mixed
+    // radix (o, jy, jx) with constant step digits and compare-and-carry (each step digit is below its
+    // radix: one carry per digit), decoded once per tile. The A gather adds kIgemmAStep per element
+    // (its o then grows by at most 2: IgemmOutLayout::advance), the B load kIgemmBK per step.
+    // (A phase without a tap has K = 0 and runs no step: its radices are set to 1 to keep % defined.)
+    const index_t nky = K > 0 ? py.taps : 1, nkx_r = K > 0 ? nkx : 1, ptaps = nky * nkx_r;
+    const int a_sjx = int(kIgemmAStep % nkx_r), a_sjy = int((kIgemmAStep / nkx_r) % nky), a_so = int(kIgemmAStep / ptaps);
+    const int b_sjx = int(kIgemmBK % nkx_r), b_sjy = int((kIgemmBK / nkx_r) % nky), b_so = int(kIgemmBK / ptaps);
+    index_t a_jx = a_k % nkx_r, a_jy = (a_k / nkx_r) % nky;  // A's k = a_k, then + kIgemmAStep per element
+    IgemmOutLayout::Walk a_ch = gy_at.walk(gy_o0 + a_k / ptaps);  // channel(g*Cout_g + o) of A's k
+    index_t b_jx = b_k % nkx_r, b_jy = (b_k / nkx_r) % nky, b_o = b_k / ptaps;  // B's k = k0 + b_k
 
     IgemmAcc acc;
     igemm_zero(acc);
@@ -521,27 +584,47 @@ __device__ __forceinline__ void igemm_bwd_input_body(const Conv2dIgemmParams& p,
       __syncthreads();  // the previous step's tiles have been consumed by every warp
 #pragma unroll 4
       for (int i = 0; i < kIgemmBM * kIgemmBK / kIgemmThreads; ++i) {
-        const int kk = a_k + 2 * i;
-        const index_t k = k0 + kk;
+        const int kk = a_k + kIgemmAStep * i;
+        const index_t k = k0 + kk;  // = (o * nky + a_jy) * nkx + a_jx, a_ch.off = channel(g*Cout_g + o)
         T v = zero;
-        if (a_valid && k < K) {  // k = (o * phase taps in y + jy) * phase taps in x + jx
-          const index_t o = k / phase_taps, j = k % phase_taps;
-          const index_t oy = oy0 - (j / nkx) * oy_step, ox = ox0 - (j % nkx) * ox_step;
-          if (oy >= 0 && oy < p.out_h && ox >= 0 && ox < p.out_w)
-            v = gy_image[gy_at.channel(gy_o0 + o) + gy_at.pixel(oy, ox)];
+        if (a_valid && k < K) {
+          const index_t oy = oy0 - a_jy * oy_step, ox = ox0 - a_jx * ox_step;
+          if (oy >= 0 && oy < p.out_h && ox >= 0 && ox < p.out_w) v = gy_image[a_ch.off + gy_at.pixel(oy, ox)];
         }
         a_tile[a_row * kIgemmLd + kk] = v;
+        int d_o = a_so;  // k += kIgemmAStep
+        a_jx += a_sjx;
+        a_jy += a_sjy;
+        if (a_jx >= nkx_r) {
+          a_jx -= nkx_r;
+          ++a_jy;
+        }
+        if (a_jy >= nky) {
+          a_jy -= nky;
+          ++d_o;
+        }
+        gy_at.advance(a_ch, d_o);
       }
       {
-        const index_t k = k0 + b_k;  // fixed for the step: (o, ky, kx) decoded once
+        const index_t k = k0 + b_k;  // fixed for the step: k = (b_o * nky + b_jy) * nkx + b_jx
         const bool k_valid = k < K;
-        const index_t o = k_valid ? k / phase_taps : 0, j = k_valid ? k % phase_taps : 0;
-        const index_t w_k = w_group + o * cin_g * taps + w_tap0 + (j / nkx) * wy + (j % nkx) * sx;
+        const index_t w_k = w_group + b_o * cin_g * taps + w_tap0 + b_jy * wy + b_jx * sx;
 #pragma unroll 4
         for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i) {
           const int nn = b_row + (kIgemmThreads / kIgemmBK) * i;
           const index_t n = n0 + nn;
           b_tile[nn * kIgemmLd + b_k] = (k_valid && n < cin_g) ? wb.weight(w_k + n * taps) : zero;  // transposed
+        }
+        b_o += b_so;  // k += kIgemmBK for the next step
+        b_jx += b_sjx;
+        b_jy += b_sjy;
+        if (b_jx >= nkx_r) {
+          b_jx -= nkx_r;
+          ++b_jy;
+        }
+        if (b_jy >= nky) {
+          b_jy -= nky;
+          ++b_o;
         }
       }
       __syncthreads();
@@ -614,6 +697,22 @@ conv2d_igemm_bwd_weight(const Conv2dIgemmParams p, const T* __restrict__ grad_y,
   const int warp_m = 32 * (warp & 1), warp_n = 32 * (warp >> 1);
   const int ld_k = tid % kIgemmBK, ld_row = tid / kIgemmBK;  // both loads: one pixel (k) per thread
   const T zero = from_acc<T>(0.0f);
+  // The loaders' row decodes, the same for every BK step of an item, are tabled in shared memory once
+  // per item (thread tid < 64 fills B row tid, thread 64 + mm A row mm; divisions per item only):
+  //   a_chan[mm] = channel(g*Cout_g + m0 + mm)   (gy's channel offset, pixel-shuffled or not)
+  //   b_off[nn]  = c*H*W + (ky*DH)*W + kx*DW, b_dy[nn] = ky*DH, b_dx[nn] = kx*DW   for n = n0 + nn
+  // (x at b*Cin*H*W + b_off + iy0*W + ix0, valid when 0 <= iy0 + b_dy < H and 0 <= ix0 + b_dx < W).
+  // Rows past Cout_g / N get 0 and are never read. Race-free without an extra barrier: the previous
+  // item's last reads precede its last step's second __syncthreads, and these writes are seen after
+  // the next step's first one.
+  static_assert(kIgemmThreads == kIgemmBM + kIgemmBN, "one table row per thread");
+  __shared__ index_t a_chan[kIgemmBM], b_off[kIgemmBN], b_dy[kIgemmBN], b_dx[kIgemmBN];
+  // The thread's pixel walk k = k_begin + ld_k + kIgemmBK*s in the mixed radix (b, oy, ox): each step
+  // adds the constant digits (kIgemmBK / (Ho*Wo), (kIgemmBK / Wo) % Ho, kIgemmBK % Wo) with
+  // compare-and-carry (one per digit), decoded by division once per item. (An empty output image
+  // has K = 0 and runs no step: its radices are set to 1 to keep % defined.)
+  const index_t wo_r = out_pixels > 0 ? p.out_w : 1, ho_r = out_pixels > 0 ? p.out_h : 1;
+  const index_t step_ox = kIgemmBK % wo_r, step_oy = (kIgemmBK / wo_r) % ho_r, step_img = kIgemmBK / (wo_r * ho_r);
 
   for (index_t item = blockIdx.x; item < items; item += gridDim.x) {
     const index_t n_tile = item % n_tiles, m_tile = (item / n_tiles) % m_tiles;
@@ -624,25 +723,49 @@ conv2d_igemm_bwd_weight(const Conv2dIgemmParams p, const T* __restrict__ grad_y,
     const IgemmOutLayout gy_at(p);                      // gy may be pixel-shuffled (upscale > 1)
     const index_t gy_o0 = group * cout_g;               // gy at b*image + channel(gy_o0 + m) + pixel(oy, ox)
     const T* x_group = x + group * cin_g * in_pixels;  // + b*Cin*H*W + c*H*W + iy*W + ix
+    if (tid < kIgemmBN) {
+      const index_t n = n0 + tid;
+      const index_t c = n < N ? n / taps : 0, tap = n < N ? n % taps : 0;
+      const index_t dy = (tap / p.kernel_w) * p.dilation_h, dx = (tap % p.kernel_w) * p.dilation_w;
+      b_off[tid] = c * in_pixels + dy * p.in_w + dx;
+      b_dy[tid] = dy;
+      b_dx[tid] = dx;
+    } else {
+      const index_t m = m0 + (tid - kIgemmBN);
+      a_chan[tid - kIgemmBN] = m < cout_g ? gy_at.channel(gy_o0 + m) : 0;
+    }
+    const index_t k_first = k_begin + ld_k;  // the walk's digits at the item's first k
+    index_t w_img = k_first / (wo_r * ho_r), w_oy = (k_first / wo_r) % ho_r, w_ox = k_first % wo_r;
 
     IgemmAcc acc;
     igemm_zero(acc);
 
     for (index_t k0 = k_begin; k0 < k_end; k0 += kIgemmBK) {
       __syncthreads();  // the previous step's tiles have been consumed by every warp
-      const index_t k = k0 + ld_k;  // this thread's pixel for the step, decoded once
+      const index_t k = k0 + ld_k;  // this thread's pixel for the step: (w_img * Ho + w_oy) * Wo + w_ox
       const bool k_valid = k < k_end;
-      const index_t img = k_valid ? k / out_pixels : 0, pix = k_valid ? k % out_pixels : 0;
-      const index_t oy = pix / p.out_w, ox = pix % p.out_w;
+      const index_t img = k_valid ? w_img : 0, oy = k_valid ? w_oy : 0, ox = k_valid ? w_ox : 0;
       const index_t iy0 = oy * p.stride_h - p.pad_h;
       const index_t ix0 = ox * p.stride_w - p.pad_w;
       const T* gy_k = grad_y + img * gy_at.image + gy_at.pixel(oy, ox);
       const T* x_k = x_group + img * p.in_channels * in_pixels;
+      const index_t x_pix = iy0 * p.in_w + ix0;  // x_k[b_off[nn] + x_pix] = x at (c, iy0 + b_dy[nn], ix0 + b_dx[nn])
+      w_img += step_img;  // k += kIgemmBK for the next step
+      w_oy += step_oy;
+      w_ox += step_ox;
+      if (w_ox >= wo_r) {
+        w_ox -= wo_r;
+        ++w_oy;
+      }
+      if (w_oy >= ho_r) {
+        w_oy -= ho_r;
+        ++w_img;
+      }
 #pragma unroll 4
       for (int i = 0; i < kIgemmBM * kIgemmBK / kIgemmThreads; ++i) {
         const int mm = ld_row + (kIgemmThreads / kIgemmBK) * i;
         const index_t m = m0 + mm;
-        a_tile[mm * kIgemmLd + ld_k] = (k_valid && m < cout_g) ? gy_k[gy_at.channel(gy_o0 + m)] : zero;
+        a_tile[mm * kIgemmLd + ld_k] = (k_valid && m < cout_g) ? gy_k[a_chan[mm]] : zero;
       }
 #pragma unroll 4
       for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i) {
@@ -650,10 +773,8 @@ conv2d_igemm_bwd_weight(const Conv2dIgemmParams p, const T* __restrict__ grad_y,
         const index_t n = n0 + nn;
         T v = zero;
         if (k_valid && n < N) {
-          const index_t c = n / taps, tap = n % taps;
-          const index_t iy = iy0 + (tap / p.kernel_w) * p.dilation_h;
-          const index_t ix = ix0 + (tap % p.kernel_w) * p.dilation_w;
-          if (iy >= 0 && iy < p.in_h && ix >= 0 && ix < p.in_w) v = x_k[(c * p.in_h + iy) * p.in_w + ix];
+          const index_t iy = iy0 + b_dy[nn], ix = ix0 + b_dx[nn];
+          if (iy >= 0 && iy < p.in_h && ix >= 0 && ix < p.in_w) v = x_k[b_off[nn] + x_pix];
         }
         b_tile[nn * kIgemmLd + ld_k] = v;
       }

@@ -851,3 +851,52 @@ def test_conv_transpose2d_and_subpixel_by_implicit_gemm(dtype, launches):
     with pytest.raises(ValueError, match="implicit_gemm"):
         conv_transpose2d(x, w[:8], algorithm="implicit_gemm")  # float64
     assert launches == []
+
+
+# --- the loaders' division-free index walks, pinned exactly ---
+
+# Edge radices for the incremental (compare-and-carry) k decodes: 1x1 (every tap digit of radix
+# 1), KW = 2 (the A walk's step 2 equals the radix: kx step 0, ky step 1), KW = 1 / KH = 1,
+# stride 3 x 2 with dilation (dgrad phases of 1 and 2 taps), grouped, K tails, several wgrad
+# slices (the pixel walk crossing images), and a pixel-shuffled gy (upscale 3: the channel walk).
+EXACT_CASES = [
+    (2, 9, 7, 8, 5, 1, 1, dict(stride=1), 1),
+    (2, 5, 9, 7, 6, 3, 2, dict(padding=1, dilation=(1, 2)), 1),
+    (1, 4, 10, 9, 7, 1, 5, dict(padding=(0, 2), stride=(1, 2)), 1),
+    (2, 3, 11, 10, 4, 5, 1, dict(stride=(3, 2), padding=(2, 0), dilation=(2, 1)), 1),
+    (2, 6, 9, 11, 8, 3, 3, dict(stride=(3, 2), padding=1, groups=2), 1),
+    (1, 4, 6, 5, 18, 3, 3, dict(padding=1, stride=2), 3),
+]
+
+
+@pytest.mark.parametrize("case", EXACT_CASES, ids=lambda c: f"{c[1]}-{c[4]}x{c[5]}x{c[6]}-r{c[8]}")
+def test_index_walks_exact_on_integer_inputs(case):
+    """Small-integer fp16 inputs keep every product and fp32 partial sum exact and every output an
+    fp16-exact integer, so all three passes must equal the float64 reference EXACTLY: any wrong
+    element in a staged tile (a carry off by one in the (c, ky, kx) / (o, jy, jx) / (b, oy, ox) walks,
+    a wrong tap-table row, a wrong pixel-shuffled channel) shows."""
+    from cuconv.ops.subpixel import subpixel_conv2d, subpixel_conv2d_backward
+
+    batch, cin, h, w_, cout, kh, kw, params, r = case
+    rng = np.random.default_rng(cin * 100 + cout)
+    groups = params.get("groups", 1)
+    x = rng.integers(-2, 3, (batch, cin, h, w_)).astype(np.float16)
+    w = rng.integers(-2, 3, (cout, cin // groups, kh, kw)).astype(np.float16)
+    as64 = lambda a: a.astype(np.float64)  # noqa: E731
+    if r == 1:
+        y = igemm_conv2d(x, w, **params)
+        ref = reference.conv2d(as64(x), as64(w), None, **params)
+        gy = rng.integers(-2, 3, ref.shape).astype(np.float16)
+        gx, gw, _ = igemm_conv2d_backward(gy, x, w, **params)
+        refs = reference.conv2d_backward(as64(gy), as64(x), as64(w), None, **params)
+    else:
+        y = subpixel_conv2d(x, w, upscale_factor=r, algorithm="implicit_gemm", **params)
+        ref = reference_subpixel.subpixel_conv2d(as64(x), as64(w), None, upscale_factor=r, **params)
+        gy = rng.integers(-2, 3, ref.shape).astype(np.float16)
+        gx, gw, _ = subpixel_conv2d_backward(gy, x, w, upscale_factor=r, algorithm="implicit_gemm", **params)
+        refs = reference_subpixel.subpixel_conv2d_backward(as64(gy), as64(x), as64(w), None, upscale_factor=r,
+                                                           **params)
+    assert np.abs(ref).max() <= 2048 and np.abs(refs[1]).max() <= 2048  # exact in fp16 and fp32
+    np.testing.assert_array_equal(np.asarray(y).astype(np.float64), ref)
+    np.testing.assert_array_equal(np.asarray(gx).astype(np.float64), refs[0])
+    np.testing.assert_array_equal(np.asarray(gw).astype(np.float64), refs[1])

@@ -281,18 +281,14 @@ def _forward(call: Call, geom: ConvGeometry, algorithm: str):
         from .spectral import conv2d_fft
 
         return conv2d_fft(call, geom)
-    if algorithm == "implicit_gemm":
+    if algorithm in ("implicit_gemm", "implicit_gemm_tf32"):
         from .depthwise_tc import depthwise_tc_forward, depthwise_tc_supported
 
-        if depthwise_tc_supported(geom, call.dtype) is None:  # the banded-Toeplitz depthwise GEMM
+        if depthwise_tc_supported(geom, call.dtype) is None:  # the banded-Toeplitz depthwise GEMM (fp16/bf16)
             return depthwise_tc_forward(call, geom)
         from .conv2d_igemm import conv2d_implicit_gemm
 
-        return conv2d_implicit_gemm(call, geom)
-    if algorithm == "implicit_gemm_tf32":
-        from .conv2d_igemm import conv2d_implicit_gemm
-
-        return conv2d_implicit_gemm(call, geom, tf32=True)
+        return conv2d_implicit_gemm(call, geom, tf32=algorithm == "implicit_gemm_tf32")
     if algorithm == "depthwise":
         from .depthwise import depthwise_forward
 
@@ -339,18 +335,14 @@ def _gradients(call: Call, geom: ConvGeometry, algorithm: str, wanted, has_bias:
         from .spectral import conv2d_fft_gradients
 
         return conv2d_fft_gradients(call, geom, wanted, has_bias)
-    if algorithm == "implicit_gemm":
+    if algorithm in ("implicit_gemm", "implicit_gemm_tf32"):
         from .depthwise_tc import depthwise_tc_gradients, depthwise_tc_supported
 
         if depthwise_tc_supported(geom, call.dtype) is None:
             return depthwise_tc_gradients(call, geom, wanted, has_bias)
         from .conv2d_igemm import conv2d_implicit_gemm_gradients
 
-        return conv2d_implicit_gemm_gradients(call, geom, wanted, has_bias)
-    if algorithm == "implicit_gemm_tf32":
-        from .conv2d_igemm import conv2d_implicit_gemm_gradients
-
-        return conv2d_implicit_gemm_gradients(call, geom, wanted, has_bias, tf32=True)
+        return conv2d_implicit_gemm_gradients(call, geom, wanted, has_bias, tf32=algorithm == "implicit_gemm_tf32")
     if algorithm == "depthwise":
         from .depthwise import depthwise_gradients
 

@@ -35,13 +35,16 @@ def backend(request):
 
 
 def to_backend(a, backend):
-    """A NumPy array as the array type the backend runs on natively."""
+    """A NumPy array as the array type the backend runs on natively (bfloat16 on the GPU
+    as a torch tensor: CuPy has no bfloat16)."""
     if a is None or backend == "interpret":
         return a
+    if a.dtype == ml_dtypes.bfloat16:
+        import torch
+
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).cuda()
     import cupy
 
-    if a.dtype == ml_dtypes.bfloat16:
-        raise ValueError("CuPy has no bfloat16; use torch tensors for bfloat16 on the GPU")
     return cupy.asarray(a)
 
 
@@ -155,6 +158,45 @@ def assert_gradients_match_finite_differences(forward, backward, arrays, params,
             numeric = (plus - np.sum(gy * forward(*bumped, **params))) / (2 * eps)
             assert abs(numeric - analytic[which][index]) < rtol * max(1.0, abs(numeric)), \
                 f"{getattr(forward, '__name__', forward)}: argument {which}, element {index}"
+
+
+def conv2d_through(forward, x, w, b=None, stride=1, padding=0, dilation=1, groups=1, **options):
+    """forward(call, geom, **options) on the Call and geometry conv2d() builds: one
+    algorithm's entry point run directly, as conv2d() dispatches it."""
+    from cuconv.ops._common import Call
+    from cuconv.ops.conv2d import conv_geometry
+
+    call = Call("conv2d", input=x, weight=w, bias=b, optional=("bias",))
+    geom = conv_geometry("conv2d", call.shape("input"), call.shape("weight"), call.shape("bias"),
+                         stride, padding, dilation, groups)
+    return forward(call, geom, **options)
+
+
+def conv2d_backward_through(gradients, gy, x, w, b=None, stride=1, padding=0, dilation=1, groups=1, wrt=None,
+                            **options):
+    """gradients(call, geom, wanted, has_bias, **options) as conv2d_backward() dispatches it."""
+    from cuconv.ops._common import Call, check_grad_output, parse_wrt
+    from cuconv.ops.conv2d import conv_geometry
+
+    op = "conv2d_backward"
+    call = Call(op, input=x, grad_output=gy, weight=w, bias=b, optional=("bias",))
+    geom = conv_geometry(op, call.shape("input"), call.shape("weight"), call.shape("bias"),
+                         stride, padding, dilation, groups)
+    check_grad_output(op, call, geom.output_shape)
+    return gradients(call, geom, parse_wrt(op, wrt, ("input", "weight", "bias")), b is not None, **options)
+
+
+def assert_wrt_subset(got, full, wrt) -> None:
+    """A backward called with `wrt` gives, bit for bit, the full call's gradients it was
+    asked for and None for the others (results in (input, weight, bias) order)."""
+    names = (wrt,) if isinstance(wrt, str) else tuple(wrt)
+    for name, one, everything in zip(("input", "weight", "bias"), got, full):
+        if name in names:
+            one, everything = to_numpy(one), to_numpy(everything)
+            assert one.dtype == everything.dtype and one.shape == everything.shape, name
+            assert one.tobytes() == everything.tobytes(), name
+        else:
+            assert one is None, name
 
 
 @pytest.fixture

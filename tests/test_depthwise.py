@@ -15,11 +15,10 @@ import torch.nn.functional as F
 
 from cuconv import _arrays
 from cuconv.ops import _common
-from cuconv.ops._common import Call, check_grad_output, parse_wrt
 from cuconv.ops.conv2d import conv_geometry
 from cuconv.ops.depthwise import (
     check_depthwise, depthwise_forward, depthwise_gradients, depthwise_supported, wgrad_chunks)
-from conftest import assert_reduced_precision, rel_err, to_backend, to_numpy
+from conftest import assert_reduced_precision, conv2d_backward_through, conv2d_through, rel_err, to_backend, to_numpy
 
 reference = importlib.import_module("cuconv.reference.conv2d")
 depthwise_module = sys.modules["cuconv.ops.depthwise"]
@@ -27,22 +26,14 @@ depthwise_module = sys.modules["cuconv.ops.depthwise"]
 
 def dw_conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=None):
     """conv2d(..., algorithm='depthwise') as conv2d() would dispatch it."""
-    call = Call("conv2d", input=x, weight=w, bias=b, optional=("bias",))
-    groups = call.shape("input")[1] if groups is None else groups
-    geom = conv_geometry("conv2d", call.shape("input"), call.shape("weight"), call.shape("bias"),
-                         stride, padding, dilation, groups)
-    return depthwise_forward(call, geom)
+    groups = x.shape[1] if groups is None else groups
+    return conv2d_through(depthwise_forward, x, w, b, stride, padding, dilation, groups)
 
 
 def dw_conv2d_backward(gy, x, w, b=None, stride=1, padding=0, dilation=1, groups=None, wrt=None):
     """conv2d_backward(..., algorithm='depthwise') as conv2d_backward() would dispatch it."""
-    op = "conv2d_backward"
-    call = Call(op, input=x, grad_output=gy, weight=w, bias=b, optional=("bias",))
-    groups = call.shape("input")[1] if groups is None else groups
-    geom = conv_geometry(op, call.shape("input"), call.shape("weight"), call.shape("bias"),
-                         stride, padding, dilation, groups)
-    check_grad_output(op, call, geom.output_shape)
-    return depthwise_gradients(call, geom, parse_wrt(op, wrt, ("input", "weight", "bias")), b is not None)
+    groups = x.shape[1] if groups is None else groups
+    return conv2d_backward_through(depthwise_gradients, gy, x, w, b, stride, padding, dilation, groups, wrt)
 
 
 def geometry(x_shape, w_shape, stride=1, padding=0, dilation=1):

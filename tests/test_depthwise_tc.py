@@ -18,11 +18,12 @@ import torch.nn.functional as F
 
 from cuconv import _arrays
 from cuconv.ops import _common
-from cuconv.ops._common import Call, check_grad_output, parse_wrt
+from cuconv.ops._common import Call
 from cuconv.ops.conv2d import conv_geometry
 from cuconv.ops.depthwise_tc import (KERNELS, check_depthwise_tc, depthwise_tc_forward, depthwise_tc_gradients,
                                      depthwise_tc_supported, wgrad_chunks)
-from conftest import DTYPES, assert_reduced_precision, rel_err, to_backend, to_numpy, unit_roundoff
+from conftest import (DTYPES, assert_reduced_precision, assert_wrt_subset, conv2d_backward_through,
+                      conv2d_through, rel_err, to_backend, to_numpy, unit_roundoff)
 
 reference = importlib.import_module("cuconv.reference.conv2d")
 tc_module = sys.modules["cuconv.ops.depthwise_tc"]
@@ -31,22 +32,14 @@ HALF_DTYPES = ["float16", "bfloat16"]
 
 def tc_conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=None):
     """conv2d(..., algorithm='implicit_gemm') on depthwise geometry, as conv2d() would route it."""
-    call = Call("conv2d", input=x, weight=w, bias=b, optional=("bias",))
-    groups = call.shape("input")[1] if groups is None else groups
-    geom = conv_geometry("conv2d", call.shape("input"), call.shape("weight"), call.shape("bias"),
-                         stride, padding, dilation, groups)
-    return depthwise_tc_forward(call, geom)
+    groups = x.shape[1] if groups is None else groups
+    return conv2d_through(depthwise_tc_forward, x, w, b, stride, padding, dilation, groups)
 
 
 def tc_conv2d_backward(gy, x, w, b=None, stride=1, padding=0, dilation=1, groups=None, wrt=None):
     """conv2d_backward(..., algorithm='implicit_gemm') on depthwise geometry."""
-    op = "conv2d_backward"
-    call = Call(op, input=x, grad_output=gy, weight=w, bias=b, optional=("bias",))
-    groups = call.shape("input")[1] if groups is None else groups
-    geom = conv_geometry(op, call.shape("input"), call.shape("weight"), call.shape("bias"),
-                         stride, padding, dilation, groups)
-    check_grad_output(op, call, geom.output_shape)
-    return depthwise_tc_gradients(call, geom, parse_wrt(op, wrt, ("input", "weight", "bias")), b is not None)
+    groups = x.shape[1] if groups is None else groups
+    return conv2d_backward_through(depthwise_tc_gradients, gy, x, w, b, stride, padding, dilation, groups, wrt)
 
 
 def geometry(x_shape, w_shape, padding=0, stride=1, dilation=1):
@@ -162,12 +155,7 @@ def test_wrt_subsets_compute_only_what_is_asked(launches, wrt, expected):
     launches.clear()
     got = tc_conv2d_backward(gy, x, w, b, **params, wrt=wrt)
     assert launches == expected
-    names = (wrt,) if isinstance(wrt, str) else wrt
-    for name, one, everything in zip(("input", "weight", "bias"), got, full):
-        if name in names:
-            assert np.array_equal(one.view(np.uint16), everything.view(np.uint16)), name
-        else:
-            assert one is None, name
+    assert_wrt_subset(got, full, wrt)
 
 
 def test_without_bias_returns_none_for_it(launches):

@@ -13,7 +13,6 @@ nothing."""
 
 import importlib
 
-import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -32,15 +31,6 @@ reference = importlib.import_module("cuconv.reference.dynamic_conv")
 HALF_DTYPES = ["float16", "bfloat16"]
 IGEMM = dict(algorithm="implicit_gemm")
 DIRECT = dict(algorithm="direct")
-
-
-def to_device(a, backend):
-    """A NumPy array where `backend` runs (bfloat16 via torch on the GPU: CuPy lacks it)."""
-    if backend == "interpret" or a is None:
-        return a
-    if a.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).cuda()
-    return to_backend(a, backend)
 
 
 def as64(a):
@@ -101,9 +91,9 @@ def test_forward_and_input_gradient_within_twice_the_anchor(backend, dtype, case
     y_ref = reference.dynamic_conv2d(as64(x), as64(w), as64(a), as64(bias), **params)
     gx_ref = reference.dynamic_conv2d_backward(as64(gy), as64(x), as64(w), as64(a), as64(bias), **params)[0]
     y_anchor, gx_anchor = torch_anchor(x, w, a, bias, gy, dtype, **params)
-    dev = [to_device(v, backend) for v in (x, w, a, bias)]
+    dev = [to_backend(v, backend) for v in (x, w, a, bias)]
     y = to_numpy(dynamic_conv2d(*dev, **params, **IGEMM))
-    gx = to_numpy(dynamic_conv2d_backward(to_device(gy, backend), *dev, **params, wrt="input", **IGEMM)[0])
+    gx = to_numpy(dynamic_conv2d_backward(to_backend(gy, backend), *dev, **params, wrt="input", **IGEMM)[0])
     for name, got, anchor, ref in (("output", y, y_anchor, y_ref), ("input", gx, gx_anchor, gx_ref)):
         assert got.dtype == DTYPES[dtype] and got.shape == ref.shape, name
         assert not np.isnan(got.astype(np.float64)).any(), name  # CUCONV_POISON: every element written

@@ -4,6 +4,9 @@ and channels_last)."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import cuconv
 import cuconv.reference
 
@@ -28,8 +31,32 @@ CHECK = OpCheck(NAME, cuconv.conv2d, cuconv.conv2d_backward, cuconv.reference.co
                 cuconv.reference.conv2d_backward, lambda F, *t, **p: F.conv2d(*t, **p), ("input", "weight", "bias"))
 
 
+
+
+def _check_by(algorithm: str) -> OpCheck:
+    return dataclasses.replace(CHECK, name=f"{NAME} {algorithm}",
+                               forward=functools.partial(cuconv.conv2d, algorithm=algorithm),
+                               backward=functools.partial(cuconv.conv2d_backward, algorithm=algorithm))
+
+
+# The fast paths checked by name, before any of them is timed: every depthwise config
+# through 'depthwise'; every config through the tensor-core kernels in the dtypes they
+# take (a stride-1 depthwise one runs depthwise_tc.cu).
+BY_ALGORITHM = (
+    (_check_by("depthwise"), [c for c in CHECK_CONFIGS if c[2].get("groups", 1) == c[1][0][1]],
+     ("float16", "bfloat16", "float32", "float64")),
+    (_check_by("implicit_gemm"), CHECK_CONFIGS + [("7x7 depthwise same", ((1, 4, 12, 11), (4, 1, 7, 7), (4,)),
+                                                   dict(padding="same", groups=4))], ("float16", "bfloat16")),
+)
+
+
 def self_check(dtypes, backends, rng, torch_module=None) -> list[CheckRow]:
-    return self_check_op(CHECK, CHECK_CONFIGS, dtypes, backends, rng, torch_module)
+    rows = self_check_op(CHECK, CHECK_CONFIGS, dtypes, backends, rng, torch_module)
+    for check, configs, supported in BY_ALGORITHM:
+        wanted = [d for d in dtypes if d in supported]
+        if wanted:
+            rows += self_check_op(check, configs, wanted, backends, rng, torch_module)
+    return rows
 
 
 # --- benchmark: the distinct convolutions of ResNet-50 (torchvision v1.5: stride on the 3x3) ---
@@ -149,6 +176,17 @@ def _case(label, dtype, pass_, shapes, stride, pad, groups, flops, torch) -> Ben
                                                     (0, 0), groups, (pass_ == "dgrad", pass_ == "wgrad", False))
 
     baselines = torch_baselines(torch, run_torch)
+    if torch is not None and dtype == "float32":
+        # The bench runs torch with TF32 off (true fp32, as cuconv's float32 algorithms);
+        # cuconv's implicit_gemm_tf32 row is compared with cuDNN allowed TF32, in channels_last.
+        def run_torch_tf32(*tensors):
+            torch.backends.cudnn.allow_tf32 = True
+            try:
+                run_torch(*tensors)
+            finally:
+                torch.backends.cudnn.allow_tf32 = False
+
+        baselines["torch TF32 CL"] = (baselines["torch CL"][0], run_torch_tf32)
     for algorithm in _supported_algorithms(shapes, stride, pad, groups, dtype):
         baselines[f"cuconv {algorithm}"] = (lambda s: s, by_algorithm(algorithm))
     work = flops * ((1 if with_forward else 0) + len(wrt))

@@ -97,12 +97,12 @@ def to_float64(a) -> np.ndarray:
 
 
 def print_check_table(rows: list[CheckRow]) -> None:
-    header = (f"{'op':<18} {'pass':<11} {'dtype':<9} {'backend':<9} {'config':<28} {'rel err':>9} {'tol':>9} "
+    header = (f"{'op':<22} {'pass':<11} {'dtype':<9} {'backend':<9} {'config':<28} {'rel err':>9} {'tol':>9} "
               f"{'(from)':<9} result")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r.op:<18} {r.pass_:<11} {r.dtype:<9} {r.backend:<9} {r.config:<28} {r.error:9.2e} {r.tol:9.2e} "
+        print(f"{r.op:<22} {r.pass_:<11} {r.dtype:<9} {r.backend:<9} {r.config:<28} {r.error:9.2e} {r.tol:9.2e} "
               f"{r.tol_source:<9} {'PASS' if r.ok else 'FAIL'}")
 
 

@@ -55,7 +55,8 @@
 //   Per BK step the block stages A as a_tile[64][ld] and B as b_tile[64][ld], ld = 32 + 8
 //   (fp16/bf16) or 32 + 4 (float), i.e. both K-contiguous, rows padded by 16 bytes so that
 //   the fragment loads of a warp, rows g = 0..7 x columns t = 0..3, hit 32 distinct banks
-//   (10 KB of static shared memory for fp16/bf16, 18 KB for float):
+//   (10 KB of static shared memory for fp16/bf16, 18 KB for float, per buffer; fwd and wgrad
+//   double-buffer both tiles: PIPELINE below):
 //     A gather: thread tid owns pixel row tid % 64 (its b, oy, ox decoded once per
 //       tile) and k = tid/64 + 2i, i < 16: consecutive threads read consecutive pixels,
 //       i.e. consecutive ox of one input row, coalesced for stride 1. The thread's k walks
@@ -69,7 +70,9 @@
 //   m16n8 tiles, 32 float accumulators per lane; per BK step 2 k16 slices x 8 mma
 //   m16n8k16 (fp16/bf16), or 4 k8 slices x 8 mma m16n8k8 .tf32 (float: every fragment
 //   element rounded by cvt.rna.tf32.f32 as it leaves shared memory; see igemm_mma_step).
-//   Fragment ownership (mma.cuh, PTX ISA m16n8k16 layout), lane = 4*gid + tid4:
+//   Fragment ownership (mma.cuh, PTX ISA m16n8k16 layout), lane = 4*gid + tid4, loaded for
+//   fp16/bf16 with ldmatrix.x4 (two per A k16 slice, one per pair of B n8 tiles; igemm_mma_step)
+//   in fwd and wgrad, with 4-byte loads of the same registers in dgrad (no registers to spare):
 //     A regs: a_tile[row0 + gid (+8)][k16 + 2*tid4 (+8) .. +1]
 //     B regs: b_tile[col0 + gid][k16 + 2*tid4 (+8) .. +1]
 //     D:      acc[mi][ni][2h + j] = Y[row0 + gid + 8h][col0 + 2*tid4 + j]
@@ -80,6 +83,27 @@
 // Determinism: every output's K sum runs in the same fixed order (k steps, then the
 // mma's own reduction); no atomics, no split-K. Bitwise reproducible for a fixed shape.
 // Index math is 64-bit (index_t) throughout.
+//
+// PIPELINE (igemm_fwd_body, so conv2d_igemm_fwd and _dynamic_fwd, and conv2d_igemm_bwd_weight):
+// register-prefetch software pipelining over two shared buffers per tile, one __syncthreads per
+// BK step. Iteration s of the step loop (s = 0 .. steps):
+//   1. s < steps: gather step s's elements from global memory into registers (a_reg[16], and
+//      b_reg[16] where B is prefetched): the loads are issued, nothing waits on them yet;
+//   2. s > 0: the mma of step s - 1 from buffer buf ^ 1, overlapping those loads;
+//   3. s < steps: store the registers into buffer buf, __syncthreads, buf ^= 1.
+// Race-free with the one barrier: a store into buf at iteration s overwrites what the mma of
+// iteration s - 1 read, and every thread finished that mma before the barrier of iteration s - 1,
+// which this thread has passed; the mma of iteration s + 1 reads buf after the barrier of
+// iteration s. buf runs on across work items (never reset), so the next item's first store goes to
+// the buffer the previous item's last mma did NOT read. The staged values, the mma inputs and
+// the k order are those of the unpipelined loop: outputs are bitwise identical.
+// Not prefetched (built at store time as before): the dynamic kernels' B mixture (Kn loads and
+// FMAs per element; held across the mma it needs 208 registers). Not pipelined at all: dgrad
+// (igemm_bwd_input_body, both kernels): already at 168 registers unpipelined, and even prefetching
+// only its A gather spills 20-136 bytes at the 168 budget. Register budget: the pipelined kernels
+// are __launch_bounds__(128, 3) (168 registers, 3 blocks of 4 warps per SM), 0 spills (NVRTC,
+// sm_80 / sm_90); shared memory 20 KB (fp16/bf16) / 36 KB (float) for fwd, + 2 KB of tables for
+// wgrad, under the 48 KB static limit.
 //
 // DGRAD GEMM mapping (conv2d_igemm_bwd_input), stride phase decomposition: for a given
 // input pixel only the taps with (iy + PH - ky*DH) % SH == 0 (and likewise in x) reach an
@@ -164,14 +188,15 @@
 // docs/kernels/implicit_gemm.md):
 //   - As written it is bound by the A gather, not the tensor cores: scalar 2-byte global
 //     loads (their k decode is division-free since round 3: compare-and-carry walks and
-//     per-item tables, still 64-bit), a full __syncthreads round trip per BK step with no
-//     overlap of loads and mma, and 4-byte shared-memory fragment loads. Expect a small
-//     fraction of the ~990 dense TFLOP/s (fp16/bf16) peak.
+//     per-item tables, still 64-bit). Since round 4 fwd and wgrad overlap the next step's
+//     loads with the current mma (PIPELINE) and load fp16/bf16 fragments with ldmatrix.x4;
+//     dgrad does neither yet (168 registers). Expect a small fraction of the ~990 dense
+//     TFLOP/s (fp16/bf16) peak.
 //   - Next steps, roughly in order of payoff: 32-bit indices inside a tile where the
-//     host proves they fit; ldmatrix.x4 for fragment loads; cp.async double/triple
-//     buffering of both tiles (the B tile and the interior of the A tile are plain
-//     16-byte copies); larger tiles (128x128 or 128x256, BK 32/64) with more warps;
-//     stores staged through shared memory for coalesced NCHW writes.
+//     host proves they fit (frees registers for dgrad's pipeline and 4 blocks/SM); cp.async
+//     multi-stage buffering where the source is a plain copy (the fwd B tile after a
+//     loader remap; float elements); larger tiles (128x128 or 128x256, BK 32/64) with more
+//     warps; stores staged through shared memory for coalesced NCHW writes.
 //   - For Hopper proper: NHWC (channels-last) activations so that A rows are
 //     Cin-contiguous and can be fetched by TMA (cp.async.bulk.tensor, im2col mode) into
 //     swizzled shared memory, and wgmma.mma_async (sm_90a) issued per warpgroup with
@@ -260,24 +285,50 @@ __device__ __forceinline__ void igemm_zero(IgemmAcc& acc) {
 // of m16n8k16.
 template <typename T>
 __device__ __forceinline__ void igemm_mma_step(IgemmAcc& acc, const T* a_tile, const T* b_tile, int warp_m,
-                                               int warp_n, int gid, int tid4) {
+                                               int warp_n, int gid, int tid4, bool use_ldmatrix = true) {
   constexpr int kIgemmLd = IgemmTile<T>::ld;
+  // ldmatrix.x4 (mma.cuh: mma_ldmatrix_x4): lane 8i + j supplies row j of 8x8 matrix i. For A the
+  // matrices are (rows +0, k +0), (rows +8, k +0), (rows +0, k +8), (rows +8, k +8), which delivers
+  // exactly af[mi][0..3] below; for B (K-contiguous b_tile[n][k]) they are (n +0, k +0), (n +0, k +8),
+  // (n +8, k +0), (n +8, k +8): bf[ni][0], bf[ni][1], bf[ni+1][0], bf[ni+1][1]. The same register
+  // bits as four 4-byte loads each (A[gid (+8)][2t (+8) ..], B[2t (+8) ..][gid]): bitwise-identical
+  // mma inputs, in 6 instead of 16 shared-memory instructions per k16 slice. Every row start is
+  // 16-byte aligned (ld = 40 halves = 80 bytes, k offsets 0 / 8 / 16 / 24 halves, tiles __align__(16))
+  // and a phase of 8 rows 80 bytes apart covers 32 distinct banks.
+  const int lane = 4 * gid + tid4;
+  const int a_ld_row = (lane & 7) + 8 * ((lane >> 3) & 1), a_ld_k = 8 * (lane >> 4);
+  const int b_ld_row = (lane & 7) + 8 * (lane >> 4), b_ld_k = 8 * ((lane >> 3) & 1);
 #pragma unroll
   for (int ks = 0; ks < kIgemmBK; ks += 16) {
     mma_reg_t af[2][4], bf[4][2];
+    if (use_ldmatrix) {
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi) {
-      const T* base = a_tile + (warp_m + 16 * mi + gid) * kIgemmLd + ks + 2 * tid4;
-      af[mi][0] = mma_load_pair(base);                     // A[gid][2t..]
-      af[mi][1] = mma_load_pair(base + 8 * kIgemmLd);      // A[gid+8][2t..]
-      af[mi][2] = mma_load_pair(base + 8);                 // A[gid][2t+8..]
-      af[mi][3] = mma_load_pair(base + 8 * kIgemmLd + 8);  // A[gid+8][2t+8..]
-    }
+      for (int mi = 0; mi < 2; ++mi)
+        mma_ldmatrix_x4(af[mi], a_tile + (warp_m + 16 * mi + a_ld_row) * kIgemmLd + ks + a_ld_k);
 #pragma unroll
-    for (int ni = 0; ni < 4; ++ni) {
-      const T* base = b_tile + (warp_n + 8 * ni + gid) * kIgemmLd + ks + 2 * tid4;
-      bf[ni][0] = mma_load_pair(base);      // B[2t..][gid]
-      bf[ni][1] = mma_load_pair(base + 8);  // B[2t+8..][gid]
+      for (int ni = 0; ni < 4; ni += 2) {
+        mma_reg_t r[4];
+        mma_ldmatrix_x4(r, b_tile + (warp_n + 8 * ni + b_ld_row) * kIgemmLd + ks + b_ld_k);
+        bf[ni][0] = r[0];      // B[2t..][gid] of n tile ni
+        bf[ni][1] = r[1];      // B[2t+8..][gid]
+        bf[ni + 1][0] = r[2];  // the same of n tile ni + 1
+        bf[ni + 1][1] = r[3];
+      }
+    } else {  // 4-byte loads of the same registers (dgrad: ldmatrix's lane offsets spill there on sm_80)
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {
+        const T* base = a_tile + (warp_m + 16 * mi + gid) * kIgemmLd + ks + 2 * tid4;
+        af[mi][0] = mma_load_pair(base);                     // A[gid][2t..]
+        af[mi][1] = mma_load_pair(base + 8 * kIgemmLd);      // A[gid+8][2t..]
+        af[mi][2] = mma_load_pair(base + 8);                 // A[gid][2t+8..]
+        af[mi][3] = mma_load_pair(base + 8 * kIgemmLd + 8);  // A[gid+8][2t+8..]
+      }
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni) {
+        const T* base = b_tile + (warp_n + 8 * ni + gid) * kIgemmLd + ks + 2 * tid4;
+        bf[ni][0] = mma_load_pair(base);      // B[2t..][gid]
+        bf[ni][1] = mma_load_pair(base + 8);  // B[2t+8..][gid]
+      }
     }
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
@@ -292,7 +343,7 @@ __device__ __forceinline__ void igemm_mma_step(IgemmAcc& acc, const T* a_tile, c
 //   A regs: a_tile[row0 + gid (+8)][k8 + tid4 (+4)],  B regs: b_tile[col0 + gid][k8 + tid4 (+4)],
 //   D: as for fp16 / bf16. The overload wins over the template for T = float.
 __device__ __forceinline__ void igemm_mma_step(IgemmAcc& acc, const float* a_tile, const float* b_tile, int warp_m,
-                                               int warp_n, int gid, int tid4) {
+                                               int warp_n, int gid, int tid4, bool = true) {
   constexpr int ld = IgemmTile<float>::ld;
 #pragma unroll
   for (int ks = 0; ks < kIgemmBK; ks += 8) {
@@ -363,9 +414,11 @@ struct IgemmMixedWeights {
 template <typename T, typename Weights>
 __device__ __forceinline__ void igemm_fwd_body(const Conv2dIgemmParams& p, const T* __restrict__ x,
                                                const Weights& weights, T* __restrict__ y) {
-  constexpr int kIgemmLd = IgemmTile<T>::ld;
-  __align__(16) __shared__ T a_tile[kIgemmBM * kIgemmLd];
-  __align__(16) __shared__ T b_tile[kIgemmBN * kIgemmLd];
+  constexpr int kIgemmLd = IgemmTile<T>::ld, kIgemmTileElems = kIgemmBM * kIgemmLd;
+  static_assert(kIgemmBM == kIgemmBN, "one tile size for both double-buffered tiles");
+  __align__(16) __shared__ T a_tile[2 * kIgemmTileElems];  // two buffers (PIPELINE)
+  __align__(16) __shared__ T b_tile[2 * kIgemmTileElems];
+  int buf = 0;  // the buffer the next staged step goes to; runs on across work items (PIPELINE)
   const index_t cin_g = p.in_channels / p.groups, cout_g = p.out_channels / p.groups;
   const index_t taps = p.kernel_h * p.kernel_w, K = cin_g * taps;
   // per_sample: p.batch GEMMs of one image each; else one GEMM over the p.batch images
@@ -408,39 +461,74 @@ __device__ __forceinline__ void igemm_fwd_body(const Conv2dIgemmParams& p, const
     IgemmAcc acc;
     igemm_zero(acc);
 
-    for (index_t k0 = 0; k0 < K; k0 += kIgemmBK) {
-      __syncthreads();  // the previous step's tiles have been consumed by every warp
-#pragma unroll 4
-      for (int i = 0; i < kIgemmBM * kIgemmBK / kIgemmThreads; ++i) {
-        const int kk = a_k + kIgemmAStep * i;
-        const index_t k = k0 + kk;  // = (a_c / (H*W) * KH + a_ky) * KW + a_kx
-        T v = zero;
-        if (a_valid && k < K) {
-          const index_t iy = iy0 + a_ky * p.dilation_h;
-          const index_t ix = ix0 + a_kx * p.dilation_w;
-          if (iy >= 0 && iy < p.in_h && ix >= 0 && ix < p.in_w) v = x_group[a_c + iy * p.in_w + ix];
+    // Software pipeline (header: PIPELINE): iteration s gathers step s into registers, runs the mma of
+    // step s - 1 from shared memory while those loads are in flight, then stores step s into the other
+    // buffer; one __syncthreads per step. The staged values and the mma order are those of the
+    // unpipelined loop (bitwise-identical results).
+    // The B element of row b_row + 4i for the step at k0; row i is inside the GEMM iff 4i < b_rows_left
+    // (one compare with a constant per row, instead of 16 row predicates / offsets kept live).
+    // The dynamic kernels' mixture (Kn loads and FMAs per element) is not prefetched (kPrefetchB): held
+    // across the mma it needs 208 registers; it is built at store time, as before.
+    constexpr bool kPrefetchB = !Weights::per_sample;
+    const index_t b_rows_left = cout_g - n0 - b_row, b_e0 = w_group + (n0 + b_row) * K + b_k;
+    auto b_value = [&](int i, index_t k0_step) -> T {
+      return (k0_step + b_k < K && (kIgemmThreads / kIgemmBK) * i < b_rows_left)
+                 ? wb.weight(b_e0 + k0_step + i * ((kIgemmThreads / kIgemmBK) * K))
+                 : zero;
+    };
+    const index_t steps = ceil_div(K, index_t(kIgemmBK));
+    index_t k0 = 0;  // the k of the step being gathered
+    T a_reg[kIgemmBM * kIgemmBK / kIgemmThreads], b_reg[kIgemmBN * kIgemmBK / kIgemmThreads];
+    for (index_t s = 0; s <= steps && steps > 0; ++s) {
+      if (s < steps) {
+#pragma unroll
+        for (int i = 0; i < kIgemmBM * kIgemmBK / kIgemmThreads; ++i) {
+          const index_t k = k0 + a_k + kIgemmAStep * i;  // = (a_c / (H*W) * KH + a_ky) * KW + a_kx
+          T v = zero;
+          if (a_valid && k < K) {
+            const index_t iy = iy0 + a_ky * p.dilation_h;
+            const index_t ix = ix0 + a_kx * p.dilation_w;
+            if (iy >= 0 && iy < p.in_h && ix >= 0 && ix < p.in_w) v = x_group[a_c + iy * p.in_w + ix];
+          }
+          a_reg[i] = v;
+          a_kx += step_kx;  // k += kIgemmAStep
+          a_ky += step_ky;
+          a_c += step_c;
+          if (a_kx >= p.kernel_w) {
+            a_kx -= p.kernel_w;
+            ++a_ky;
+          }
+          if (a_ky >= p.kernel_h) {
+            a_ky -= p.kernel_h;
+            a_c += in_pixels;
+          }
         }
-        a_tile[a_row * kIgemmLd + kk] = v;
-        a_kx += step_kx;  // k += kIgemmAStep
-        a_ky += step_ky;
-        a_c += step_c;
-        if (a_kx >= p.kernel_w) {
-          a_kx -= p.kernel_w;
-          ++a_ky;
+        if (kPrefetchB) {
+#pragma unroll
+          for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i) b_reg[i] = b_value(i, k0);
         }
-        if (a_ky >= p.kernel_h) {
-          a_ky -= p.kernel_h;
-          a_c += in_pixels;
-        }
+        k0 += kIgemmBK;
       }
+      if (s > 0)  // step s - 1, staged in buffer buf ^ 1
+        igemm_mma_step(acc, a_tile + (buf ^ 1) * kIgemmTileElems, b_tile + (buf ^ 1) * kIgemmTileElems, warp_m,
+                       warp_n, gid, tid4);
+      if (s < steps) {
+        T* a_dst = a_tile + buf * kIgemmTileElems;
+        T* b_dst = b_tile + buf * kIgemmTileElems;
+#pragma unroll
+        for (int i = 0; i < kIgemmBM * kIgemmBK / kIgemmThreads; ++i) a_dst[a_row * kIgemmLd + a_k + kIgemmAStep * i] = a_reg[i];
+        if (kPrefetchB) {
+#pragma unroll
+          for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i)
+            b_dst[(b_row + (kIgemmThreads / kIgemmBK) * i) * kIgemmLd + b_k] = b_reg[i];
+        } else {
 #pragma unroll 4
-      for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i) {
-        const int nn = b_row + (kIgemmThreads / kIgemmBK) * i;
-        const index_t n = n0 + nn, k = k0 + b_k;
-        b_tile[nn * kIgemmLd + b_k] = (n < cout_g && k < K) ? wb.weight(w_group + n * K + k) : zero;
+          for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i)
+            b_dst[(b_row + (kIgemmThreads / kIgemmBK) * i) * kIgemmLd + b_k] = b_value(i, k0 - kIgemmBK);
+        }
+        __syncthreads();  // step s is staged; every warp's mma of step s - 1 (buffer buf ^ 1) is done
+        buf ^= 1;
       }
-      __syncthreads();
-      igemm_mma_step(acc, a_tile, b_tile, warp_m, warp_n, gid, tid4);
     }
 
     // Epilogue: acc[mi][ni][2h + j] is Y[m0 + warp_m + 16mi + gid + 8h][n0 + warp_n + 8ni + 2tid4 + j],
@@ -472,7 +560,7 @@ __device__ __forceinline__ void igemm_fwd_body(const Conv2dIgemmParams& p, const
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kIgemmThreads)
+__global__ void __launch_bounds__(kIgemmThreads, 3)
 conv2d_igemm_fwd(const Conv2dIgemmParams p, const T* __restrict__ x, const T* __restrict__ w,
                  const T* __restrict__ bias, T* __restrict__ y) {
   igemm_fwd_body(p, x, IgemmWeights<T>{w, bias}, y);
@@ -480,7 +568,7 @@ conv2d_igemm_fwd(const Conv2dIgemmParams p, const T* __restrict__ x, const T* __
 
 // dynamic_conv2d's forward: y[b] = conv(x[b], M_b) + sum_j att[b, j] * bias[j, :] (header: DYNAMIC).
 template <typename T>
-__global__ void __launch_bounds__(kIgemmThreads)
+__global__ void __launch_bounds__(kIgemmThreads, 3)
 conv2d_igemm_dynamic_fwd(const Conv2dIgemmParams p, const T* __restrict__ x, const T* __restrict__ w,
                          const T* __restrict__ att, const T* __restrict__ bias, T* __restrict__ y) {
   const index_t bank = p.out_channels * (p.in_channels / p.groups) * p.kernel_h * p.kernel_w;
@@ -628,7 +716,7 @@ __device__ __forceinline__ void igemm_bwd_input_body(const Conv2dIgemmParams& p,
         }
       }
       __syncthreads();
-      igemm_mma_step(acc, a_tile, b_tile, warp_m, warp_n, gid, tid4);
+      igemm_mma_step(acc, a_tile, b_tile, warp_m, warp_n, gid, tid4, /*use_ldmatrix=*/false);
     }
 
     // Epilogue: acc[mi][ni][2h + j] is phase pixel m0 + warp_m + 16mi + gid + 8h, channel
@@ -680,12 +768,14 @@ conv2d_igemm_dynamic_bwd_input(const Conv2dIgemmParams p, const T* __restrict__ 
 // wgrad, split-K: workspace[s, o, n] = slice s's fp32 partial of grad_w[o, n] (n = (c*KH + ky)*KW + kx);
 // conv2d_igemm_reduce_splits finishes it. GEMM mapping and split rule in the header.
 template <typename T>
-__global__ void __launch_bounds__(kIgemmThreads)
+__global__ void __launch_bounds__(kIgemmThreads, 3)
 conv2d_igemm_bwd_weight(const Conv2dIgemmParams p, const T* __restrict__ grad_y, const T* __restrict__ x,
                         float* __restrict__ workspace) {
-  constexpr int kIgemmLd = IgemmTile<T>::ld;
-  __align__(16) __shared__ T a_tile[kIgemmBM * kIgemmLd];
-  __align__(16) __shared__ T b_tile[kIgemmBN * kIgemmLd];
+  constexpr int kIgemmLd = IgemmTile<T>::ld, kIgemmTileElems = kIgemmBM * kIgemmLd;
+  static_assert(kIgemmBM == kIgemmBN, "one tile size for both double-buffered tiles");
+  __align__(16) __shared__ T a_tile[2 * kIgemmTileElems];  // two buffers (PIPELINE)
+  __align__(16) __shared__ T b_tile[2 * kIgemmTileElems];
+  int buf = 0;  // the buffer the next staged step goes to; runs on across work items (PIPELINE)
   const index_t cin_g = p.in_channels / p.groups, cout_g = p.out_channels / p.groups;
   const index_t taps = p.kernel_h * p.kernel_w, N = cin_g * taps;
   const index_t out_pixels = p.out_h * p.out_w, K = p.batch * out_pixels, in_pixels = p.in_h * p.in_w;
@@ -702,9 +792,10 @@ conv2d_igemm_bwd_weight(const Conv2dIgemmParams p, const T* __restrict__ grad_y,
   //   a_chan[mm] = channel(g*Cout_g + m0 + mm)   (gy's channel offset, pixel-shuffled or not)
   //   b_off[nn]  = c*H*W + (ky*DH)*W + kx*DW, b_dy[nn] = ky*DH, b_dx[nn] = kx*DW   for n = n0 + nn
   // (x at b*Cin*H*W + b_off + iy0*W + ix0, valid when 0 <= iy0 + b_dy < H and 0 <= ix0 + b_dx < W).
-  // Rows past Cout_g / N get 0 and are never read. Race-free without an extra barrier: the previous
-  // item's last reads precede its last step's second __syncthreads, and these writes are seen after
-  // the next step's first one.
+  // Rows past Cout_g / N get 0 and are never read. Race-free with one extra barrier per item: the
+  // previous item's last table reads (its last step's gather) precede that step's __syncthreads, which
+  // every thread has passed before it writes here, and these writes are seen after the __syncthreads
+  // that follows them (before the item's first gather).
   static_assert(kIgemmThreads == kIgemmBM + kIgemmBN, "one table row per thread");
   __shared__ index_t a_chan[kIgemmBM], b_off[kIgemmBN], b_dy[kIgemmBN], b_dx[kIgemmBN];
   // The thread's pixel walk k = k_begin + ld_k + kIgemmBK*s in the mixed radix (b, oy, ox): each step
@@ -734,52 +825,74 @@ conv2d_igemm_bwd_weight(const Conv2dIgemmParams p, const T* __restrict__ grad_y,
       const index_t m = m0 + (tid - kIgemmBN);
       a_chan[tid - kIgemmBN] = m < cout_g ? gy_at.channel(gy_o0 + m) : 0;
     }
+    __syncthreads();  // the tables are written before this item's first gather reads them (PIPELINE)
     const index_t k_first = k_begin + ld_k;  // the walk's digits at the item's first k
     index_t w_img = k_first / (wo_r * ho_r), w_oy = (k_first / wo_r) % ho_r, w_ox = k_first % wo_r;
 
     IgemmAcc acc;
     igemm_zero(acc);
 
-    for (index_t k0 = k_begin; k0 < k_end; k0 += kIgemmBK) {
-      __syncthreads();  // the previous step's tiles have been consumed by every warp
-      const index_t k = k0 + ld_k;  // this thread's pixel for the step: (w_img * Ho + w_oy) * Wo + w_ox
-      const bool k_valid = k < k_end;
-      const index_t img = k_valid ? w_img : 0, oy = k_valid ? w_oy : 0, ox = k_valid ? w_ox : 0;
-      const index_t iy0 = oy * p.stride_h - p.pad_h;
-      const index_t ix0 = ox * p.stride_w - p.pad_w;
-      const T* gy_k = grad_y + img * gy_at.image + gy_at.pixel(oy, ox);
-      const T* x_k = x_group + img * p.in_channels * in_pixels;
-      const index_t x_pix = iy0 * p.in_w + ix0;  // x_k[b_off[nn] + x_pix] = x at (c, iy0 + b_dy[nn], ix0 + b_dx[nn])
-      w_img += step_img;  // k += kIgemmBK for the next step
-      w_oy += step_oy;
-      w_ox += step_ox;
-      if (w_ox >= wo_r) {
-        w_ox -= wo_r;
-        ++w_oy;
-      }
-      if (w_oy >= ho_r) {
-        w_oy -= ho_r;
-        ++w_img;
-      }
-#pragma unroll 4
-      for (int i = 0; i < kIgemmBM * kIgemmBK / kIgemmThreads; ++i) {
-        const int mm = ld_row + (kIgemmThreads / kIgemmBK) * i;
-        const index_t m = m0 + mm;
-        a_tile[mm * kIgemmLd + ld_k] = (k_valid && m < cout_g) ? gy_k[a_chan[mm]] : zero;
-      }
-#pragma unroll 4
-      for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i) {
-        const int nn = ld_row + (kIgemmThreads / kIgemmBK) * i;
-        const index_t n = n0 + nn;
-        T v = zero;
-        if (k_valid && n < N) {
-          const index_t iy = iy0 + b_dy[nn], ix = ix0 + b_dx[nn];
-          if (iy >= 0 && iy < p.in_h && ix >= 0 && ix < p.in_w) v = x_k[b_off[nn] + x_pix];
+    // Software pipeline (header: PIPELINE), as in igemm_fwd_body: iteration s gathers step s into
+    // registers, runs the mma of step s - 1 meanwhile, then stores step s into the other buffer.
+    const index_t steps = k_end > k_begin ? ceil_div(k_end - k_begin, index_t(kIgemmBK)) : 0;
+    index_t k0 = k_begin;  // the k of the step being gathered
+    T a_reg[kIgemmBM * kIgemmBK / kIgemmThreads], b_reg[kIgemmBN * kIgemmBK / kIgemmThreads];
+    for (index_t s = 0; s <= steps && steps > 0; ++s) {
+      if (s < steps) {
+        const index_t k = k0 + ld_k;  // this thread's pixel for the step: (w_img * Ho + w_oy) * Wo + w_ox
+        const bool k_valid = k < k_end;
+        const index_t img = k_valid ? w_img : 0, oy = k_valid ? w_oy : 0, ox = k_valid ? w_ox : 0;
+        const index_t iy0 = oy * p.stride_h - p.pad_h;
+        const index_t ix0 = ox * p.stride_w - p.pad_w;
+        const T* gy_k = grad_y + img * gy_at.image + gy_at.pixel(oy, ox);
+        const T* x_k = x_group + img * p.in_channels * in_pixels;
+        const index_t x_pix = iy0 * p.in_w + ix0;  // x_k[b_off[nn] + x_pix] = x at (c, iy0 + b_dy[nn], ix0 + b_dx[nn])
+        w_img += step_img;  // k += kIgemmBK for the next step
+        w_oy += step_oy;
+        w_ox += step_ox;
+        if (w_ox >= wo_r) {
+          w_ox -= wo_r;
+          ++w_oy;
         }
-        b_tile[nn * kIgemmLd + ld_k] = v;
+        if (w_oy >= ho_r) {
+          w_oy -= ho_r;
+          ++w_img;
+        }
+        // Row i (mm = nn = ld_row + 4i) is inside the GEMM iff 4i < rows_left: one compare with a
+        // constant per row instead of 16 row predicates kept live across the steps.
+        const index_t a_rows_left = cout_g - m0 - ld_row, b_rows_left = N - n0 - ld_row;
+#pragma unroll
+        for (int i = 0; i < kIgemmBM * kIgemmBK / kIgemmThreads; ++i) {
+          const int mm = ld_row + (kIgemmThreads / kIgemmBK) * i;
+          a_reg[i] = (k_valid && (kIgemmThreads / kIgemmBK) * i < a_rows_left) ? gy_k[a_chan[mm]] : zero;
+        }
+#pragma unroll
+        for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i) {
+          const int nn = ld_row + (kIgemmThreads / kIgemmBK) * i;
+          T v = zero;
+          if (k_valid && (kIgemmThreads / kIgemmBK) * i < b_rows_left) {
+            const index_t iy = iy0 + b_dy[nn], ix = ix0 + b_dx[nn];
+            if (iy >= 0 && iy < p.in_h && ix >= 0 && ix < p.in_w) v = x_k[b_off[nn] + x_pix];
+          }
+          b_reg[i] = v;
+        }
+        k0 += kIgemmBK;
       }
-      __syncthreads();
-      igemm_mma_step(acc, a_tile, b_tile, warp_m, warp_n, gid, tid4);
+      if (s > 0)  // step s - 1, staged in buffer buf ^ 1
+        igemm_mma_step(acc, a_tile + (buf ^ 1) * kIgemmTileElems, b_tile + (buf ^ 1) * kIgemmTileElems, warp_m,
+                       warp_n, gid, tid4);
+      if (s < steps) {
+        T* a_dst = a_tile + buf * kIgemmTileElems;
+        T* b_dst = b_tile + buf * kIgemmTileElems;
+#pragma unroll
+        for (int i = 0; i < kIgemmBM * kIgemmBK / kIgemmThreads; ++i)
+          a_dst[(ld_row + (kIgemmThreads / kIgemmBK) * i) * kIgemmLd + ld_k] = a_reg[i];
+#pragma unroll
+        for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i)
+          b_dst[(ld_row + (kIgemmThreads / kIgemmBK) * i) * kIgemmLd + ld_k] = b_reg[i];
+        __syncthreads();  // step s is staged; every warp's mma of step s - 1 (buffer buf ^ 1) is done
+        buf ^= 1;
+      }
     }
 
     // Epilogue: acc[mi][ni][2h + j] is the partial of weight row m0 + warp_m + 16mi + gid + 8h,

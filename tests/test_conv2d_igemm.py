@@ -35,7 +35,7 @@ HALF_DTYPES = ["float16", "bfloat16"]
 
 PROBE = KernelModule(
     "mma_probe.cu",
-    kernels=("probe_mma",),
+    kernels=("probe_mma", "probe_ldmatrix"),
     params_struct="MmaProbeParams",
     dtypes=("float16", "bfloat16"),
     directory=Path(__file__).parent / "kernels",
@@ -93,6 +93,27 @@ def test_mma_m16n8k16_matches_a_times_b_plus_c(backend, dtype):
     expected = np.matmul(a.astype(np.float64), b.astype(np.float64)) + c.astype(np.float64)
     # fp16/bf16 products are exact in float32; only the float32 accumulation rounds
     assert np.abs(d - expected).max() <= 32 * np.finfo(np.float32).eps * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_ldmatrix_x4_follows_the_ptx_isa(backend, dtype):
+    """mma_ldmatrix_x4 (ldmatrix.sync.aligned.m8n8.x4.shared.b16): lane 8i + j supplies row j of
+    matrix i; lane l receives in register i the 32-bit word l % 4 (elements 2(l % 4), +1) of the row
+    lane 8i + l // 4 supplied. The probe's lanes address permuted rows (5l + 3 + w) % 32 of a 32 x 8
+    matrix per warp w, so a fallback that mixes up providers, words or halves fails."""
+    rng = np.random.default_rng(11)
+    tiles = 3
+    src = rng.standard_normal((tiles, 32, 8)).astype(DTYPES[dtype])
+    out = np.full((tiles, 32, 8), np.nan, DTYPES[dtype])
+    got = launch_probe(backend, PROBE, "probe_ldmatrix", dtype, tiles, [src, out])
+    expected = np.empty_like(src)
+    for w in range(tiles):
+        supplied = [(5 * l + 3 + w) % 32 for l in range(32)]  # the row lane l addresses
+        for lane in range(32):
+            for i in range(4):
+                row = supplied[8 * i + lane // 4]
+                expected[w, lane, 2 * i:2 * i + 2] = src[w, row, 2 * (lane % 4):2 * (lane % 4) + 2]
+    assert np.array_equal(got.view(np.uint16), expected.view(np.uint16))
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])

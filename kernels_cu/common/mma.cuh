@@ -54,6 +54,7 @@
 #include "cuconv.cuh"
 
 #ifdef CUCONV_INTERPRET
+#include <cstdint>
 #include <cstring>
 #endif
 
@@ -258,4 +259,44 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const mma_reg_t (&a)
 template <typename T>
 __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const mma_reg_t (&a)[4], const mma_reg_t (&b)[2]) {
   mma_m16n8k16(d, a, b, static_cast<const T*>(nullptr));
+}
+
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16 (sm_75+): the warp loads four 8x8 matrices of 16-bit
+// elements from shared memory. Semantics (PTX ISA, "Warp-level matrix load instruction: ldmatrix",
+// 9.7.14.5.15 in PTX ISA 8.x/9.x): lane 8i + j (i < 4, j < 8) supplies the address of row j of
+// matrix i, a 16-byte-aligned run of 8 consecutive elements (16 bytes) in shared memory; every
+// lane then receives one 32-bit register per matrix, r[i] = elements 2t and 2t + 1 of row g of
+// matrix i (g = lane >> 2, t = lane % 4; the lower-numbered element in the low 16 bits), i.e.
+// the 32-bit word t of the row that lane 8i + g addressed. That is exactly the m16n8k16 A
+// fragment when the four matrices are A's (rows 0-7, cols 0-7), (rows 8-15, cols 0-7), (rows 0-7,
+// cols 8-15), (rows 8-15, cols 8-15), and two B fragments (b[0], b[1] of one n8 tile, then of
+// the next) when they are B's K-contiguous (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7),
+// (n 8-15, k 8-15). Every lane must call it (warp-wide), with `row` in shared memory.
+// Host fallback: each lane fetches, for matrix i, the row pointer of lane 8i + g by __shfl_sync and
+// copies word t of it: the same bits the instruction delivers (shared memory is plain host memory
+// there, one copy per block, so another lane's pointer is valid in this lane).
+#ifdef CUCONV_INTERPRET
+namespace cuconv_mma_host {
+inline void ldmatrix_x4(mma_reg_t (&r)[4], const void* row) {
+  const int lane = int(threadIdx.x & 31);
+  const unsigned long long mine = (unsigned long long)reinterpret_cast<uintptr_t>(row);
+  for (int i = 0; i < 4; ++i) {
+    const unsigned long long src = __shfl_sync(0xffffffffu, mine, 8 * i + (lane >> 2));
+    std::memcpy(&r[i], reinterpret_cast<const unsigned char*>(uintptr_t(src)) + 4 * (lane & 3), 4);
+  }
+}
+}  // namespace cuconv_mma_host
+#endif
+
+template <typename T>
+__device__ __forceinline__ void mma_ldmatrix_x4(mma_reg_t (&r)[4], const T* row) {
+  static_assert(sizeof(T) == 2, "ldmatrix .b16 loads 16-bit elements");
+#ifdef CUCONV_INTERPRET
+  cuconv_mma_host::ldmatrix_x4(r, row);
+#else
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+#endif
 }

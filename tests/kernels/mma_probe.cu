@@ -74,3 +74,23 @@ __global__ void probe_tf32_round(const MmaProbeParams p, const T* __restrict__ i
        i += (long long)gridDim.x * blockDim.x)
     reinterpret_cast<mma_reg_t*>(out)[i] = mma_to_tf32(in[i]);
 }
+
+// ldmatrix probe of mma_ldmatrix_x4 (T = __half / __nv_bfloat16): warp w copies src[w] (32 rows x 8
+// elements) into shared memory (rows 16 bytes apart), lane l supplies the address of row
+// (5l + 3 + w) % 32 (a permutation, so the address-provider mapping matters), and writes its four
+// registers to out[w, l, 0..7] (register i as elements 2i (low half), 2i + 1). The test expects the
+// PTX ISA rule: register i of lane l = word l % 4 of the row supplied by lane 8i + l / 4.
+template <typename T>
+__global__ void probe_ldmatrix(const MmaProbeParams p, const T* __restrict__ src, T* __restrict__ out) {
+  __align__(16) __shared__ T rows[2][32 * 8];  // one 32 x 8 matrix per warp of the 64-thread block
+  const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 1;
+  const bool active = warp < p.tiles;  // every lane still joins the ldmatrix (warp-wide)
+  const long long tile = active ? warp : 0;
+  for (int j = 0; j < 8; ++j) rows[w][lane * 8 + j] = src[(tile * 32 + lane) * 8 + j];
+  __syncthreads();
+  mma_reg_t r[4];
+  mma_ldmatrix_x4(r, &rows[w][((5 * lane + 3 + int(tile)) % 32) * 8]);
+  if (active)
+    for (int i = 0; i < 4; ++i) reinterpret_cast<mma_reg_t*>(out)[(tile * 32 + lane) * 4 + i] = r[i];
+}

@@ -19,12 +19,13 @@ import torch
 
 from cuconv import _arrays, _interpret
 from cuconv._kernels import KernelModule
-from cuconv.ops._common import Call, parse_wrt
+from cuconv.ops._common import Call
 from cuconv.ops.conv2d import conv_geometry
 from cuconv.ops.conv2d_igemm import (KERNELS, conv2d_implicit_gemm, conv2d_implicit_gemm_gradients,
                                      implicit_gemm_supported, launch_igemm_forward, launch_igemm_grad_input,
                                      launch_igemm_grad_weight, wgrad_split)
-from conftest import DTYPES, rel_err, to_backend, to_numpy, torch_autograd, unit_roundoff, within_twice_anchor
+from conftest import (DTYPES, assert_wrt_subset, conv2d_backward_through, conv2d_through, rel_err, to_backend,
+                      to_numpy, torch_autograd, unit_roundoff, within_twice_anchor)
 
 reference = importlib.import_module("cuconv.reference.conv2d")
 reference_transpose = importlib.import_module("cuconv.reference.conv_transpose2d")
@@ -47,15 +48,6 @@ PROBE_TF32 = KernelModule(
     dtypes=("float32",),
     directory=Path(__file__).parent / "kernels",
 )
-
-
-def to_device(a, backend):
-    """A NumPy array where `backend` runs (bfloat16 via torch on the GPU: CuPy lacks it)."""
-    if backend == "interpret" or a is None:
-        return a
-    if a.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).cuda()
-    return to_backend(a, backend)
 
 
 # --- the mma helper against the documented fragment layout ---
@@ -222,10 +214,7 @@ def test_mma_m16n8k8_tf32_layout_and_ties_exactly():
 
 def igemm_conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, tf32=False):
     """conv2d(..., algorithm='implicit_gemm') (tf32: 'implicit_gemm_tf32') as conv2d() would dispatch it."""
-    call = Call("conv2d", input=x, weight=w, bias=b, optional=("bias",))
-    geom = conv_geometry("conv2d", call.shape("input"), call.shape("weight"), call.shape("bias"),
-                         stride, padding, dilation, groups)
-    return conv2d_implicit_gemm(call, geom, tf32=tf32)
+    return conv2d_through(conv2d_implicit_gemm, x, w, b, stride, padding, dilation, groups, tf32=tf32)
 
 
 def torch_conv(params):
@@ -278,7 +267,7 @@ def test_matches_reference_within_twice_torch(backend, dtype, case):
     as64 = lambda a: None if a is None else a.astype(np.float64)  # noqa: E731
     ref = reference.conv2d(as64(x), as64(w), as64(b), **params)
     anchor, _ = torch_autograd(torch_conv(params), [as64(x), as64(w), as64(b)], None, dtype)
-    y = igemm_conv2d(*(to_device(a, backend) for a in (x, w, b)), **params)
+    y = igemm_conv2d(*(to_backend(a, backend) for a in (x, w, b)), **params)
     got = to_numpy(y)
     assert got.dtype == DTYPES[dtype] and got.shape == ref.shape
     assert not np.isnan(got.astype(np.float64)).any()  # CUCONV_POISON: every element written
@@ -390,11 +379,8 @@ def test_public_api_selects_it_only_on_request(launches):
 def igemm_conv2d_backward(gy, x, w, b=None, stride=1, padding=0, dilation=1, groups=1, wrt=None, tf32=False):
     """conv2d_backward(..., algorithm='implicit_gemm') (tf32: 'implicit_gemm_tf32') as
     conv2d_backward() dispatches it."""
-    call = Call("conv2d_backward", input=x, grad_output=gy, weight=w, bias=b, optional=("bias",))
-    geom = conv_geometry("conv2d_backward", call.shape("input"), call.shape("weight"), call.shape("bias"),
-                         stride, padding, dilation, groups)
-    wanted = parse_wrt("conv2d_backward", wrt, ("input", "weight", "bias"))
-    return conv2d_implicit_gemm_gradients(call, geom, wanted, b is not None, tf32=tf32)
+    return conv2d_backward_through(conv2d_implicit_gemm_gradients, gy, x, w, b, stride, padding, dilation, groups,
+                                   wrt, tf32=tf32)
 
 
 def geometry(x_shape, w_shape, **params):
@@ -444,7 +430,7 @@ def test_gradients_match_reference_within_twice_torch(backend, dtype, case):
     as64 = lambda a: None if a is None else a.astype(np.float64)  # noqa: E731
     refs = reference.conv2d_backward(as64(gy), as64(x), as64(w), as64(b), **params)
     _, anchors = torch_autograd(torch_conv(params), [as64(x), as64(w), as64(b)], as64(gy), dtype)
-    grads = igemm_conv2d_backward(*(to_device(a, backend) for a in (gy, x, w, b)), **params)
+    grads = igemm_conv2d_backward(*(to_backend(a, backend) for a in (gy, x, w, b)), **params)
     assert (grads[2] is None) == (b is None)
     for name, got, anchor, ref in zip(("input", "weight", "bias"), grads, anchors, refs):
         if ref is None:
@@ -535,12 +521,7 @@ def test_wrt_subsets_compute_only_what_is_asked(launches, wrt, expected):
     launches.clear()
     got = igemm_conv2d_backward(gy, x, w, b, padding=1, wrt=wrt)
     assert launches == expected
-    names = (wrt,) if isinstance(wrt, str) else wrt
-    for name, one, everything in zip(("input", "weight", "bias"), got, full):
-        if name in names:
-            assert np.array_equal(one.view(np.uint16), everything.view(np.uint16)), name
-        else:
-            assert one is None, name
+    assert_wrt_subset(got, full, wrt)
 
 
 def test_gradients_without_bias_return_none_for_it(launches):
@@ -603,7 +584,7 @@ def test_dgrad_bias_matches_direct_kernel_and_reference(backend, dtype, case):
     bias = (4 * rng.standard_normal(x_shape[1])).astype(DTYPES[dtype])
     gy_shape = geometry(x_shape, w_shape, **params).output_shape
     gy = rng.standard_normal(gy_shape).astype(DTYPES[dtype])
-    got, geom = dgrad_with_bias(launch_igemm_grad_input, *(to_device(a, backend) for a in (gy, w, bias)), x_shape,
+    got, geom = dgrad_with_bias(launch_igemm_grad_input, *(to_backend(a, backend) for a in (gy, w, bias)), x_shape,
                                 **params)
     got = to_numpy(got)
     assert got.dtype == DTYPES[dtype] and got.shape == x_shape
@@ -692,7 +673,7 @@ def test_pixel_shuffled_output_matches_direct_kernels_and_reference(backend, dty
     conv = torch_conv(params)
     anchor_y, anchor_grads = torch_autograd(lambda *t: torch.nn.functional.pixel_shuffle(conv(*t), r),
                                             [as64(x), as64(w), as64(b)], as64(gy), dtype)
-    on = [to_device(a, backend) for a in (gy, x, w, b)]
+    on = [to_backend(a, backend) for a in (gy, x, w, b)]
     got = [upscale_forward(case, launch_igemm_forward, *on[1:]),
            *upscale_gradients(case, conv2d_implicit_gemm_gradients, *on)]
     direct = [upscale_forward(case, launch_forward, x, w, b), *upscale_gradients(case, conv_gradients, gy, x, w, b)]
@@ -741,7 +722,7 @@ def test_tf32_matches_reference_on_tf32_rounded_inputs(backend, case):
     if b is not None:
         refs[3] = as64(gy).sum(axis=(0, 2, 3))
         anchor_grads[2] = torch_autograd(torch_conv(params), [xr, wr, as64(b)], as64(gy), "float32")[1][2]
-    on = [to_device(a, backend) for a in (gy, x, w, b)]
+    on = [to_backend(a, backend) for a in (gy, x, w, b)]
     got = [igemm_conv2d(*on[1:], **params, tf32=True), *igemm_conv2d_backward(*on, **params, tf32=True)]
     for name, mine, anchor, ref in zip(("output", "input", "weight", "bias"), got, [anchor_y, *anchor_grads], refs):
         if ref is None:

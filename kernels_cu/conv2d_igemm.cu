@@ -187,8 +187,8 @@
 // forward, and it applies to dgrad and wgrad alike; per-pass estimates are in
 // docs/kernels/implicit_gemm.md):
 //   - As written it is bound by the A gather, not the tensor cores: scalar 2-byte global
-//     loads (their k decode is division-free since round 3: compare-and-carry walks and
-//     per-item tables, still 64-bit). Since round 4 fwd and wgrad overlap the next step's
+//     loads (their k decode is division-free since round 4: compare-and-carry walks and
+//     per-item tables, still 64-bit). Since round 5 fwd and wgrad overlap the next step's
 //     loads with the current mma (PIPELINE) and load fp16/bf16 fragments with ldmatrix.x4;
 //     dgrad does neither yet (168 registers). Expect a small fraction of the ~990 dense
 //     TFLOP/s (fp16/bf16) peak.

@@ -72,7 +72,8 @@
 //   element rounded by cvt.rna.tf32.f32 as it leaves shared memory; see igemm_mma_step).
 //   Fragment ownership (mma.cuh, PTX ISA m16n8k16 layout), lane = 4*gid + tid4, loaded for
 //   fp16/bf16 with ldmatrix.x4 (two per A k16 slice, one per pair of B n8 tiles; igemm_mma_step)
-//   in fwd and wgrad, with 4-byte loads of the same registers in dgrad (no registers to spare):
+//   in every 32-bit kernel and the 64-bit fwd / wgrad, with 4-byte loads of the same registers in
+//   the 64-bit dgrad twins (no registers to spare there; INDEX32):
 //     A regs: a_tile[row0 + gid (+8)][k16 + 2*tid4 (+8) .. +1]
 //     B regs: b_tile[col0 + gid][k16 + 2*tid4 (+8) .. +1]
 //     D:      acc[mi][ni][2h + j] = Y[row0 + gid + 8h][col0 + 2*tid4 + j]
@@ -82,9 +83,11 @@
 //   at y's (possibly pixel-shuffled) position.
 // Determinism: every output's K sum runs in the same fixed order (k steps, then the
 // mma's own reduction); no atomics, no split-K. Bitwise reproducible for a fixed shape.
-// Index math is 64-bit (index_t) throughout.
+// Index math: 32-bit (int) in the kernels the host launches when it proved every offset fits
+// (p.index32), 64-bit (index_t) in their conv2d_igemm64_* twins; see INDEX32 below.
 //
-// PIPELINE (igemm_fwd_body, so conv2d_igemm_fwd and _dynamic_fwd, and conv2d_igemm_bwd_weight):
+// PIPELINE (igemm_fwd_body, so conv2d_igemm_fwd and _dynamic_fwd, conv2d_igemm_bwd_weight, and since
+// round 6 igemm_bwd_input_body in the 32-bit kernels, conv2d_igemm_bwd_input and _dynamic_bwd_input):
 // register-prefetch software pipelining over two shared buffers per tile, one __syncthreads per
 // BK step. Iteration s of the step loop (s = 0 .. steps):
 //   1. s < steps: gather step s's elements from global memory into registers (a_reg[16], and
@@ -98,12 +101,22 @@
 // the buffer the previous item's last mma did NOT read. The staged values, the mma inputs and
 // the k order are those of the unpipelined loop: outputs are bitwise identical.
 // Not prefetched (built at store time as before): the dynamic kernels' B mixture (Kn loads and
-// FMAs per element; held across the mma it needs 208 registers). Not pipelined at all: dgrad
-// (igemm_bwd_input_body, both kernels): already at 168 registers unpipelined, and even prefetching
-// only its A gather spills 20-136 bytes at the 168 budget. Register budget: the pipelined kernels
-// are __launch_bounds__(128, 3) (168 registers, 3 blocks of 4 warps per SM), 0 spills (NVRTC,
-// sm_80 / sm_90); shared memory 20 KB (fp16/bf16) / 36 KB (float) for fwd, + 2 KB of tables for
-// wgrad, under the 48 KB static limit.
+// FMAs per element; held across the mma it needs 208 registers), in fwd and dgrad. Not pipelined:
+// the 64-bit dgrad twins (conv2d_igemm64_bwd_input, _dynamic_bwd_input), at 168 registers with the
+// unpipelined loop and 4-byte fragment loads. Register budget (NVRTC sm_80 / sm_90, 0 spills): the
+// 32-bit fwd, dynamic fwd and wgrad are __launch_bounds__(128, 4) (<= 128 registers, 4 blocks of 4
+// warps per SM), the 32-bit dgrad (128, 4) for fp16 / bf16 and (128, 3) for float (154-158
+// registers; 128 spills), the 32-bit dynamic dgrad lands at 128 with no minimum; the 64-bit twins
+// keep (128, 3) / 168. Shared memory 20 KB (fp16/bf16) / 36 KB (float) for pipelined fwd and dgrad,
+// + 1 KB of 32-bit tables for wgrad (2 KB in the 64-bit twin), under the 48 KB static limit.
+//
+// INDEX32 (round 6): every body is templated on its index type I. The conv2d_igemm_* kernels use
+// I = int and run only when p.index32 = 1, which the host (cuconv/ops/conv2d_igemm.py,
+// index32_safe) sets when x and y (with 32 spare channels), the weight (Kn expert kernels, Cout
+// padded by 96, Cin_g by 64), wgrad's workspace and twice the work item count are all below 2^31
+// elements: that bounds every offset the loaders form, including the never-dereferenced ones of
+// rows and k past the GEMM edge. conv2d_igemm64_* (I = index_t) take everything else. Both compute
+// the same offsets, hence bitwise-identical outputs (tests: test_index32_*).
 //
 // DGRAD GEMM mapping (conv2d_igemm_bwd_input), stride phase decomposition: for a given
 // input pixel only the taps with (iy + PH - ky*DH) % SH == 0 (and likewise in x) reach an
@@ -188,12 +201,11 @@
 // docs/kernels/implicit_gemm.md):
 //   - As written it is bound by the A gather, not the tensor cores: scalar 2-byte global
 //     loads (their k decode is division-free since round 4: compare-and-carry walks and
-//     per-item tables, still 64-bit). Since round 5 fwd and wgrad overlap the next step's
-//     loads with the current mma (PIPELINE) and load fp16/bf16 fragments with ldmatrix.x4;
-//     dgrad does neither yet (168 registers). Expect a small fraction of the ~990 dense
-//     TFLOP/s (fp16/bf16) peak.
-//   - Next steps, roughly in order of payoff: 32-bit indices inside a tile where the
-//     host proves they fit (frees registers for dgrad's pipeline and 4 blocks/SM); cp.async
+//     per-item tables, 32-bit where the host proves it since round 6). Since round 5 fwd and
+//     wgrad, and since round 6 the 32-bit dgrad, overlap the next step's loads with the current
+//     mma (PIPELINE) and load fp16/bf16 fragments with ldmatrix.x4, at 4 blocks/SM (float dgrad 3).
+//     Expect a small fraction of the ~990 dense TFLOP/s (fp16/bf16) peak.
+//   - Next steps, roughly in order of payoff: cp.async
 //     multi-stage buffering where the source is a plain copy (the fwd B tile after a
 //     loader remap; float elements); larger tiles (128x128 or 128x256, BK 32/64) with more
 //     warps; stores staged through shared memory for coalesced NCHW writes.
@@ -213,32 +225,58 @@ struct Conv2dIgemmParams {
   long long splits, split_steps;  // wgrad only: K slices S and BK steps per slice (fwd/dgrad: 1, 0)
   long long upscale;              // 1, or the pixel-shuffle factor r of y / dL/dy (subpixel_conv2d)
   long long kernels;              // dynamic kernels only: Kn, the expert kernels mixed per sample (else 1)
+  long long index32;              // 1: the host proved every offset fits 32 bits (INDEX32); launch the 32-bit kernels
 };
+
+// INDEX32: the bodies below are templated on their index type I: int (the kernels without "64" in
+// their name, launched when p.index32 = 1) or index_t (conv2d_igemm64_*, any size). The host sets
+// index32 only when every tensor a kernel touches, and every offset it forms (including the
+// unused ones of rows past the GEMM edge), is below 2^31 (cuconv/ops/conv2d_igemm.py,
+// index32_safe); the 32-bit kernels then compute exactly the same offsets, so results are
+// bitwise identical. IgemmDims<I> is the params' shape fields converted once to I.
+template <typename I>
+struct IgemmDims {
+  I batch, in_channels, in_h, in_w, out_channels, out_h, out_w;
+  I kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+  I groups, splits, split_steps, upscale, kernels;
+  __device__ explicit IgemmDims(const Conv2dIgemmParams& p)
+      : batch(I(p.batch)), in_channels(I(p.in_channels)), in_h(I(p.in_h)), in_w(I(p.in_w)),
+        out_channels(I(p.out_channels)), out_h(I(p.out_h)), out_w(I(p.out_w)), kernel_h(I(p.kernel_h)),
+        kernel_w(I(p.kernel_w)), stride_h(I(p.stride_h)), stride_w(I(p.stride_w)), pad_h(I(p.pad_h)),
+        pad_w(I(p.pad_w)), dilation_h(I(p.dilation_h)), dilation_w(I(p.dilation_w)), groups(I(p.groups)),
+        splits(I(p.splits)), split_steps(I(p.split_steps)), upscale(I(p.upscale)), kernels(I(p.kernels)) {}
+};
+// cuconv.cuh's ceil_div / min_index (which take index_t) in the index type I.
+template <typename I>
+__device__ __forceinline__ I igemm_ceil_div(I a, I b) { return (a + b - 1) / b; }
+template <typename I>
+__device__ __forceinline__ I igemm_min(I a, I b) { return a < b ? a : b; }
 
 // Where the conv output element (b, o, oy, ox) lives in y (fwd writes it) or dL/dy (dgrad,
 // wgrad read it): b*image + channel(o) + oy*row + ox*col. Plain NCHW for upscale 1; for
 // upscale r the pixel-shuffled position [b, o / r^2, oy*r + (o / r) % r, ox*r + o % r] of a
 // [B, Cout/r^2, Ho*r, Wo*r] tensor, exactly as conv2d.cu's OutputPlane:
 //   channel(o) = (o / r^2)*r^2*Ho*Wo + ((o / r) % r)*r*Wo + o % r,  row = r^2*Wo,  col = r.
+template <typename I>
 struct IgemmOutLayout {
-  index_t r, plane, image, row, col;
-  __device__ explicit IgemmOutLayout(const Conv2dIgemmParams& p)
+  I r, plane, image, row, col;
+  __device__ explicit IgemmOutLayout(const IgemmDims<I>& p)
       : r(p.upscale), plane(p.out_h * p.out_w), image(p.out_channels * p.out_h * p.out_w),
         row(p.upscale * p.upscale * p.out_w), col(p.upscale) {}
-  __device__ index_t channel(index_t o) const {
+  __device__ I channel(I o) const {
     if (r == 1) return o * plane;
     return (o / (r * r)) * (r * r) * plane + ((o / r) % r) * (row / r) + o % r;  // row / r = r*Wo
   }
-  __device__ index_t pixel(index_t oy, index_t ox) const { return oy * row + ox * col; }
+  __device__ I pixel(I oy, I ox) const { return oy * row + ox * col; }
   // channel(o) for a walk of o by small steps, without division: off = channel(o), and for r > 1
   // o's two low base-r digits j = o % r, i = (o / r) % r. advance(d), d <= 2, is o += d by
   // compare-and-carry: j + d <= r + 1 < 2r for r >= 2, so each digit carries at most once
   // (r == 1: off = o*plane, no digits).
   struct Walk {
-    index_t off, j, i;
+    I off, j, i;
   };
-  __device__ Walk walk(index_t o) const { return Walk{channel(o), o % r, (o / r) % r}; }
-  __device__ __forceinline__ void advance(Walk& w, index_t d) const {
+  __device__ Walk walk(I o) const { return Walk{channel(o), o % r, (o / r) % r}; }
+  __device__ __forceinline__ void advance(Walk& w, I d) const {
     if (r == 1) {
       w.off += d * plane;
       return;
@@ -314,7 +352,7 @@ __device__ __forceinline__ void igemm_mma_step(IgemmAcc& acc, const T* a_tile, c
         bf[ni + 1][0] = r[2];  // the same of n tile ni + 1
         bf[ni + 1][1] = r[3];
       }
-    } else {  // 4-byte loads of the same registers (dgrad: ldmatrix's lane offsets spill there on sm_80)
+    } else {  // 4-byte loads of the same registers (the 64-bit dgrad twins: no registers to spare)
 #pragma unroll
       for (int mi = 0; mi < 2; ++mi) {
         const T* base = a_tile + (warp_m + 16 * mi + gid) * kIgemmLd + ks + 2 * tid4;
@@ -379,8 +417,10 @@ struct IgemmWeights {
   const T* w;
   const T* bias;  // nullable; [Cout] (forward) or [Cin] (dgrad)
   __device__ IgemmWeights for_sample(index_t) const { return *this; }
-  __device__ __forceinline__ T weight(index_t e) const { return w[e]; }
-  __device__ __forceinline__ float bias_at(index_t i) const { return to_acc(bias[i]); }
+  template <typename I>
+  __device__ __forceinline__ T weight(I e) const { return w[e]; }
+  template <typename I>
+  __device__ __forceinline__ float bias_at(I i) const { return to_acc(bias[i]); }
 };
 
 template <typename T>
@@ -396,36 +436,39 @@ struct IgemmMixedWeights {
     return s;
   }
   // M_b[e] = sum_j att[b, j] * w[j, e]: float32 sum in order j, ONE rounding to T (header).
-  __device__ __forceinline__ T weight(index_t e) const {
+  template <typename I>
+  __device__ __forceinline__ T weight(I e) const {
     float v = 0.0f;
-    for (index_t j = 0; j < kernels; ++j) v += to_acc(att[j]) * to_acc(w[j * bank + e]);
+    for (I j = 0; j < I(kernels); ++j) v += to_acc(att[j]) * to_acc(w[j * I(bank) + e]);
     return from_acc<T>(v);
   }
   // sum_j att[b, j] * bias[j, o] in float32, unrounded (added to the fp32 accumulator).
-  __device__ __forceinline__ float bias_at(index_t o) const {
+  template <typename I>
+  __device__ __forceinline__ float bias_at(I o) const {
     float v = 0.0f;
-    for (index_t j = 0; j < kernels; ++j) v += to_acc(att[j]) * to_acc(bias[j * channels + o]);
+    for (I j = 0; j < I(kernels); ++j) v += to_acc(att[j]) * to_acc(bias[j * I(channels) + o]);
     return v;
   }
 };
 
 // The forward (GEMM mapping in the header) for one weight source: conv2d_igemm_fwd (one GEMM
 // per group over the whole batch) and conv2d_igemm_dynamic_fwd (one per sample and group).
-template <typename T, typename Weights>
-__device__ __forceinline__ void igemm_fwd_body(const Conv2dIgemmParams& p, const T* __restrict__ x,
+template <typename T, typename Weights, typename I>
+__device__ __forceinline__ void igemm_fwd_body(const Conv2dIgemmParams& params, const T* __restrict__ x,
                                                const Weights& weights, T* __restrict__ y) {
+  const IgemmDims<I> p(params);  // the shape in the index type I (INDEX32)
   constexpr int kIgemmLd = IgemmTile<T>::ld, kIgemmTileElems = kIgemmBM * kIgemmLd;
   static_assert(kIgemmBM == kIgemmBN, "one tile size for both double-buffered tiles");
   __align__(16) __shared__ T a_tile[2 * kIgemmTileElems];  // two buffers (PIPELINE)
   __align__(16) __shared__ T b_tile[2 * kIgemmTileElems];
   int buf = 0;  // the buffer the next staged step goes to; runs on across work items (PIPELINE)
-  const index_t cin_g = p.in_channels / p.groups, cout_g = p.out_channels / p.groups;
-  const index_t taps = p.kernel_h * p.kernel_w, K = cin_g * taps;
+  const I cin_g = p.in_channels / p.groups, cout_g = p.out_channels / p.groups;
+  const I taps = p.kernel_h * p.kernel_w, K = cin_g * taps;
   // per_sample: p.batch GEMMs of one image each; else one GEMM over the p.batch images
-  const index_t samples = Weights::per_sample ? p.batch : 1, images = Weights::per_sample ? 1 : p.batch;
-  const index_t pixels = p.out_h * p.out_w, M = images * pixels;
-  const index_t m_tiles = ceil_div(M, kIgemmBM), n_tiles = ceil_div(cout_g, kIgemmBN);
-  const index_t items = samples * p.groups * m_tiles * n_tiles;
+  const I samples = Weights::per_sample ? p.batch : 1, images = Weights::per_sample ? 1 : p.batch;
+  const I pixels = p.out_h * p.out_w, M = images * pixels;
+  const I m_tiles = igemm_ceil_div<I>(M, kIgemmBM), n_tiles = igemm_ceil_div<I>(cout_g, kIgemmBN);
+  const I items = samples * p.groups * m_tiles * n_tiles;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int gid = lane >> 2, tid4 = lane & 3;
   const int warp_m = 32 * (warp & 1), warp_n = 32 * (warp >> 1);
@@ -436,27 +479,27 @@ __device__ __forceinline__ void igemm_fwd_body(const Conv2dIgemmParams& p, const
   // of every BK step) in the mixed radix (c, ky, kx): each element adds the constant digits
   // (kIgemmAStep / taps, (kIgemmAStep / KW) % KH, kIgemmAStep % KW), carried by compare-and-subtract
   // (each step digit is below its radix, so one carry per digit suffices): no division per element.
-  const index_t in_pixels = p.in_h * p.in_w;
+  const I in_pixels = p.in_h * p.in_w;
   const int step_kx = int(kIgemmAStep % p.kernel_w), step_ky = int((kIgemmAStep / p.kernel_w) % p.kernel_h);
-  const index_t step_c = (kIgemmAStep / taps) * in_pixels;
+  const I step_c = (kIgemmAStep / taps) * in_pixels;
 
-  for (index_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const index_t n_tile = item % n_tiles, m_tile = (item / n_tiles) % m_tiles;
-    const index_t group = (item / (n_tiles * m_tiles)) % p.groups;
-    const index_t sample = item / (n_tiles * m_tiles * p.groups);  // 0 unless per_sample
-    const index_t m0 = m_tile * kIgemmBM, n0 = n_tile * kIgemmBN;
+  for (I item = blockIdx.x; item < items; item += gridDim.x) {
+    const I n_tile = item % n_tiles, m_tile = (item / n_tiles) % m_tiles;
+    const I group = (item / (n_tiles * m_tiles)) % p.groups;
+    const I sample = item / (n_tiles * m_tiles * p.groups);  // 0 unless per_sample
+    const I m0 = m_tile * kIgemmBM, n0 = n_tile * kIgemmBN;
     const Weights wb = weights.for_sample(sample);
 
     // This thread's gather pixel: decoded once per tile.
-    const index_t am = m0 + a_row;
+    const I am = m0 + a_row;
     const bool a_valid = am < M;
-    const index_t a_img = sample + (a_valid ? am / pixels : 0), a_pix = a_valid ? am % pixels : 0;
-    const index_t iy0 = (a_pix / p.out_w) * p.stride_h - p.pad_h;
-    const index_t ix0 = (a_pix % p.out_w) * p.stride_w - p.pad_w;
+    const I a_img = sample + (a_valid ? am / pixels : 0), a_pix = a_valid ? am % pixels : 0;
+    const I iy0 = (a_pix / p.out_w) * p.stride_h - p.pad_h;
+    const I ix0 = (a_pix % p.out_w) * p.stride_w - p.pad_w;
     const T* x_group = x + (a_img * p.in_channels + group * cin_g) * p.in_h * p.in_w;
-    const index_t w_group = group * cout_g * K;  // weight offset e of the group's first row
+    const I w_group = group * cout_g * K;  // weight offset e of the group's first row
     // The k walk's digits at k = a_k (decoded once per tile): kx, ky and c*H*W.
-    index_t a_kx = a_k % p.kernel_w, a_ky = (a_k / p.kernel_w) % p.kernel_h, a_c = (a_k / taps) * in_pixels;
+    I a_kx = a_k % p.kernel_w, a_ky = (a_k / p.kernel_w) % p.kernel_h, a_c = (a_k / taps) * in_pixels;
 
     IgemmAcc acc;
     igemm_zero(acc);
@@ -470,24 +513,24 @@ __device__ __forceinline__ void igemm_fwd_body(const Conv2dIgemmParams& p, const
     // The dynamic kernels' mixture (Kn loads and FMAs per element) is not prefetched (kPrefetchB): held
     // across the mma it needs 208 registers; it is built at store time, as before.
     constexpr bool kPrefetchB = !Weights::per_sample;
-    const index_t b_rows_left = cout_g - n0 - b_row, b_e0 = w_group + (n0 + b_row) * K + b_k;
-    auto b_value = [&](int i, index_t k0_step) -> T {
+    const I b_rows_left = cout_g - n0 - b_row, b_e0 = w_group + (n0 + b_row) * K + b_k;
+    auto b_value = [&](int i, I k0_step) -> T {
       return (k0_step + b_k < K && (kIgemmThreads / kIgemmBK) * i < b_rows_left)
                  ? wb.weight(b_e0 + k0_step + i * ((kIgemmThreads / kIgemmBK) * K))
                  : zero;
     };
-    const index_t steps = ceil_div(K, index_t(kIgemmBK));
-    index_t k0 = 0;  // the k of the step being gathered
+    const I steps = igemm_ceil_div<I>(K, I(kIgemmBK));
+    I k0 = 0;  // the k of the step being gathered
     T a_reg[kIgemmBM * kIgemmBK / kIgemmThreads], b_reg[kIgemmBN * kIgemmBK / kIgemmThreads];
-    for (index_t s = 0; s <= steps && steps > 0; ++s) {
+    for (I s = 0; s <= steps && steps > 0; ++s) {
       if (s < steps) {
 #pragma unroll
         for (int i = 0; i < kIgemmBM * kIgemmBK / kIgemmThreads; ++i) {
-          const index_t k = k0 + a_k + kIgemmAStep * i;  // = (a_c / (H*W) * KH + a_ky) * KW + a_kx
+          const I k = k0 + a_k + kIgemmAStep * i;  // = (a_c / (H*W) * KH + a_ky) * KW + a_kx
           T v = zero;
           if (a_valid && k < K) {
-            const index_t iy = iy0 + a_ky * p.dilation_h;
-            const index_t ix = ix0 + a_kx * p.dilation_w;
+            const I iy = iy0 + a_ky * p.dilation_h;
+            const I ix = ix0 + a_kx * p.dilation_w;
             if (iy >= 0 && iy < p.in_h && ix >= 0 && ix < p.in_w) v = x_group[a_c + iy * p.in_w + ix];
           }
           a_reg[i] = v;
@@ -533,22 +576,22 @@ __device__ __forceinline__ void igemm_fwd_body(const Conv2dIgemmParams& p, const
 
     // Epilogue: acc[mi][ni][2h + j] is Y[m0 + warp_m + 16mi + gid + 8h][n0 + warp_n + 8ni + 2tid4 + j],
     // stored at its (possibly pixel-shuffled) position in y.
-    const IgemmOutLayout out(p);
+    const IgemmOutLayout<I> out(p);
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const index_t m = m0 + warp_m + 16 * mi + gid + 8 * h;
+        const I m = m0 + warp_m + 16 * mi + gid + 8 * h;
         if (m >= M) continue;
-        const index_t img = sample + m / pixels, pix = m % pixels;
+        const I img = sample + m / pixels, pix = m % pixels;
         T* y_pixel = y + img * out.image + out.pixel(pix / p.out_w, pix % p.out_w);
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) {
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
-            const index_t n = n0 + warp_n + 8 * ni + 2 * tid4 + j;
+            const I n = n0 + warp_n + 8 * ni + 2 * tid4 + j;
             if (n >= cout_g) continue;
-            const index_t o = group * cout_g + n;
+            const I o = group * cout_g + n;
             float v = acc[mi][ni][2 * h + j];
             if (wb.bias != nullptr) v += wb.bias_at(o);
             y_pixel[out.channel(o)] = from_acc<T>(v);
@@ -559,20 +602,40 @@ __device__ __forceinline__ void igemm_fwd_body(const Conv2dIgemmParams& p, const
   }
 }
 
+// Each pass has two entry points (INDEX32): conv2d_igemm_* with 32-bit offsets, launched when the host
+// proved p.index32 (it does nothing otherwise), and conv2d_igemm64_* with 64-bit offsets for any size.
 template <typename T>
-__global__ void __launch_bounds__(kIgemmThreads, 3)
+__global__ void __launch_bounds__(kIgemmThreads, 4)
 conv2d_igemm_fwd(const Conv2dIgemmParams p, const T* __restrict__ x, const T* __restrict__ w,
                  const T* __restrict__ bias, T* __restrict__ y) {
-  igemm_fwd_body(p, x, IgemmWeights<T>{w, bias}, y);
+  if (p.index32) igemm_fwd_body<T, IgemmWeights<T>, int>(p, x, IgemmWeights<T>{w, bias}, y);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kIgemmThreads, 3)
+conv2d_igemm64_fwd(const Conv2dIgemmParams p, const T* __restrict__ x, const T* __restrict__ w,
+                   const T* __restrict__ bias, T* __restrict__ y) {
+  igemm_fwd_body<T, IgemmWeights<T>, index_t>(p, x, IgemmWeights<T>{w, bias}, y);
 }
 
 // dynamic_conv2d's forward: y[b] = conv(x[b], M_b) + sum_j att[b, j] * bias[j, :] (header: DYNAMIC).
 template <typename T>
-__global__ void __launch_bounds__(kIgemmThreads, 3)
+__global__ void __launch_bounds__(kIgemmThreads, 4)
 conv2d_igemm_dynamic_fwd(const Conv2dIgemmParams p, const T* __restrict__ x, const T* __restrict__ w,
                          const T* __restrict__ att, const T* __restrict__ bias, T* __restrict__ y) {
   const index_t bank = p.out_channels * (p.in_channels / p.groups) * p.kernel_h * p.kernel_w;
-  igemm_fwd_body(p, x, IgemmMixedWeights<T>{w, att, bias, p.kernels, bank, p.out_channels}, y);
+  if (p.index32)
+    igemm_fwd_body<T, IgemmMixedWeights<T>, int>(
+        p, x, IgemmMixedWeights<T>{w, att, bias, p.kernels, bank, p.out_channels}, y);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kIgemmThreads, 3)
+conv2d_igemm64_dynamic_fwd(const Conv2dIgemmParams p, const T* __restrict__ x, const T* __restrict__ w,
+                           const T* __restrict__ att, const T* __restrict__ bias, T* __restrict__ y) {
+  const index_t bank = p.out_channels * (p.in_channels / p.groups) * p.kernel_h * p.kernel_w;
+  igemm_fwd_body<T, IgemmMixedWeights<T>, index_t>(
+      p, x, IgemmMixedWeights<T>{w, att, bias, p.kernels, bank, p.out_channels}, y);
 }
 
 // dgrad's stride phase in one spatial dimension (stride S, padding P, dilation D, kernel
@@ -580,43 +643,51 @@ conv2d_igemm_dynamic_fwd(const Conv2dIgemmParams p, const T* __restrict__ x, con
 // with (i + P) % S == r, and exactly the taps kk = tap0 + tap_step*j, j < taps (those with
 // kk*D % S == r) reach an output coordinate from them: (i + P - kk*D) is then a multiple
 // of S, and the output coordinate is (i + P - kk*D) / S when that is in [0, Ho).
+template <typename I>
 struct IgemmPhase {
-  index_t first, count, tap0, tap_step, taps;
-  __device__ IgemmPhase(index_t r, index_t size, index_t stride, index_t pad, index_t kernel, index_t dilation) {
+  I first, count, tap0, tap_step, taps;
+  __device__ IgemmPhase(I r, I size, I stride, I pad, I kernel, I dilation) {
     first = ((r - pad) % stride + stride) % stride;
-    count = first < size ? ceil_div(size - first, stride) : 0;
+    count = first < size ? igemm_ceil_div<I>(size - first, stride) : 0;
     tap0 = 0;
     while (tap0 < kernel && (tap0 * dilation) % stride != r) ++tap0;
-    index_t g = stride, d = dilation % stride;  // g = gcd(dilation, stride)
+    I g = stride, d = dilation % stride;  // g = gcd(dilation, stride)
     while (d != 0) {
-      const index_t t = g % d;
+      const I t = g % d;
       g = d;
       d = t;
     }
     tap_step = stride / g;
-    taps = tap0 < kernel ? ceil_div(kernel - tap0, tap_step) : 0;
+    taps = tap0 < kernel ? igemm_ceil_div<I>(kernel - tap0, tap_step) : 0;
   }
 };
 
 // dgrad (GEMM mapping and phases in the header) for one weight source: conv2d_igemm_bwd_input
 // (one GEMM per group and phase over the whole batch) and conv2d_igemm_dynamic_bwd_input (one per
 // sample, group and phase). weights.bias: nullable, per INPUT channel (conv_transpose2d's forward).
-template <typename T, typename Weights>
-__device__ __forceinline__ void igemm_bwd_input_body(const Conv2dIgemmParams& p, const T* __restrict__ grad_y,
+template <typename T, typename Weights, typename I>
+__device__ __forceinline__ void igemm_bwd_input_body(const Conv2dIgemmParams& params, const T* __restrict__ grad_y,
                                                      const Weights& weights, T* __restrict__ grad_x) {
-  constexpr int kIgemmLd = IgemmTile<T>::ld;
-  __align__(16) __shared__ T a_tile[kIgemmBM * kIgemmLd];
-  __align__(16) __shared__ T b_tile[kIgemmBN * kIgemmLd];
-  const index_t cin_g = p.in_channels / p.groups, cout_g = p.out_channels / p.groups;
-  const index_t taps = p.kernel_h * p.kernel_w;
-  const index_t pixels = p.in_h * p.in_w;
-  const index_t phases = p.stride_h * p.stride_w;
+  const IgemmDims<I> p(params);  // the shape in the index type I (INDEX32)
+  // 32-bit kernels: pipelined (PIPELINE: two buffers per tile, register prefetch) with ldmatrix.x4
+  // fragments; the 64-bit twins keep round 5's unpipelined loop (one buffer, two barriers per step, 4-byte
+  // fragment loads) that fits their 168 registers. The staged values and the mma order are the same.
+  constexpr bool kPipeline = sizeof(I) == 4;
+  constexpr int kIgemmLd = IgemmTile<T>::ld, kIgemmTileElems = kIgemmBM * kIgemmLd, kBuffers = kPipeline ? 2 : 1;
+  static_assert(kIgemmBM == kIgemmBN, "one tile size for both tiles");
+  __align__(16) __shared__ T a_tile[kBuffers * kIgemmTileElems];
+  __align__(16) __shared__ T b_tile[kBuffers * kIgemmTileElems];
+  int buf = 0;  // kPipeline: the buffer the next staged step goes to; runs on across work items
+  const I cin_g = p.in_channels / p.groups, cout_g = p.out_channels / p.groups;
+  const I taps = p.kernel_h * p.kernel_w;
+  const I pixels = p.in_h * p.in_w;
+  const I phases = p.stride_h * p.stride_w;
   // per_sample: p.batch GEMMs of one image each; else one GEMM over the p.batch images
-  const index_t samples = Weights::per_sample ? p.batch : 1, images = Weights::per_sample ? 1 : p.batch;
+  const I samples = Weights::per_sample ? p.batch : 1, images = Weights::per_sample ? 1 : p.batch;
   // m tiles of the largest phase (ceil(H/SH) x ceil(W/SW) pixels per image); smaller phases skip the rest
-  const index_t m_tiles = ceil_div(images * ceil_div(p.in_h, p.stride_h) * ceil_div(p.in_w, p.stride_w), kIgemmBM);
-  const index_t n_tiles = ceil_div(cin_g, kIgemmBN);
-  const index_t items = samples * p.groups * phases * m_tiles * n_tiles;
+  const I m_tiles = igemm_ceil_div<I>(images * igemm_ceil_div<I>(p.in_h, p.stride_h) * igemm_ceil_div<I>(p.in_w, p.stride_w), kIgemmBM);
+  const I n_tiles = igemm_ceil_div<I>(cin_g, kIgemmBN);
+  const I items = samples * p.groups * phases * m_tiles * n_tiles;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int gid = lane >> 2, tid4 = lane & 3;
   const int warp_m = 32 * (warp & 1), warp_n = 32 * (warp >> 1);
@@ -624,99 +695,186 @@ __device__ __forceinline__ void igemm_bwd_input_body(const Conv2dIgemmParams& p,
   const int b_k = tid % kIgemmBK, b_row = tid / kIgemmBK;  // B load: one k column per thread
   const T zero = from_acc<T>(0.0f);
 
-  for (index_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const index_t n_tile = item % n_tiles, m_tile = (item / n_tiles) % m_tiles;
-    const index_t phase = (item / (n_tiles * m_tiles)) % phases;
-    const index_t group = (item / (n_tiles * m_tiles * phases)) % p.groups;
-    const index_t sample = item / (n_tiles * m_tiles * phases * p.groups);  // 0 unless per_sample
-    const IgemmPhase py(phase / p.stride_w, p.in_h, p.stride_h, p.pad_h, p.kernel_h, p.dilation_h);
-    const IgemmPhase px(phase % p.stride_w, p.in_w, p.stride_w, p.pad_w, p.kernel_w, p.dilation_w);
-    const index_t phase_pixels = py.count * px.count, M = images * phase_pixels;
-    const index_t phase_taps = py.taps * px.taps, K = cout_g * phase_taps;
-    const index_t m0 = m_tile * kIgemmBM, n0 = n_tile * kIgemmBN;
+  for (I item = blockIdx.x; item < items; item += gridDim.x) {
+    const I n_tile = item % n_tiles, m_tile = (item / n_tiles) % m_tiles;
+    const I phase = (item / (n_tiles * m_tiles)) % phases;
+    const I group = (item / (n_tiles * m_tiles * phases)) % p.groups;
+    const I sample = item / (n_tiles * m_tiles * phases * p.groups);  // 0 unless per_sample
+    const IgemmPhase<I> py(phase / p.stride_w, p.in_h, p.stride_h, p.pad_h, p.kernel_h, p.dilation_h);
+    const IgemmPhase<I> px(phase % p.stride_w, p.in_w, p.stride_w, p.pad_w, p.kernel_w, p.dilation_w);
+    const I phase_pixels = py.count * px.count, M = images * phase_pixels;
+    const I phase_taps = py.taps * px.taps, K = cout_g * phase_taps;
+    const I m0 = m_tile * kIgemmBM, n0 = n_tile * kIgemmBN;
     if (m0 >= M) continue;  // block-uniform: this phase has fewer pixels than the largest one
     const Weights wb = weights.for_sample(sample);
 
     // This thread's input pixel (in the phase), decoded once per tile.
-    const index_t am = m0 + a_row;
+    const I am = m0 + a_row;
     const bool a_valid = am < M;
-    const index_t a_img = sample + (a_valid ? am / phase_pixels : 0), a_pix = a_valid ? am % phase_pixels : 0;
+    const I a_img = sample + (a_valid ? am / phase_pixels : 0), a_pix = a_valid ? am % phase_pixels : 0;
     // Folded for the k loop: with jy = j / nkx, jx = j % nkx the tap is (ky0 + sy*jy, kx0 + sx*jx);
     // iy + PH - ky0*DH and sy*DH are multiples of SH, so oy = (iy + PH - ky*DH) / SH = oy0 - jy*oy_step
     // exactly (no division per element; likewise ox), and the tap's weight offset is w_tap0 + jy*wy + jx*sx.
-    const index_t nkx = px.taps, sx = px.tap_step;
-    const index_t oy0 = (py.first + (a_pix / px.count) * p.stride_h + p.pad_h - py.tap0 * p.dilation_h) / p.stride_h;
-    const index_t ox0 = (px.first + (a_pix % px.count) * p.stride_w + p.pad_w - px.tap0 * p.dilation_w) / p.stride_w;
-    const index_t oy_step = py.tap_step * p.dilation_h / p.stride_h, ox_step = sx * p.dilation_w / p.stride_w;
-    const index_t w_tap0 = py.tap0 * p.kernel_w + px.tap0, wy = py.tap_step * p.kernel_w;
-    const IgemmOutLayout gy_at(p);  // gy may be pixel-shuffled (upscale > 1)
+    const I nkx = px.taps, sx = px.tap_step;
+    const I oy0 = (py.first + (a_pix / px.count) * p.stride_h + p.pad_h - py.tap0 * p.dilation_h) / p.stride_h;
+    const I ox0 = (px.first + (a_pix % px.count) * p.stride_w + p.pad_w - px.tap0 * p.dilation_w) / p.stride_w;
+    const I oy_step = py.tap_step * p.dilation_h / p.stride_h, ox_step = sx * p.dilation_w / p.stride_w;
+    const I w_tap0 = py.tap0 * p.kernel_w + px.tap0, wy = py.tap_step * p.kernel_w;
+    const IgemmOutLayout<I> gy_at(p);  // gy may be pixel-shuffled (upscale > 1)
     const T* gy_image = grad_y + a_img * gy_at.image;
-    const index_t gy_o0 = group * cout_g;
-    const index_t w_group = group * cout_g * cin_g * taps;  // weight offset e of [Cout_g, Cin_g, KH, KW] of this group
+    const I gy_o0 = group * cout_g;
+    const I w_group = group * cout_g * cin_g * taps;  // weight offset e of [Cout_g, Cin_g, KH, KW] of this group
     // No division per element or per step: both loaders walk k = (o*nky + jy)*nkx + jx in the mixed
     // radix (o, jy, jx) with constant step digits and compare-and-carry (each step digit is below its
     // radix: one carry per digit), decoded once per tile. The A gather adds kIgemmAStep per element
     // (its o then grows by at most 2: IgemmOutLayout::advance), the B load kIgemmBK per step.
     // (A phase without a tap has K = 0 and runs no step: its radices are set to 1 to keep % defined.)
-    const index_t nky = K > 0 ? py.taps : 1, nkx_r = K > 0 ? nkx : 1, ptaps = nky * nkx_r;
+    const I nky = K > 0 ? py.taps : 1, nkx_r = K > 0 ? nkx : 1, ptaps = nky * nkx_r;
     const int a_sjx = int(kIgemmAStep % nkx_r), a_sjy = int((kIgemmAStep / nkx_r) % nky), a_so = int(kIgemmAStep / ptaps);
     const int b_sjx = int(kIgemmBK % nkx_r), b_sjy = int((kIgemmBK / nkx_r) % nky), b_so = int(kIgemmBK / ptaps);
-    index_t a_jx = a_k % nkx_r, a_jy = (a_k / nkx_r) % nky;  // A's k = a_k, then + kIgemmAStep per element
-    IgemmOutLayout::Walk a_ch = gy_at.walk(gy_o0 + a_k / ptaps);  // channel(g*Cout_g + o) of A's k
-    index_t b_jx = b_k % nkx_r, b_jy = (b_k / nkx_r) % nky, b_o = b_k / ptaps;  // B's k = k0 + b_k
+    I a_jx = a_k % nkx_r, a_jy = (a_k / nkx_r) % nky;  // A's k = a_k, then + kIgemmAStep per element
+    typename IgemmOutLayout<I>::Walk a_ch = gy_at.walk(gy_o0 + a_k / ptaps);  // channel(g*Cout_g + o) of A's k
+    I b_jx = b_k % nkx_r, b_jy = (b_k / nkx_r) % nky, b_o = b_k / ptaps;  // B's k = k0 + b_k
 
     IgemmAcc acc;
     igemm_zero(acc);
 
-    for (index_t k0 = 0; k0 < K; k0 += kIgemmBK) {
-      __syncthreads();  // the previous step's tiles have been consumed by every warp
+    if constexpr (kPipeline) {
+      // Pipelined (32-bit kernels; header: PIPELINE): iteration s gathers step s (A, and B unless it is a
+      // per-sample mixture) into registers, runs the mma of step s - 1 from buffer buf ^ 1 while those loads
+      // are in flight, then stores step s into buffer buf, one __syncthreads, buf ^= 1. The dynamic kernels'
+      // B mixture (Kn loads and FMAs per element) is built at store time, as in the forward (kPrefetchB),
+      // from the step's weight offset b_wk kept across the mma.
+      constexpr bool kPrefetchB = !Weights::per_sample;
+      const I steps = igemm_ceil_div<I>(K, I(kIgemmBK));
+      I k0 = 0;  // the k of the step being gathered
+      I b_wk = 0;
+      bool b_kv = false;
+      T a_reg[kIgemmBM * kIgemmBK / kIgemmThreads], b_reg[kIgemmBN * kIgemmBK / kIgemmThreads];
+      for (I s = 0; s <= steps && steps > 0; ++s) {
+        if (s < steps) {
+#pragma unroll
+          for (int i = 0; i < kIgemmBM * kIgemmBK / kIgemmThreads; ++i) {
+            const I k = k0 + a_k + kIgemmAStep * i;  // = (o * nky + a_jy) * nkx + a_jx, a_ch.off = channel(g*Cout_g + o)
+            T v = zero;
+            if (a_valid && k < K) {
+              const I oy = oy0 - a_jy * oy_step, ox = ox0 - a_jx * ox_step;
+              if (oy >= 0 && oy < p.out_h && ox >= 0 && ox < p.out_w) v = gy_image[a_ch.off + gy_at.pixel(oy, ox)];
+            }
+            a_reg[i] = v;
+            int d_o = a_so;  // k += kIgemmAStep
+            a_jx += a_sjx;
+            a_jy += a_sjy;
+            if (a_jx >= nkx_r) {
+              a_jx -= nkx_r;
+              ++a_jy;
+            }
+            if (a_jy >= nky) {
+              a_jy -= nky;
+              ++d_o;
+            }
+            gy_at.advance(a_ch, d_o);
+          }
+          b_kv = k0 + b_k < K;  // the step's k = (b_o * nky + b_jy) * nkx + b_jx
+          b_wk = w_group + b_o * cin_g * taps + w_tap0 + b_jy * wy + b_jx * sx;
+          if (kPrefetchB) {
+#pragma unroll
+            for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i) {
+              const I n = n0 + b_row + (kIgemmThreads / kIgemmBK) * i;
+              b_reg[i] = (b_kv && n < cin_g) ? wb.weight(b_wk + n * taps) : zero;  // transposed
+            }
+          }
+          b_o += b_so;  // k += kIgemmBK for the next step
+          b_jx += b_sjx;
+          b_jy += b_sjy;
+          if (b_jx >= nkx_r) {
+            b_jx -= nkx_r;
+            ++b_jy;
+          }
+          if (b_jy >= nky) {
+            b_jy -= nky;
+            ++b_o;
+          }
+          k0 += kIgemmBK;
+        }
+        if (s > 0)  // step s - 1, staged in buffer buf ^ 1
+          igemm_mma_step(acc, a_tile + (buf ^ 1) * kIgemmTileElems, b_tile + (buf ^ 1) * kIgemmTileElems, warp_m,
+                         warp_n, gid, tid4);
+        if (s < steps) {
+          T* a_dst = a_tile + buf * kIgemmTileElems;
+          T* b_dst = b_tile + buf * kIgemmTileElems;
+#pragma unroll
+          for (int i = 0; i < kIgemmBM * kIgemmBK / kIgemmThreads; ++i)
+            a_dst[a_row * kIgemmLd + a_k + kIgemmAStep * i] = a_reg[i];
+          if (kPrefetchB) {
+#pragma unroll
+            for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i)
+              b_dst[(b_row + (kIgemmThreads / kIgemmBK) * i) * kIgemmLd + b_k] = b_reg[i];
+          } else {
 #pragma unroll 4
-      for (int i = 0; i < kIgemmBM * kIgemmBK / kIgemmThreads; ++i) {
-        const int kk = a_k + kIgemmAStep * i;
-        const index_t k = k0 + kk;  // = (o * nky + a_jy) * nkx + a_jx, a_ch.off = channel(g*Cout_g + o)
-        T v = zero;
-        if (a_valid && k < K) {
-          const index_t oy = oy0 - a_jy * oy_step, ox = ox0 - a_jx * ox_step;
-          if (oy >= 0 && oy < p.out_h && ox >= 0 && ox < p.out_w) v = gy_image[a_ch.off + gy_at.pixel(oy, ox)];
+            for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i) {
+              const int nn = b_row + (kIgemmThreads / kIgemmBK) * i;
+              const I n = n0 + nn;
+              b_dst[nn * kIgemmLd + b_k] = (b_kv && n < cin_g) ? wb.weight(b_wk + n * taps) : zero;  // transposed
+            }
+          }
+          __syncthreads();  // step s is staged; every warp's mma of step s - 1 (buffer buf ^ 1) is done
+          buf ^= 1;
         }
-        a_tile[a_row * kIgemmLd + kk] = v;
-        int d_o = a_so;  // k += kIgemmAStep
-        a_jx += a_sjx;
-        a_jy += a_sjy;
-        if (a_jx >= nkx_r) {
-          a_jx -= nkx_r;
-          ++a_jy;
-        }
-        if (a_jy >= nky) {
-          a_jy -= nky;
-          ++d_o;
-        }
-        gy_at.advance(a_ch, d_o);
       }
-      {
-        const index_t k = k0 + b_k;  // fixed for the step: k = (b_o * nky + b_jy) * nkx + b_jx
-        const bool k_valid = k < K;
-        const index_t w_k = w_group + b_o * cin_g * taps + w_tap0 + b_jy * wy + b_jx * sx;
+    } else {
+      // Unpipelined (the 64-bit twins, round 5's loop verbatim): barrier, stage straight into the one
+      // buffer, barrier, mma with 4-byte fragment loads (what fits their 168 registers without spills).
+      for (I k0 = 0; k0 < K; k0 += kIgemmBK) {
+        __syncthreads();  // the previous step's tiles have been consumed by every warp
 #pragma unroll 4
-        for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i) {
-          const int nn = b_row + (kIgemmThreads / kIgemmBK) * i;
-          const index_t n = n0 + nn;
-          b_tile[nn * kIgemmLd + b_k] = (k_valid && n < cin_g) ? wb.weight(w_k + n * taps) : zero;  // transposed
+        for (int i = 0; i < kIgemmBM * kIgemmBK / kIgemmThreads; ++i) {
+          const int kk = a_k + kIgemmAStep * i;
+          const I k = k0 + kk;  // = (o * nky + a_jy) * nkx + a_jx, a_ch.off = channel(g*Cout_g + o)
+          T v = zero;
+          if (a_valid && k < K) {
+            const I oy = oy0 - a_jy * oy_step, ox = ox0 - a_jx * ox_step;
+            if (oy >= 0 && oy < p.out_h && ox >= 0 && ox < p.out_w) v = gy_image[a_ch.off + gy_at.pixel(oy, ox)];
+          }
+          a_tile[a_row * kIgemmLd + kk] = v;
+          int d_o = a_so;  // k += kIgemmAStep
+          a_jx += a_sjx;
+          a_jy += a_sjy;
+          if (a_jx >= nkx_r) {
+            a_jx -= nkx_r;
+            ++a_jy;
+          }
+          if (a_jy >= nky) {
+            a_jy -= nky;
+            ++d_o;
+          }
+          gy_at.advance(a_ch, d_o);
         }
-        b_o += b_so;  // k += kIgemmBK for the next step
-        b_jx += b_sjx;
-        b_jy += b_sjy;
-        if (b_jx >= nkx_r) {
-          b_jx -= nkx_r;
-          ++b_jy;
+        {
+          const I k = k0 + b_k;  // fixed for the step: k = (b_o * nky + b_jy) * nkx + b_jx
+          const bool k_valid = k < K;
+          const I w_k = w_group + b_o * cin_g * taps + w_tap0 + b_jy * wy + b_jx * sx;
+#pragma unroll 4
+          for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i) {
+            const int nn = b_row + (kIgemmThreads / kIgemmBK) * i;
+            const I n = n0 + nn;
+            b_tile[nn * kIgemmLd + b_k] = (k_valid && n < cin_g) ? wb.weight(w_k + n * taps) : zero;  // transposed
+          }
+          b_o += b_so;  // k += kIgemmBK for the next step
+          b_jx += b_sjx;
+          b_jy += b_sjy;
+          if (b_jx >= nkx_r) {
+            b_jx -= nkx_r;
+            ++b_jy;
+          }
+          if (b_jy >= nky) {
+            b_jy -= nky;
+            ++b_o;
+          }
         }
-        if (b_jy >= nky) {
-          b_jy -= nky;
-          ++b_o;
-        }
+        __syncthreads();
+        igemm_mma_step(acc, a_tile, b_tile, warp_m, warp_n, gid, tid4, /*use_ldmatrix=*/false);
       }
-      __syncthreads();
-      igemm_mma_step(acc, a_tile, b_tile, warp_m, warp_n, gid, tid4, /*use_ldmatrix=*/false);
     }
 
     // Epilogue: acc[mi][ni][2h + j] is phase pixel m0 + warp_m + 16mi + gid + 8h, channel
@@ -726,17 +884,17 @@ __device__ __forceinline__ void igemm_bwd_input_body(const Conv2dIgemmParams& p,
     for (int mi = 0; mi < 2; ++mi) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const index_t m = m0 + warp_m + 16 * mi + gid + 8 * h;
+        const I m = m0 + warp_m + 16 * mi + gid + 8 * h;
         if (m >= M) continue;
-        const index_t img = sample + m / phase_pixels, u = m % phase_pixels;
-        const index_t pix = (py.first + (u / px.count) * p.stride_h) * p.in_w + px.first + (u % px.count) * p.stride_w;
+        const I img = sample + m / phase_pixels, u = m % phase_pixels;
+        const I pix = (py.first + (u / px.count) * p.stride_h) * p.in_w + px.first + (u % px.count) * p.stride_w;
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) {
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
-            const index_t n = n0 + warp_n + 8 * ni + 2 * tid4 + j;
+            const I n = n0 + warp_n + 8 * ni + 2 * tid4 + j;
             if (n >= cin_g) continue;
-            const index_t i = group * cin_g + n;
+            const I i = group * cin_g + n;
             float v = acc[mi][ni][2 * h + j];
             if (wb.bias != nullptr) v += wb.bias_at(i);
             grad_x[(img * p.in_channels + i) * pixels + pix] = from_acc<T>(v);
@@ -747,12 +905,30 @@ __device__ __forceinline__ void igemm_bwd_input_body(const Conv2dIgemmParams& p,
   }
 }
 
+// Blocks per SM the 32-bit dgrad is compiled for (__launch_bounds__ minimum): 4 (<= 128 registers, 0
+// spills) for fp16 / bf16; 3 for float / TF32, which spills 4-76 bytes at 128 (its 4 k8 slices per step).
+template <typename T>
+struct IgemmDgradBlocks {
+  static constexpr int value = 4;
+};
+template <>
+struct IgemmDgradBlocks<float> {
+  static constexpr int value = 3;
+};
+
 // dgrad: grad_x = conv2d's input gradient of grad_y (+ bias[i] per input channel when non-null).
 template <typename T>
-__global__ void __launch_bounds__(kIgemmThreads)
+__global__ void __launch_bounds__(kIgemmThreads, IgemmDgradBlocks<T>::value)
 conv2d_igemm_bwd_input(const Conv2dIgemmParams p, const T* __restrict__ grad_y, const T* __restrict__ w,
                        const T* __restrict__ bias, T* __restrict__ grad_x) {
-  igemm_bwd_input_body(p, grad_y, IgemmWeights<T>{w, bias}, grad_x);
+  if (p.index32) igemm_bwd_input_body<T, IgemmWeights<T>, int>(p, grad_y, IgemmWeights<T>{w, bias}, grad_x);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kIgemmThreads)
+conv2d_igemm64_bwd_input(const Conv2dIgemmParams p, const T* __restrict__ grad_y, const T* __restrict__ w,
+                         const T* __restrict__ bias, T* __restrict__ grad_x) {
+  igemm_bwd_input_body<T, IgemmWeights<T>, index_t>(p, grad_y, IgemmWeights<T>{w, bias}, grad_x);
 }
 
 // dynamic_conv2d's input gradient: grad_x[b] = conv's dgrad of grad_y[b] with M_b (header: DYNAMIC).
@@ -762,26 +938,37 @@ __global__ void __launch_bounds__(kIgemmThreads)
 conv2d_igemm_dynamic_bwd_input(const Conv2dIgemmParams p, const T* __restrict__ grad_y, const T* __restrict__ w,
                                const T* __restrict__ att, T* __restrict__ grad_x) {
   const index_t bank = p.out_channels * (p.in_channels / p.groups) * p.kernel_h * p.kernel_w;
-  igemm_bwd_input_body(p, grad_y, IgemmMixedWeights<T>{w, att, nullptr, p.kernels, bank, p.out_channels}, grad_x);
+  if (p.index32)
+    igemm_bwd_input_body<T, IgemmMixedWeights<T>, int>(
+        p, grad_y, IgemmMixedWeights<T>{w, att, nullptr, p.kernels, bank, p.out_channels}, grad_x);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kIgemmThreads)
+conv2d_igemm64_dynamic_bwd_input(const Conv2dIgemmParams p, const T* __restrict__ grad_y, const T* __restrict__ w,
+                                 const T* __restrict__ att, T* __restrict__ grad_x) {
+  const index_t bank = p.out_channels * (p.in_channels / p.groups) * p.kernel_h * p.kernel_w;
+  igemm_bwd_input_body<T, IgemmMixedWeights<T>, index_t>(
+      p, grad_y, IgemmMixedWeights<T>{w, att, nullptr, p.kernels, bank, p.out_channels}, grad_x);
 }
 
 // wgrad, split-K: workspace[s, o, n] = slice s's fp32 partial of grad_w[o, n] (n = (c*KH + ky)*KW + kx);
 // conv2d_igemm_reduce_splits finishes it. GEMM mapping and split rule in the header.
-template <typename T>
-__global__ void __launch_bounds__(kIgemmThreads, 3)
-conv2d_igemm_bwd_weight(const Conv2dIgemmParams p, const T* __restrict__ grad_y, const T* __restrict__ x,
-                        float* __restrict__ workspace) {
+template <typename T, typename I>
+__device__ __forceinline__ void igemm_bwd_weight_body(const Conv2dIgemmParams& params, const T* __restrict__ grad_y,
+                                                      const T* __restrict__ x, float* __restrict__ workspace) {
+  const IgemmDims<I> p(params);  // the shape in the index type I (INDEX32)
   constexpr int kIgemmLd = IgemmTile<T>::ld, kIgemmTileElems = kIgemmBM * kIgemmLd;
   static_assert(kIgemmBM == kIgemmBN, "one tile size for both double-buffered tiles");
   __align__(16) __shared__ T a_tile[2 * kIgemmTileElems];  // two buffers (PIPELINE)
   __align__(16) __shared__ T b_tile[2 * kIgemmTileElems];
   int buf = 0;  // the buffer the next staged step goes to; runs on across work items (PIPELINE)
-  const index_t cin_g = p.in_channels / p.groups, cout_g = p.out_channels / p.groups;
-  const index_t taps = p.kernel_h * p.kernel_w, N = cin_g * taps;
-  const index_t out_pixels = p.out_h * p.out_w, K = p.batch * out_pixels, in_pixels = p.in_h * p.in_w;
-  const index_t slice = p.split_steps * kIgemmBK;
-  const index_t m_tiles = ceil_div(cout_g, kIgemmBM), n_tiles = ceil_div(N, kIgemmBN);
-  const index_t items = p.groups * p.splits * m_tiles * n_tiles;
+  const I cin_g = p.in_channels / p.groups, cout_g = p.out_channels / p.groups;
+  const I taps = p.kernel_h * p.kernel_w, N = cin_g * taps;
+  const I out_pixels = p.out_h * p.out_w, K = p.batch * out_pixels, in_pixels = p.in_h * p.in_w;
+  const I slice = p.split_steps * kIgemmBK;
+  const I m_tiles = igemm_ceil_div<I>(cout_g, kIgemmBM), n_tiles = igemm_ceil_div<I>(N, kIgemmBN);
+  const I items = p.groups * p.splits * m_tiles * n_tiles;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int gid = lane >> 2, tid4 = lane & 3;
   const int warp_m = 32 * (warp & 1), warp_n = 32 * (warp >> 1);
@@ -797,56 +984,56 @@ conv2d_igemm_bwd_weight(const Conv2dIgemmParams p, const T* __restrict__ grad_y,
   // every thread has passed before it writes here, and these writes are seen after the __syncthreads
   // that follows them (before the item's first gather).
   static_assert(kIgemmThreads == kIgemmBM + kIgemmBN, "one table row per thread");
-  __shared__ index_t a_chan[kIgemmBM], b_off[kIgemmBN], b_dy[kIgemmBN], b_dx[kIgemmBN];
+  __shared__ I a_chan[kIgemmBM], b_off[kIgemmBN], b_dy[kIgemmBN], b_dx[kIgemmBN];
   // The thread's pixel walk k = k_begin + ld_k + kIgemmBK*s in the mixed radix (b, oy, ox): each step
   // adds the constant digits (kIgemmBK / (Ho*Wo), (kIgemmBK / Wo) % Ho, kIgemmBK % Wo) with
   // compare-and-carry (one per digit), decoded by division once per item. (An empty output image
   // has K = 0 and runs no step: its radices are set to 1 to keep % defined.)
-  const index_t wo_r = out_pixels > 0 ? p.out_w : 1, ho_r = out_pixels > 0 ? p.out_h : 1;
-  const index_t step_ox = kIgemmBK % wo_r, step_oy = (kIgemmBK / wo_r) % ho_r, step_img = kIgemmBK / (wo_r * ho_r);
+  const I wo_r = out_pixels > 0 ? p.out_w : 1, ho_r = out_pixels > 0 ? p.out_h : 1;
+  const I step_ox = kIgemmBK % wo_r, step_oy = (kIgemmBK / wo_r) % ho_r, step_img = kIgemmBK / (wo_r * ho_r);
 
-  for (index_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const index_t n_tile = item % n_tiles, m_tile = (item / n_tiles) % m_tiles;
-    const index_t split = (item / (n_tiles * m_tiles)) % p.splits;
-    const index_t group = item / (n_tiles * m_tiles * p.splits);
-    const index_t m0 = m_tile * kIgemmBM, n0 = n_tile * kIgemmBN;
-    const index_t k_begin = split * slice, k_end = min_index(K, k_begin + slice);
-    const IgemmOutLayout gy_at(p);                      // gy may be pixel-shuffled (upscale > 1)
-    const index_t gy_o0 = group * cout_g;               // gy at b*image + channel(gy_o0 + m) + pixel(oy, ox)
+  for (I item = blockIdx.x; item < items; item += gridDim.x) {
+    const I n_tile = item % n_tiles, m_tile = (item / n_tiles) % m_tiles;
+    const I split = (item / (n_tiles * m_tiles)) % p.splits;
+    const I group = item / (n_tiles * m_tiles * p.splits);
+    const I m0 = m_tile * kIgemmBM, n0 = n_tile * kIgemmBN;
+    const I k_begin = split * slice, k_end = igemm_min<I>(K, k_begin + slice);
+    const IgemmOutLayout<I> gy_at(p);                      // gy may be pixel-shuffled (upscale > 1)
+    const I gy_o0 = group * cout_g;               // gy at b*image + channel(gy_o0 + m) + pixel(oy, ox)
     const T* x_group = x + group * cin_g * in_pixels;  // + b*Cin*H*W + c*H*W + iy*W + ix
     if (tid < kIgemmBN) {
-      const index_t n = n0 + tid;
-      const index_t c = n < N ? n / taps : 0, tap = n < N ? n % taps : 0;
-      const index_t dy = (tap / p.kernel_w) * p.dilation_h, dx = (tap % p.kernel_w) * p.dilation_w;
+      const I n = n0 + tid;
+      const I c = n < N ? n / taps : 0, tap = n < N ? n % taps : 0;
+      const I dy = (tap / p.kernel_w) * p.dilation_h, dx = (tap % p.kernel_w) * p.dilation_w;
       b_off[tid] = c * in_pixels + dy * p.in_w + dx;
       b_dy[tid] = dy;
       b_dx[tid] = dx;
     } else {
-      const index_t m = m0 + (tid - kIgemmBN);
+      const I m = m0 + (tid - kIgemmBN);
       a_chan[tid - kIgemmBN] = m < cout_g ? gy_at.channel(gy_o0 + m) : 0;
     }
     __syncthreads();  // the tables are written before this item's first gather reads them (PIPELINE)
-    const index_t k_first = k_begin + ld_k;  // the walk's digits at the item's first k
-    index_t w_img = k_first / (wo_r * ho_r), w_oy = (k_first / wo_r) % ho_r, w_ox = k_first % wo_r;
+    const I k_first = k_begin + ld_k;  // the walk's digits at the item's first k
+    I w_img = k_first / (wo_r * ho_r), w_oy = (k_first / wo_r) % ho_r, w_ox = k_first % wo_r;
 
     IgemmAcc acc;
     igemm_zero(acc);
 
     // Software pipeline (header: PIPELINE), as in igemm_fwd_body: iteration s gathers step s into
     // registers, runs the mma of step s - 1 meanwhile, then stores step s into the other buffer.
-    const index_t steps = k_end > k_begin ? ceil_div(k_end - k_begin, index_t(kIgemmBK)) : 0;
-    index_t k0 = k_begin;  // the k of the step being gathered
+    const I steps = k_end > k_begin ? igemm_ceil_div<I>(k_end - k_begin, I(kIgemmBK)) : 0;
+    I k0 = k_begin;  // the k of the step being gathered
     T a_reg[kIgemmBM * kIgemmBK / kIgemmThreads], b_reg[kIgemmBN * kIgemmBK / kIgemmThreads];
-    for (index_t s = 0; s <= steps && steps > 0; ++s) {
+    for (I s = 0; s <= steps && steps > 0; ++s) {
       if (s < steps) {
-        const index_t k = k0 + ld_k;  // this thread's pixel for the step: (w_img * Ho + w_oy) * Wo + w_ox
+        const I k = k0 + ld_k;  // this thread's pixel for the step: (w_img * Ho + w_oy) * Wo + w_ox
         const bool k_valid = k < k_end;
-        const index_t img = k_valid ? w_img : 0, oy = k_valid ? w_oy : 0, ox = k_valid ? w_ox : 0;
-        const index_t iy0 = oy * p.stride_h - p.pad_h;
-        const index_t ix0 = ox * p.stride_w - p.pad_w;
+        const I img = k_valid ? w_img : 0, oy = k_valid ? w_oy : 0, ox = k_valid ? w_ox : 0;
+        const I iy0 = oy * p.stride_h - p.pad_h;
+        const I ix0 = ox * p.stride_w - p.pad_w;
         const T* gy_k = grad_y + img * gy_at.image + gy_at.pixel(oy, ox);
         const T* x_k = x_group + img * p.in_channels * in_pixels;
-        const index_t x_pix = iy0 * p.in_w + ix0;  // x_k[b_off[nn] + x_pix] = x at (c, iy0 + b_dy[nn], ix0 + b_dx[nn])
+        const I x_pix = iy0 * p.in_w + ix0;  // x_k[b_off[nn] + x_pix] = x at (c, iy0 + b_dy[nn], ix0 + b_dx[nn])
         w_img += step_img;  // k += kIgemmBK for the next step
         w_oy += step_oy;
         w_ox += step_ox;
@@ -860,7 +1047,7 @@ conv2d_igemm_bwd_weight(const Conv2dIgemmParams p, const T* __restrict__ grad_y,
         }
         // Row i (mm = nn = ld_row + 4i) is inside the GEMM iff 4i < rows_left: one compare with a
         // constant per row instead of 16 row predicates kept live across the steps.
-        const index_t a_rows_left = cout_g - m0 - ld_row, b_rows_left = N - n0 - ld_row;
+        const I a_rows_left = cout_g - m0 - ld_row, b_rows_left = N - n0 - ld_row;
 #pragma unroll
         for (int i = 0; i < kIgemmBM * kIgemmBK / kIgemmThreads; ++i) {
           const int mm = ld_row + (kIgemmThreads / kIgemmBK) * i;
@@ -871,7 +1058,7 @@ conv2d_igemm_bwd_weight(const Conv2dIgemmParams p, const T* __restrict__ grad_y,
           const int nn = ld_row + (kIgemmThreads / kIgemmBK) * i;
           T v = zero;
           if (k_valid && (kIgemmThreads / kIgemmBK) * i < b_rows_left) {
-            const index_t iy = iy0 + b_dy[nn], ix = ix0 + b_dx[nn];
+            const I iy = iy0 + b_dy[nn], ix = ix0 + b_dx[nn];
             if (iy >= 0 && iy < p.in_h && ix >= 0 && ix < p.in_w) v = x_k[b_off[nn] + x_pix];
           }
           b_reg[i] = v;
@@ -902,19 +1089,34 @@ conv2d_igemm_bwd_weight(const Conv2dIgemmParams p, const T* __restrict__ grad_y,
     for (int mi = 0; mi < 2; ++mi) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const index_t m = m0 + warp_m + 16 * mi + gid + 8 * h;
+        const I m = m0 + warp_m + 16 * mi + gid + 8 * h;
         if (m >= cout_g) continue;
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) {
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
-            const index_t n = n0 + warp_n + 8 * ni + 2 * tid4 + j;
+            const I n = n0 + warp_n + 8 * ni + 2 * tid4 + j;
             if (n < N) ws[m * N + n] = acc[mi][ni][2 * h + j];
           }
         }
       }
     }
   }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kIgemmThreads, 4)
+conv2d_igemm_bwd_weight(const Conv2dIgemmParams p, const T* __restrict__ grad_y, const T* __restrict__ x,
+                        float* __restrict__ workspace) {
+  if (p.index32) igemm_bwd_weight_body<T, int>(p, grad_y, x, workspace);  // else: launch conv2d_igemm64_bwd_weight
+}
+
+// The same for tensors past 2^31 elements (INDEX32: 64-bit offsets).
+template <typename T>
+__global__ void __launch_bounds__(kIgemmThreads, 3)
+conv2d_igemm64_bwd_weight(const Conv2dIgemmParams p, const T* __restrict__ grad_y, const T* __restrict__ x,
+                          float* __restrict__ workspace) {
+  igemm_bwd_weight_body<T, index_t>(p, grad_y, x, workspace);
 }
 
 // grad_w[e] = from_acc<T>(sum over s = 0, 1, ..., S-1 of workspace[s, e]) for the

@@ -340,7 +340,10 @@ def test_kernel_module_registered_for_half_types_and_tf32_float():
     assert KERNELS.dtypes == ("float16", "bfloat16", "float32")
     assert KERNELS.name_expressions == [f"{k}<{t}>" for k in ("conv2d_igemm_fwd", "conv2d_igemm_bwd_input",
                                                               "conv2d_igemm_bwd_weight", "conv2d_igemm_reduce_splits",
-                                                              "conv2d_igemm_dynamic_fwd", "conv2d_igemm_dynamic_bwd_input")
+                                                              "conv2d_igemm_dynamic_fwd", "conv2d_igemm_dynamic_bwd_input",
+                                                              "conv2d_igemm64_fwd", "conv2d_igemm64_bwd_input",
+                                                              "conv2d_igemm64_bwd_weight", "conv2d_igemm64_dynamic_fwd",
+                                                              "conv2d_igemm64_dynamic_bwd_input")
                                         for t in ("__half", "__nv_bfloat16", "float")]
 
 
@@ -902,3 +905,96 @@ def test_index_walks_exact_on_integer_inputs(case):
     np.testing.assert_array_equal(np.asarray(y).astype(np.float64), ref)
     np.testing.assert_array_equal(np.asarray(gx).astype(np.float64), refs[0])
     np.testing.assert_array_equal(np.asarray(gw).astype(np.float64), refs[1])
+
+
+# --- INDEX32 (round 6): 32-bit kernels where the host proves the bound, 64-bit twins otherwise ---
+
+def test_index32_decision_from_the_shapes():
+    """index32_safe: True for everyday shapes, False once any tensor (or the padded weight
+    bound, or wgrad's workspace, or dynamic_conv2d's bank) reaches 2^31 elements."""
+    from cuconv.ops.conv2d_igemm import index32_safe
+
+    assert index32_safe(conv_geometry("conv2d", (256, 64, 56, 56), (64, 64, 3, 3), None, 1, 1, 1, 1))
+    # x of 2^31 + elements (y too)
+    assert not index32_safe(conv_geometry("conv2d", (1, 1, 46341, 46341), (1, 1, 1, 1), None, 1, 0, 1, 1))
+    # y only: a 1-channel input to 2^31 / 2^20 output channels of 2^20 pixels
+    assert not index32_safe(conv_geometry("conv2d", (1, 1, 1024, 1024), (2048, 1, 1, 1), None, 1, 0, 1, 1))
+    # the weight only (x and y small): Cout * Cin_g * KH * KW padded past 2^31
+    geom = conv_geometry("conv2d", (1, 16384, 1, 1), (16384, 16384, 3, 3), None, 1, 1, 1, 1)
+    assert not index32_safe(geom)
+    # dynamic_conv2d's bank of Kn expert kernels, and wgrad's workspace of S slices
+    geom = conv_geometry("conv2d", (1, 2048, 4, 4), (2048, 2048, 3, 3), None, 1, 1, 1, 1)
+    assert index32_safe(geom) and not index32_safe(geom, kernels=64) and not index32_safe(geom, splits=64)
+
+
+INDEX32_CASES = [  # (batch, cin, h, w, cout, kh, kw, params, upscale)
+    (2, 6, 9, 11, 10, 3, 3, dict(padding=1, stride=2, groups=2), 1),
+    (1, 5, 7, 8, 66, 3, 2, dict(padding=(2, 1), dilation=(1, 2)), 1),
+    (1, 4, 6, 5, 18, 3, 3, dict(padding=1), 3),
+]
+
+
+@pytest.mark.parametrize("case", INDEX32_CASES, ids=lambda c: f"{c[1]}-{c[4]}x{c[5]}x{c[6]}-r{c[8]}")
+def test_index32_and_64_bit_kernels_bitwise_equal(case, monkeypatch, launches):
+    """Every pass through the 32-bit kernels (the default here) and through the 64-bit twins (the host
+    decision forced off) gives the same bits: the two index types form the same offsets."""
+    import cuconv.ops.conv2d_igemm as igemm
+    from cuconv.ops.dynamic_conv import dynamic_conv2d, dynamic_conv2d_backward
+    from cuconv.ops.subpixel import subpixel_conv2d, subpixel_conv2d_backward
+
+    batch, cin, h, w_, cout, kh, kw, params, r = case
+    rng = np.random.default_rng(cin * 31 + cout)
+    groups = params.get("groups", 1)
+    x = rng.standard_normal((batch, cin, h, w_)).astype(np.float16)
+    w = rng.standard_normal((cout, cin // groups, kh, kw)).astype(np.float16)
+    b = rng.standard_normal(cout).astype(np.float16)
+    bank = rng.standard_normal((3, cout, cin // groups, kh, kw)).astype(np.float16)
+    att = rng.random((batch, 3)).astype(np.float16)
+    bank_bias = rng.standard_normal((3, cout)).astype(np.float16)
+
+    def run():
+        if r == 1:
+            y = igemm_conv2d(x, w, b, **params)
+            gy = np.random.default_rng(7).standard_normal(y.shape).astype(np.float16)
+            out = [y, *igemm_conv2d_backward(gy, x, w, b, **params)]
+            out.append(dynamic_conv2d(x, bank, att, bank_bias, algorithm="implicit_gemm", **params))
+            out += dynamic_conv2d_backward(gy, x, bank, att, bank_bias, algorithm="implicit_gemm", **params)
+        else:
+            y = subpixel_conv2d(x, w, b, upscale_factor=r, algorithm="implicit_gemm", **params)
+            gy = np.random.default_rng(7).standard_normal(y.shape).astype(np.float16)
+            out = [y, *subpixel_conv2d_backward(gy, x, w, b, upscale_factor=r, algorithm="implicit_gemm", **params)]
+        return [np.asarray(a) for a in out if a is not None]
+
+    narrow = run()
+    assert {"conv2d_igemm_fwd", "conv2d_igemm_bwd_input", "conv2d_igemm_bwd_weight"} <= set(launches)
+    assert not any("igemm64" in k for k in launches)
+    launches.clear()
+    monkeypatch.setattr(igemm, "index32_safe", lambda *a, **k: False)
+    wide = run()
+    assert {"conv2d_igemm64_fwd", "conv2d_igemm64_bwd_input", "conv2d_igemm64_bwd_weight"} <= set(launches)
+    assert not any(k.startswith("conv2d_igemm_") and k != "conv2d_igemm_reduce_splits" for k in launches)
+    if r == 1:
+        assert {"conv2d_igemm64_dynamic_fwd", "conv2d_igemm64_dynamic_bwd_input"} <= set(launches)
+    assert len(narrow) == len(wide) >= 4
+    for a, c in zip(narrow, wide):
+        assert not np.isnan(a.astype(np.float32)).any()
+        assert a.dtype == c.dtype and np.array_equal(a.view(np.uint16), c.view(np.uint16))
+
+
+def test_32_bit_kernel_refuses_params_without_index32(launches):
+    """The 32-bit entry points compute nothing unless the host set index32 (the poisoned NaN output
+    stays): a launcher that forgot the proof cannot silently wrap an offset."""
+    import cuconv.ops.conv2d_igemm as igemm
+
+    x = np.ones((1, 2, 5, 5), np.float16)
+    w = np.ones((3, 2, 3, 3), np.float16)
+    geom = conv_geometry("conv2d", x.shape, w.shape, None, 1, 1, 1, 1)
+    call = Call("conv2d", input=x, weight=w)
+    y = call.empty(geom.output_shape)
+    params = dict(igemm._params(geom), index32=0)
+    y.data[...] = np.nan
+    call.launch(KERNELS, "conv2d_igemm_fwd", 1, 128, params, call.operand("input"), call.operand("weight"), None, y)
+    assert np.isnan(np.asarray(call.export(y)).astype(np.float32)).all()
+    call.launch(KERNELS, "conv2d_igemm_fwd", 1, 128, dict(params, index32=1), call.operand("input"),
+                call.operand("weight"), None, y)
+    assert (np.asarray(call.export(y)).astype(np.float32)[:, :, 1:-1, 1:-1] == 18).all()

@@ -38,6 +38,11 @@ launch_igemm_dynamic_forward / launch_igemm_dynamic_grad_input run the same forw
 dgrad bodies with sample b's kernel sum_j att[b, j] * w[j] mixed in the B-tile loader
 (float32 sum, rounded once to the storage dtype, never stored), one GEMM per (sample,
 group); they allocate nothing. Kernels: conv2d_igemm_dynamic_fwd / _bwd_input.
+
+Index width (round 6): every launcher sets params index32 = index32_safe(geom, ...) and
+launches the 32-bit kernels (conv2d_igemm_*, fewer registers: 4 blocks/SM, dgrad
+pipelined) when every offset provably fits 31 bits, else their 64-bit twins
+(conv2d_igemm64_*). Both give bitwise-identical results.
 """
 
 from __future__ import annotations
@@ -49,7 +54,10 @@ from .conv2d import ConvGeometry, launch_grad_bias
 KERNELS = KernelModule(
     "conv2d_igemm.cu",
     kernels=("conv2d_igemm_fwd", "conv2d_igemm_bwd_input", "conv2d_igemm_bwd_weight", "conv2d_igemm_reduce_splits",
-             "conv2d_igemm_dynamic_fwd", "conv2d_igemm_dynamic_bwd_input"),
+             "conv2d_igemm_dynamic_fwd", "conv2d_igemm_dynamic_bwd_input",
+             # 64-bit twins for tensors past 2^31 elements (index32_safe False; INDEX32 in the .cu)
+             "conv2d_igemm64_fwd", "conv2d_igemm64_bwd_input", "conv2d_igemm64_bwd_weight",
+             "conv2d_igemm64_dynamic_fwd", "conv2d_igemm64_dynamic_bwd_input"),
     params_struct="Conv2dIgemmParams",
     dtypes=("float16", "bfloat16", "float32"),
 )
@@ -101,13 +109,49 @@ def check_implicit_gemm(op: str, geom: ConvGeometry, dtype: str, tf32: bool = Fa
         raise ValueError(f"{op}: algorithm={algorithm_name(tf32)!r} supports only {why}")
 
 
+_INDEX32_LIMIT = 2**31  # every offset a 32-bit kernel forms must be below this (INDEX32 in the .cu)
+
+
+def index32_safe(geom: ConvGeometry, splits: int = 1, kernels: int = 1) -> bool:
+    """True when every offset the igemm kernels form for this shape fits a signed 32-bit
+    int, so the 32-bit kernels (conv2d_igemm_*, params index32 = 1) compute exactly the
+    offsets of the 64-bit ones (conv2d_igemm64_*): bitwise-identical results.
+
+    Bound, from the shapes alone, generously padded: the loaders form (but never
+    dereference) offsets of rows up to 63 past a GEMM edge and of k up to 31 past K, whose
+    channel digit then runs up to 32 past the last channel. So: x and y with 32 spare
+    channels; the weight (times dynamic_conv2d's Kn expert kernels) with Cout padded by
+    64 + 32 and Cin_g by 64; wgrad's split-K workspace; twice the largest work item count
+    (the grid-stride counter item + grid). Anything at or past 2^31 takes the 64-bit
+    kernels."""
+    cin_g, cout_g = geom.in_channels // geom.groups, geom.out_channels // geom.groups
+    taps = geom.kernel_h * geom.kernel_w
+    x = geom.batch * (geom.in_channels + _TILE_K) * geom.in_h * geom.in_w
+    y = geom.batch * (geom.out_channels + _TILE_K) * geom.out_h * geom.out_w
+    w = kernels * (geom.out_channels + _TILE_M + _TILE_K) * (cin_g + _TILE_N) * taps
+    ws = splits * geom.out_channels * cin_g * taps
+    sh, sw = geom.stride
+    tiles = max(_tiles(geom.batch * geom.out_h * geom.out_w, _TILE_M) * _tiles(cout_g, _TILE_N) * geom.groups,
+                geom.groups * sh * sw * _tiles(geom.batch * _tiles(geom.in_h, sh) * _tiles(geom.in_w, sw), _TILE_M)
+                * _tiles(cin_g, _TILE_N),
+                geom.groups * splits * _tiles(cout_g, _TILE_M) * _tiles(cin_g * taps, _TILE_N))
+    return max(x, y, w, ws, 2 * tiles * geom.batch) < _INDEX32_LIMIT
+
+
+def _kernel(name: str, params: dict) -> str:
+    """The 32-bit entry point `name` when params['index32'], else its 64-bit twin
+    (conv2d_igemm_X -> conv2d_igemm64_X)."""
+    return name if params["index32"] else name.replace("conv2d_igemm_", "conv2d_igemm64_", 1)
+
+
 def _params(geom: ConvGeometry, splits: int = 1, split_steps: int = 0, kernels: int = 1) -> dict:
     return dict(batch=geom.batch, in_channels=geom.in_channels, in_h=geom.in_h, in_w=geom.in_w,
                 out_channels=geom.out_channels, out_h=geom.out_h, out_w=geom.out_w,
                 kernel_h=geom.kernel_h, kernel_w=geom.kernel_w,
                 stride_h=geom.stride[0], stride_w=geom.stride[1], pad_h=geom.pad[0], pad_w=geom.pad[1],
                 dilation_h=geom.dilation[0], dilation_w=geom.dilation[1], groups=geom.groups,
-                splits=splits, split_steps=split_steps, upscale=geom.upscale, kernels=kernels)
+                splits=splits, split_steps=split_steps, upscale=geom.upscale, kernels=kernels,
+                index32=int(index32_safe(geom, splits, kernels)))
 
 
 def _tiles(n: int, tile: int) -> int:
@@ -139,7 +183,8 @@ def launch_igemm_forward(call: Call, geom: ConvGeometry, x, w, bias, y, *, tf32:
     check_implicit_gemm(call.op, geom, call.dtype, tf32)
     m_tiles = _tiles(geom.batch * geom.out_h * geom.out_w, _TILE_M)
     n_tiles = _tiles(geom.out_channels // geom.groups, _TILE_N)
-    call.launch(KERNELS, "conv2d_igemm_fwd", geom.groups * m_tiles * n_tiles, _THREADS, _params(geom),
+    params = _params(geom)
+    call.launch(KERNELS, _kernel("conv2d_igemm_fwd", params), geom.groups * m_tiles * n_tiles, _THREADS, params,
                 x, w, bias, y)
 
 
@@ -153,7 +198,8 @@ def launch_igemm_grad_input(call: Call, geom: ConvGeometry, grad_y, w, bias, gra
     sh, sw = geom.stride
     phase_pixels = geom.batch * _tiles(geom.in_h, sh) * _tiles(geom.in_w, sw)
     items = geom.groups * sh * sw * _tiles(phase_pixels, _TILE_M) * _tiles(geom.in_channels // geom.groups, _TILE_N)
-    call.launch(KERNELS, "conv2d_igemm_bwd_input", items, _THREADS, _params(geom), grad_y, w, bias, grad_x)
+    params = _params(geom)
+    call.launch(KERNELS, _kernel("conv2d_igemm_bwd_input", params), items, _THREADS, params, grad_y, w, bias, grad_x)
 
 
 def launch_igemm_grad_weight(call: Call, geom: ConvGeometry, grad_y, x, grad_w, *, tf32: bool = False) -> None:
@@ -169,7 +215,7 @@ def launch_igemm_grad_weight(call: Call, geom: ConvGeometry, grad_y, x, grad_w, 
     params = _params(geom, splits, steps)
     workspace = call.empty((splits, geom.out_channels, n), "float32")
     items = geom.groups * splits * _tiles(cout_g, _TILE_M) * _tiles(n, _TILE_N)
-    call.launch(KERNELS, "conv2d_igemm_bwd_weight", items, _THREADS, params, grad_y, x, workspace)
+    call.launch(KERNELS, _kernel("conv2d_igemm_bwd_weight", params), items, _THREADS, params, grad_y, x, workspace)
     call.launch(KERNELS, "conv2d_igemm_reduce_splits", _tiles(geom.out_channels * n, _REDUCE_THREADS),
                 _REDUCE_THREADS, params, workspace, grad_w)
 
@@ -200,9 +246,10 @@ def launch_igemm_dynamic_forward(call: Call, geom: ConvGeometry, x, w, att, bias
     None. Allocates nothing."""
     check_implicit_gemm(call.op, geom, call.dtype, tf32)
     kernels = _dynamic_kernel_count(call.op, geom, w, att)
-    call.launch(KERNELS, "conv2d_igemm_dynamic_fwd",
+    params = _params(geom, kernels=kernels)
+    call.launch(KERNELS, _kernel("conv2d_igemm_dynamic_fwd", params),
                 _dynamic_items(geom, geom.out_h * geom.out_w, geom.out_channels // geom.groups), _THREADS,
-                _params(geom, kernels=kernels), x, w, att, bias, y)
+                params, x, w, att, bias, y)
 
 
 def launch_igemm_dynamic_grad_input(call: Call, geom: ConvGeometry, grad_y, w, att, grad_x, *,
@@ -215,7 +262,8 @@ def launch_igemm_dynamic_grad_input(call: Call, geom: ConvGeometry, grad_y, w, a
     sh, sw = geom.stride
     items = _dynamic_items(geom, _tiles(geom.in_h, sh) * _tiles(geom.in_w, sw), geom.in_channels // geom.groups,
                            sh * sw)
-    call.launch(KERNELS, "conv2d_igemm_dynamic_bwd_input", items, _THREADS, _params(geom, kernels=kernels),
+    params = _params(geom, kernels=kernels)
+    call.launch(KERNELS, _kernel("conv2d_igemm_dynamic_bwd_input", params), items, _THREADS, params,
                 grad_y, w, att, grad_x)
 
 

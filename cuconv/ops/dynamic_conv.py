@@ -26,9 +26,10 @@ dynamic_conv2d / dynamic_conv2d_backward (only those two) take `algorithm`:
 INPUT gradient on the tensor cores, kernels_cu/conv2d_igemm.cu's conv2d_igemm_dynamic_fwd
 / _bwd_input, sample b's kernel mixed in the implicit GEMM's B-tile loader and rounded
 once to the storage dtype; the weight, attention and bias gradients stay on the direct
-kernels above; no workspace, nothing mixed-kernel-sized allocated) or 'auto' (= 'direct'
-for now: the tensor-core path is unmeasured). dynamic_implicit_gemm_supported(geom, dtype)
-says whether 'implicit_gemm' can run a conv.
+kernels above; no workspace, nothing mixed-kernel-sized allocated) or 'auto' ('direct'
+untuned, as the tensor-core path is unmeasured; with CUCONV_AUTOTUNE=1 on a GPU the faster
+of the two, forward and input gradient tuned separately).
+dynamic_implicit_gemm_supported(geom, dtype) says whether 'implicit_gemm' can run a conv.
 """
 
 from __future__ import annotations
@@ -306,6 +307,7 @@ def dynamic_conv2d(input, weight, attention, bias=None, stride=1, padding=0, dil
     op = "dynamic_conv2d"
     call = Call(op, input=input, weight=weight, attention=attention, bias=bias, optional=("bias",))
     geom, mix = _dynamic_geometry(op, call, stride, padding, dilation, groups)
+
     def run(algorithm):
         if algorithm == "implicit_gemm":
             y = call.empty(geom.output_shape)

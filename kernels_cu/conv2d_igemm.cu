@@ -735,6 +735,48 @@ __device__ __forceinline__ void igemm_bwd_input_body(const Conv2dIgemmParams& pa
     I a_jx = a_k % nkx_r, a_jy = (a_k / nkx_r) % nky;  // A's k = a_k, then + kIgemmAStep per element
     typename IgemmOutLayout<I>::Walk a_ch = gy_at.walk(gy_o0 + a_k / ptaps);  // channel(g*Cout_g + o) of A's k
     I b_jx = b_k % nkx_r, b_jy = (b_k / nkx_r) % nky, b_o = b_k / ptaps;  // B's k = k0 + b_k
+    // A's element at the walk's k (its (o, jy, jx) and channel offset), then the walk steps kIgemmAStep.
+    auto a_gather_next = [&](I k) -> T {
+      T v = zero;
+      if (a_valid && k < K) {
+        const I oy = oy0 - a_jy * oy_step, ox = ox0 - a_jx * ox_step;
+        if (oy >= 0 && oy < p.out_h && ox >= 0 && ox < p.out_w) v = gy_image[a_ch.off + gy_at.pixel(oy, ox)];
+      }
+      int d_o = a_so;
+      a_jx += a_sjx;
+      a_jy += a_sjy;
+      if (a_jx >= nkx_r) {
+        a_jx -= nkx_r;
+        ++a_jy;
+      }
+      if (a_jy >= nky) {
+        a_jy -= nky;
+        ++d_o;
+      }
+      gy_at.advance(a_ch, d_o);
+      return v;
+    };
+    // The weight offset of B's k = (b_o * nky + b_jy) * nkx + b_jx for this step, then the walk steps kIgemmBK.
+    auto b_offset_next = [&]() -> I {
+      const I w_k = w_group + b_o * cin_g * taps + w_tap0 + b_jy * wy + b_jx * sx;
+      b_o += b_so;
+      b_jx += b_sjx;
+      b_jy += b_sjy;
+      if (b_jx >= nkx_r) {
+        b_jx -= nkx_r;
+        ++b_jy;
+      }
+      if (b_jy >= nky) {
+        b_jy -= nky;
+        ++b_o;
+      }
+      return w_k;
+    };
+    // B's element of tile row nn (transposed: w[g*Cout_g + o, n0 + nn, ky, kx]) for a step's k and offset.
+    auto b_value = [&](int nn, bool k_valid, I w_k) -> T {
+      const I n = n0 + nn;
+      return (k_valid && n < cin_g) ? wb.weight(w_k + n * taps) : zero;
+    };
 
     IgemmAcc acc;
     igemm_zero(acc);
@@ -754,46 +796,14 @@ __device__ __forceinline__ void igemm_bwd_input_body(const Conv2dIgemmParams& pa
       for (I s = 0; s <= steps && steps > 0; ++s) {
         if (s < steps) {
 #pragma unroll
-          for (int i = 0; i < kIgemmBM * kIgemmBK / kIgemmThreads; ++i) {
-            const I k = k0 + a_k + kIgemmAStep * i;  // = (o * nky + a_jy) * nkx + a_jx, a_ch.off = channel(g*Cout_g + o)
-            T v = zero;
-            if (a_valid && k < K) {
-              const I oy = oy0 - a_jy * oy_step, ox = ox0 - a_jx * ox_step;
-              if (oy >= 0 && oy < p.out_h && ox >= 0 && ox < p.out_w) v = gy_image[a_ch.off + gy_at.pixel(oy, ox)];
-            }
-            a_reg[i] = v;
-            int d_o = a_so;  // k += kIgemmAStep
-            a_jx += a_sjx;
-            a_jy += a_sjy;
-            if (a_jx >= nkx_r) {
-              a_jx -= nkx_r;
-              ++a_jy;
-            }
-            if (a_jy >= nky) {
-              a_jy -= nky;
-              ++d_o;
-            }
-            gy_at.advance(a_ch, d_o);
-          }
-          b_kv = k0 + b_k < K;  // the step's k = (b_o * nky + b_jy) * nkx + b_jx
-          b_wk = w_group + b_o * cin_g * taps + w_tap0 + b_jy * wy + b_jx * sx;
+          for (int i = 0; i < kIgemmBM * kIgemmBK / kIgemmThreads; ++i)
+            a_reg[i] = a_gather_next(k0 + a_k + kIgemmAStep * i);
+          b_kv = k0 + b_k < K;
+          b_wk = b_offset_next();
           if (kPrefetchB) {
 #pragma unroll
-            for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i) {
-              const I n = n0 + b_row + (kIgemmThreads / kIgemmBK) * i;
-              b_reg[i] = (b_kv && n < cin_g) ? wb.weight(b_wk + n * taps) : zero;  // transposed
-            }
-          }
-          b_o += b_so;  // k += kIgemmBK for the next step
-          b_jx += b_sjx;
-          b_jy += b_sjy;
-          if (b_jx >= nkx_r) {
-            b_jx -= nkx_r;
-            ++b_jy;
-          }
-          if (b_jy >= nky) {
-            b_jy -= nky;
-            ++b_o;
+            for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i)
+              b_reg[i] = b_value(b_row + (kIgemmThreads / kIgemmBK) * i, b_kv, b_wk);
           }
           k0 += kIgemmBK;
         }
@@ -814,8 +824,7 @@ __device__ __forceinline__ void igemm_bwd_input_body(const Conv2dIgemmParams& pa
 #pragma unroll 4
             for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i) {
               const int nn = b_row + (kIgemmThreads / kIgemmBK) * i;
-              const I n = n0 + nn;
-              b_dst[nn * kIgemmLd + b_k] = (b_kv && n < cin_g) ? wb.weight(b_wk + n * taps) : zero;  // transposed
+              b_dst[nn * kIgemmLd + b_k] = b_value(nn, b_kv, b_wk);
             }
           }
           __syncthreads();  // step s is staged; every warp's mma of step s - 1 (buffer buf ^ 1) is done
@@ -823,54 +832,21 @@ __device__ __forceinline__ void igemm_bwd_input_body(const Conv2dIgemmParams& pa
         }
       }
     } else {
-      // Unpipelined (the 64-bit twins, round 5's loop verbatim): barrier, stage straight into the one
+      // Unpipelined (the 64-bit twins, round 5's loop): barrier, stage straight into the one
       // buffer, barrier, mma with 4-byte fragment loads (what fits their 168 registers without spills).
       for (I k0 = 0; k0 < K; k0 += kIgemmBK) {
         __syncthreads();  // the previous step's tiles have been consumed by every warp
 #pragma unroll 4
         for (int i = 0; i < kIgemmBM * kIgemmBK / kIgemmThreads; ++i) {
           const int kk = a_k + kIgemmAStep * i;
-          const I k = k0 + kk;  // = (o * nky + a_jy) * nkx + a_jx, a_ch.off = channel(g*Cout_g + o)
-          T v = zero;
-          if (a_valid && k < K) {
-            const I oy = oy0 - a_jy * oy_step, ox = ox0 - a_jx * ox_step;
-            if (oy >= 0 && oy < p.out_h && ox >= 0 && ox < p.out_w) v = gy_image[a_ch.off + gy_at.pixel(oy, ox)];
-          }
-          a_tile[a_row * kIgemmLd + kk] = v;
-          int d_o = a_so;  // k += kIgemmAStep
-          a_jx += a_sjx;
-          a_jy += a_sjy;
-          if (a_jx >= nkx_r) {
-            a_jx -= nkx_r;
-            ++a_jy;
-          }
-          if (a_jy >= nky) {
-            a_jy -= nky;
-            ++d_o;
-          }
-          gy_at.advance(a_ch, d_o);
+          a_tile[a_row * kIgemmLd + kk] = a_gather_next(k0 + kk);
         }
-        {
-          const I k = k0 + b_k;  // fixed for the step: k = (b_o * nky + b_jy) * nkx + b_jx
-          const bool k_valid = k < K;
-          const I w_k = w_group + b_o * cin_g * taps + w_tap0 + b_jy * wy + b_jx * sx;
+        const bool k_valid = k0 + b_k < K;
+        const I w_k = b_offset_next();
 #pragma unroll 4
-          for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i) {
-            const int nn = b_row + (kIgemmThreads / kIgemmBK) * i;
-            const I n = n0 + nn;
-            b_tile[nn * kIgemmLd + b_k] = (k_valid && n < cin_g) ? wb.weight(w_k + n * taps) : zero;  // transposed
-          }
-          b_o += b_so;  // k += kIgemmBK for the next step
-          b_jx += b_sjx;
-          b_jy += b_sjy;
-          if (b_jx >= nkx_r) {
-            b_jx -= nkx_r;
-            ++b_jy;
-          }
-          if (b_jy >= nky) {
-            b_jy -= nky;
-            ++b_o;
-          }
+        for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i) {
+          const int nn = b_row + (kIgemmThreads / kIgemmBK) * i;
+          b_tile[nn * kIgemmLd + b_k] = b_value(nn, k_valid, w_k);
         }
         __syncthreads();
         igemm_mma_step(acc, a_tile, b_tile, warp_m, warp_n, gid, tid4, /*use_ldmatrix=*/false);

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from .._kernels import KernelModule
 from ._common import Call
 from .conv2d import ConvGeometry, launch_grad_bias
+from .depthwise import _is_depthwise, _tiles  # the same geometry test and tile count as the CUDA-core kernels
 
 KERNELS = KernelModule(
     "depthwise_tc.cu",
@@ -75,10 +76,6 @@ class _Plan:
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
-
-
-def _is_depthwise(geom: ConvGeometry) -> bool:
-    return geom.groups == geom.in_channels and geom.out_channels % geom.in_channels == 0
 
 
 def _plan(geom: ConvGeometry, kind: str, budget: int) -> _Plan | None:
@@ -151,10 +148,6 @@ def _params(geom: ConvGeometry, plan: _Plan, chunks: int = 0, tiles_per_chunk: i
                 multiplier=geom.out_channels // geom.in_channels, tile_h=plan.tile_h, tile_w=plan.tile_w,
                 span=plan.span, pitch=plan.pitch, wlen=plan.wlen, halo_rows=plan.halo_rows, chunks=chunks,
                 tiles_per_chunk=tiles_per_chunk)
-
-
-def _tiles(rows: int, cols: int, plan: _Plan) -> int:
-    return -(-rows // plan.tile_h) * -(-cols // plan.tile_w)
 
 
 def wgrad_chunks(geom: ConvGeometry, plan: _Plan) -> tuple[int, int]:

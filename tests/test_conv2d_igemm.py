@@ -998,3 +998,43 @@ def test_32_bit_kernel_refuses_params_without_index32(launches):
     call.launch(KERNELS, "conv2d_igemm_fwd", 1, 128, dict(params, index32=1), call.operand("input"),
                 call.operand("weight"), None, y)
     assert (np.asarray(call.export(y)).astype(np.float32)[:, :, 1:-1, 1:-1] == 18).all()
+
+
+def test_index32_and_64_bit_tf32_kernels_bitwise_equal(monkeypatch, launches):
+    """The float (TF32) instantiations of both index widths: every pass, and the dynamic
+    kernels through their launchers, give the same bits with the host decision forced off."""
+    import cuconv.ops.conv2d_igemm as igemm
+
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((2, 6, 9, 8)).astype(np.float32)
+    w = rng.standard_normal((10, 3, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(10).astype(np.float32)
+    params = dict(stride=2, padding=1, groups=2)
+    gy = rng.standard_normal(geometry(x.shape, w.shape, **params).output_shape).astype(np.float32)
+    bank = rng.standard_normal((3, 10, 3, 3, 3)).astype(np.float32)
+    att = rng.random((2, 3)).astype(np.float32)
+    geom = geometry(x.shape, w.shape, **params)
+
+    def run():
+        out = [igemm_conv2d(x, w, b, **params, tf32=True),
+               *igemm_conv2d_backward(gy, x, w, b, **params, tf32=True)]
+        call = Call("dynamic_conv2d_backward", input=x, grad_output=gy, weight=bank, attention=att)
+        y = call.empty(geom.output_shape)
+        igemm.launch_igemm_dynamic_forward(call, geom, call.operand("input"), call.operand("weight"),
+                                           call.operand("attention"), None, y, tf32=True)
+        gx = call.empty(x.shape)
+        igemm.launch_igemm_dynamic_grad_input(call, geom, call.operand("grad_output"), call.operand("weight"),
+                                              call.operand("attention"), gx, tf32=True)
+        return [np.asarray(a) for a in out if a is not None] + [np.asarray(y.data), np.asarray(gx.data)]
+
+    narrow = run()
+    assert not any("igemm64" in k for k in launches)
+    launches.clear()
+    monkeypatch.setattr(igemm, "index32_safe", lambda *a, **k: False)
+    wide = run()
+    assert {"conv2d_igemm64_fwd", "conv2d_igemm64_bwd_input", "conv2d_igemm64_bwd_weight",
+            "conv2d_igemm64_dynamic_fwd", "conv2d_igemm64_dynamic_bwd_input"} <= set(launches)
+    assert len(narrow) == len(wide) == 6
+    for a, c in zip(narrow, wide):
+        assert a.dtype == np.float32 and not np.isnan(a).any()
+        assert a.tobytes() == c.tobytes()

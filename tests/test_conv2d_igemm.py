@@ -934,8 +934,9 @@ INDEX32_CASES = [  # (batch, cin, h, w, cout, kh, kw, params, upscale)
 ]
 
 
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("case", INDEX32_CASES, ids=lambda c: f"{c[1]}-{c[4]}x{c[5]}x{c[6]}-r{c[8]}")
-def test_index32_and_64_bit_kernels_bitwise_equal(case, monkeypatch, launches):
+def test_index32_and_64_bit_kernels_bitwise_equal(case, dtype, monkeypatch, launches):
     """Every pass through the 32-bit kernels (the default here) and through the 64-bit twins (the host
     decision forced off) gives the same bits: the two index types form the same offsets."""
     import cuconv.ops.conv2d_igemm as igemm
@@ -945,23 +946,23 @@ def test_index32_and_64_bit_kernels_bitwise_equal(case, monkeypatch, launches):
     batch, cin, h, w_, cout, kh, kw, params, r = case
     rng = np.random.default_rng(cin * 31 + cout)
     groups = params.get("groups", 1)
-    x = rng.standard_normal((batch, cin, h, w_)).astype(np.float16)
-    w = rng.standard_normal((cout, cin // groups, kh, kw)).astype(np.float16)
-    b = rng.standard_normal(cout).astype(np.float16)
-    bank = rng.standard_normal((3, cout, cin // groups, kh, kw)).astype(np.float16)
-    att = rng.random((batch, 3)).astype(np.float16)
-    bank_bias = rng.standard_normal((3, cout)).astype(np.float16)
+    x = rng.standard_normal((batch, cin, h, w_)).astype(DTYPES[dtype])
+    w = rng.standard_normal((cout, cin // groups, kh, kw)).astype(DTYPES[dtype])
+    b = rng.standard_normal(cout).astype(DTYPES[dtype])
+    bank = rng.standard_normal((3, cout, cin // groups, kh, kw)).astype(DTYPES[dtype])
+    att = rng.random((batch, 3)).astype(DTYPES[dtype])
+    bank_bias = rng.standard_normal((3, cout)).astype(DTYPES[dtype])
 
     def run():
         if r == 1:
             y = igemm_conv2d(x, w, b, **params)
-            gy = np.random.default_rng(7).standard_normal(y.shape).astype(np.float16)
+            gy = np.random.default_rng(7).standard_normal(y.shape).astype(DTYPES[dtype])
             out = [y, *igemm_conv2d_backward(gy, x, w, b, **params)]
             out.append(dynamic_conv2d(x, bank, att, bank_bias, algorithm="implicit_gemm", **params))
             out += dynamic_conv2d_backward(gy, x, bank, att, bank_bias, algorithm="implicit_gemm", **params)
         else:
             y = subpixel_conv2d(x, w, b, upscale_factor=r, algorithm="implicit_gemm", **params)
-            gy = np.random.default_rng(7).standard_normal(y.shape).astype(np.float16)
+            gy = np.random.default_rng(7).standard_normal(y.shape).astype(DTYPES[dtype])
             out = [y, *subpixel_conv2d_backward(gy, x, w, b, upscale_factor=r, algorithm="implicit_gemm", **params)]
         return [np.asarray(a) for a in out if a is not None]
 

@@ -4,10 +4,16 @@ on arrays from CuPy, PyTorch, JAX or NumPy (through DLPack, without copies).
 Host arrays run on the `interpret` backend (the same .cu sources compiled for the
 CPU); CUDA arrays on the `cuda` backend (NVRTC through cupy.RawModule).
 CUCONV_BACKEND=interpret|cuda forces one.
+
+Every op of the registry (cuconv/_registry.py) is public here as OP and OP_backward.
 """
 
-from .ops import *  # noqa: F403  (every op and its backward)
-from .ops import __all__ as _ops
+from . import ops as _ops  # imports every op module, which registers its ops
+from ._registry import OPS as _OPS
+from .ops.conv2d import conv_output_size
 
 __version__ = "0.1.0"
-__all__ = [*_ops, "__version__"]
+
+globals().update({name: opdef.forward for name, opdef in _OPS.items()})
+globals().update({name + "_backward": opdef.backward for name, opdef in _OPS.items()})
+__all__ = [*_OPS, *(name + "_backward" for name in _OPS), "conv_output_size", "__version__"]

@@ -4,7 +4,7 @@
     y = cj.conv2d(x, w, b, padding=1)                      # eager, jit, grad, vmap
     gx, gw = jax.grad(lambda x, w: cj.conv2d(x, w).sum(), argnums=(0, 1))(x, w)
 
-`cuconv.jax.OP(*arrays, **params)` exists for every op of `cuconv._shapes.ARRAY_ARGS`,
+`cuconv.jax.OP(*arrays, **params)` exists for every op of the registry (`cuconv._registry.OPS`),
 with the signature of `cuconv.OP`. Array arguments are differentiable JAX values (None
 for an absent optional array); the other arguments are static parameters (Python
 values, closed over: they are part of the trace, not traced).
@@ -24,7 +24,7 @@ How the kernels run:
   called on the JAX arrays themselves; they cross through DLPack without a copy, host
   arrays run on the `interpret` backend and CUDA arrays on the `cuda` backend.
 - **Traced arrays** (under `jax.jit`, `jax.vmap`, `jax.lax.scan`, ...): a callback
-  whose result shapes come from `cuconv._shapes.output_shape`, so a bad shape raises at
+  whose result shapes come from `cuconv._registry.output_shape`, so a bad shape raises at
   trace time with cuconv's own message. Two mechanisms (`CUCONV_JAX_CALLBACK`, read when
   a function is traced):
   - `buffer` (the default where `jax.experimental.buffer_callback` exists):
@@ -41,7 +41,7 @@ How the kernels run:
 Complex gradients: cuconv's backward returns `dL/dRe z + i dL/dIm z` for a complex
 argument z (PyTorch's convention). JAX's cotangent of a complex input is the conjugate,
 `dL/dRe z - i dL/dIm z` (`jax.grad(lambda z: abs(z)**2)(3+4j) == 6-8j`), so the bwd
-returns `conj(grad)` for the arguments of `_shapes.COMPLEX_ARGS` (spectral_filter2d's
+returns `conj(grad)` for an op's `complex_arrays` (spectral_filter2d's
 filter). The tests check it against `jnp.fft`'s own autodiff.
 """
 
@@ -55,9 +55,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import ops as _ops
 from ._arrays import COMPLEX_DTYPES, DTYPES
-from ._shapes import ARRAY_ARGS, COMPLEX_ARGS, output_shape
+from ._registry import OPS, get_op, output_shape
 
 try:
     from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
@@ -94,7 +93,7 @@ def _check_dtypes(op: str, names: tuple[str, ...], xs) -> None:
     float64."""
     dtypes = {n: str(x.dtype) for n, x in zip(names, xs)}
     shown = ", ".join(f"{n}={d}" for n, d in dtypes.items())
-    complex_args = COMPLEX_ARGS.get(op, ())
+    complex_args = get_op(op).complex_arrays
     real = dtypes[names[0]]
     for name, dtype in dtypes.items():
         allowed = COMPLEX_DTYPES if name in complex_args else DTYPES
@@ -118,12 +117,12 @@ def _host(a):
 # --- the two cuconv calls, on NumPy / CuPy / JAX arrays ---
 
 def _run_forward(op, names, params, arrays):
-    return getattr(_ops, op)(**dict(zip(names, arrays)), **params)
+    return get_op(op).forward(**dict(zip(names, arrays)), **params)
 
 
 def _run_backward(op, names, params, grad_output, arrays):
-    grads = getattr(_ops, f"{op}_backward")(grad_output, **dict(zip(names, arrays)), **params, wrt=names)
-    by_name = dict(zip(ARRAY_ARGS[op], grads))
+    grads = get_op(op).backward(grad_output, **dict(zip(names, arrays)), **params, wrt=names)
+    by_name = dict(zip(get_op(op).arrays, grads))
     return tuple(by_name[n] for n in names)
 
 
@@ -180,7 +179,7 @@ def _backward(op, names, params, xs, grad_output):
         results = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in xs)
         grads = _callback(lambda g, *arrays: _run_backward(op, names, params, g, arrays), results,
                           (grad_output, *xs))
-    complex_args = COMPLEX_ARGS.get(op, ())
+    complex_args = get_op(op).complex_arrays
     return tuple(jnp.conj(g) if n in complex_args else g for n, g in zip(names, grads))
 
 
@@ -214,9 +213,9 @@ def _differentiable(op: str, names: tuple[str, ...], params: dict):
 
 
 def _make(op: str):
-    forward = getattr(_ops, op)
+    forward = get_op(op).forward
     signature = inspect.signature(forward)
-    array_args = ARRAY_ARGS[op]
+    array_args = get_op(op).arrays
 
     def wrapper(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
@@ -235,8 +234,8 @@ def _make(op: str):
     return wrapper
 
 
-for _op in ARRAY_ARGS:
+for _op in OPS:
     globals()[_op] = _make(_op)
 del _op
 
-__all__ = [*ARRAY_ARGS, "callback_mode", "CALLBACKS"]
+__all__ = [*OPS, "callback_mode", "CALLBACKS"]

@@ -7,7 +7,7 @@
 Importing this module imports torch (`import cuconv` alone does not). docs/torch.md has
 the details.
 
-Functions. For each op `OP` (cuconv._shapes.ARRAY_ARGS lists them) this module registers,
+Functions. For each op `OP` of the registry (cuconv._registry.OPS) this module registers,
 in the `cuconv` namespace of torch.library:
 
 - `torch.ops.cuconv.OP`: the forward. Its schema is generated from the op's Python
@@ -18,7 +18,7 @@ in the `cuconv` namespace of torch.library:
   calls `cuconv.OP_backward(..., wrt=those names)`, so a gradient nobody needs is never
   computed.
 - a fake (meta) implementation for each: the forward's shape comes from
-  `cuconv._shapes.output_shape` (the op's own geometry checks, on shapes alone), the
+  `cuconv._registry.output_shape` (the op's own geometry checks, on shapes alone), the
   backward's outputs have their arrays' shapes. torch.compile traces through both
   without running a kernel and without a graph break.
 - the autograd formula (forward -> OP_backward) and, for the ops with weights, an
@@ -40,31 +40,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import cuconv
-from cuconv import _shapes
+from cuconv import _registry
 
 NAMESPACE = "cuconv"
-OPS = tuple(_shapes.ARRAY_ARGS)
-# Ops that keep their input's dtype under autocast: pure data movement (as torch's
-# pixel_shuffle) and the FFT filter (torch's FFTs are not autocast either).
-NO_AUTOCAST = ("pixel_shuffle", "pixel_unshuffle", "spectral_filter2d")
+OPS = tuple(_registry.OPS)
 
 
 def _int_list(value) -> list[int]:
+    """An int or a sequence of ints as a list; an int stays one element, which cuconv
+    expands to every spatial dimension (its checks see the same value either way)."""
     if isinstance(value, (tuple, list, torch.Size)):
         return [operator.index(v) for v in value]  # cuconv checks the length
-    return [operator.index(value)] * 2
+    return [operator.index(value)]
 
 
 # Parameter name -> (schema declaration(s), to schema values, back to cuconv's value).
 # padding becomes two schema arguments: the numbers and a mode ('same', 'valid' or '').
+def _from_int_list(values):
+    """A schema int[] back to cuconv's value: one element is the int itself."""
+    return values[0] if len(values) == 1 else tuple(values)
+
+
 _PARAMS = {
-    "stride": ("int[] stride", lambda v: (_int_list(v),), lambda s: tuple(s)),
-    "dilation": ("int[] dilation", lambda v: (_int_list(v),), lambda s: tuple(s)),
-    "output_padding": ("int[] output_padding", lambda v: (_int_list(v),), lambda s: tuple(s)),
+    "stride": ("int[] stride", lambda v: (_int_list(v),), _from_int_list),
+    "dilation": ("int[] dilation", lambda v: (_int_list(v),), _from_int_list),
+    "output_padding": ("int[] output_padding", lambda v: (_int_list(v),), _from_int_list),
     "padding": ("int[] padding, str padding_mode",
-                lambda v: ([0, 0], v) if isinstance(v, str) else (_int_list(v), ""),
-                lambda s, mode: mode or tuple(s)),
+                lambda v: ([0], v) if isinstance(v, str) else (_int_list(v), ""),
+                lambda s, mode: mode or _from_int_list(s)),
     "groups": ("int groups", lambda v: (operator.index(v),), int),
     "upscale_factor": ("int upscale_factor", lambda v: (operator.index(v),), int),
     "downscale_factor": ("int downscale_factor", lambda v: (operator.index(v),), int),
@@ -79,13 +82,15 @@ class OpSpec:
     the custom op's schema arguments."""
 
     def __init__(self, name: str):
+        opdef = _registry.get_op(name)
         self.name = name
-        self.function = getattr(cuconv, name)
-        self.backward_function = getattr(cuconv, name + "_backward")
-        self.signature = inspect.signature(self.function)
-        self.arrays = _shapes.ARRAY_ARGS[name]
-        self.optional = tuple(a for a in self.arrays if self.signature.parameters[a].default is None)
-        self.params = tuple(p for p in self.signature.parameters if p not in self.arrays)
+        self.function = opdef.forward
+        self.backward_function = opdef.backward
+        self.signature = opdef.signature
+        self.arrays = opdef.arrays
+        self.optional = opdef.optional
+        self.params = opdef.params
+        self.autocast = opdef.autocast
         self.defaults = {p.name: p.default for p in self.signature.parameters.values()}
         self.positional = tuple(p.name for p in self.signature.parameters.values()
                                 if p.kind == p.POSITIONAL_OR_KEYWORD)
@@ -159,7 +164,7 @@ def _register(spec: OpSpec) -> None:
 
     def forward_fake(*args):
         arrays, params = spec.from_schema(args)
-        return arrays["input"].new_empty(_shapes.output_shape(name, _shape_of(arrays), **params))
+        return arrays["input"].new_empty(_registry.output_shape(name, _shape_of(arrays), **params))
 
     def backward(grad_output, *args):
         *args, mask = args
@@ -192,7 +197,7 @@ def _register(spec: OpSpec) -> None:
         return (*(next(grads) if wanted else None for wanted in mask), *(None,) * len(ctx.params))
 
     torch.library.register_autograd(qualified, autograd_backward, setup_context=setup_context, lib=_LIB)
-    if name not in NO_AUTOCAST:
+    if spec.autocast:
         for device_type in ("cpu", "cuda"):
             _register_autocast(getattr(torch.ops.cuconv, name).default, device_type)
 
@@ -236,20 +241,8 @@ def _public(spec: OpSpec):
 for _spec in SPECS.values():
     _register(_spec)
 
-conv2d = _public(SPECS["conv2d"])
-conv_transpose2d = _public(SPECS["conv_transpose2d"])
-subpixel_conv2d = _public(SPECS["subpixel_conv2d"])
-depthwise_separable_conv2d = _public(SPECS["depthwise_separable_conv2d"])
-spatial_separable_conv2d = _public(SPECS["spatial_separable_conv2d"])
-pixel_shuffle = _public(SPECS["pixel_shuffle"])
-pixel_unshuffle = _public(SPECS["pixel_unshuffle"])
-deform_conv2d = _public(SPECS["deform_conv2d"])
-involution2d = _public(SPECS["involution2d"])
-dynamic_conv2d = _public(SPECS["dynamic_conv2d"])
-odconv2d = _public(SPECS["odconv2d"])
-warehouse_conv2d = _public(SPECS["warehouse_conv2d"])
-spectral_filter2d = _public(SPECS["spectral_filter2d"])
-assert all(name in globals() for name in OPS), "every op in cuconv._shapes.ARRAY_ARGS has a function here"
+for _name, _spec in SPECS.items():
+    globals()[_name] = _public(_spec)
 
 
 # ---------------------------------------------------------------------------------------

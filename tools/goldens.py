@@ -19,7 +19,7 @@ import ml_dtypes
 import numpy as np
 
 import cuconv
-from cuconv import _shapes
+from cuconv import _registry
 from cuconv.ops import conv2d_igemm
 
 DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float64": np.float64}
@@ -67,7 +67,7 @@ CASES = {
 
 
 def _arrays(op: str, shapes: dict, dtype: str, rng) -> dict:
-    complex_args = _shapes.COMPLEX_ARGS.get(op, ())
+    complex_args = _registry.OPS[op].complex_arrays
     made = {}
     for name, shape in shapes.items():
         if shape is None:
@@ -104,7 +104,7 @@ def outputs() -> dict[str, np.ndarray]:
                     result[key + "/forward"] = _bytes(y)
                     gy = np.random.default_rng(1).standard_normal(np.shape(y)).astype(DTYPES[dtype])
                     grads = backward(gy, **arrays, **params, **extra)
-                    for name, g in zip(_shapes.ARRAY_ARGS[op], grads):
+                    for name, g in zip(_registry.OPS[op].arrays, grads):
                         if g is not None:
                             result[f"{key}/grad_{name}"] = _bytes(g)
     return result

@@ -12,25 +12,26 @@ depthwise, 1x1) and an optional bias. Algorithms:
   'implicit_gemm_tf32'  the same GEMMs for float32 with TF32 tensor-core math (inputs
                    rounded to 10 mantissa bits: torch's allow_tf32). It weakens the
                    float32 precision contract, so it runs only when named.
-`algorithm='auto'` takes the first supported entry of a fixed fallback order (fft for
-kernels of at least spectral.FFT_AUTO_MIN_TAPS taps, then depthwise, then direct), or,
-with CUCONV_AUTOTUNE=1 on a GPU, the fastest supported algorithm measured per shape
-(cuconv/_autotune.py). implicit_gemm is reached only by tuning or by name until it has
-been validated on a GPU; implicit_gemm_tf32 only by name.
+The algorithms live in the table CONV2D (cuconv/ops/_algorithms.py): this module
+registers 'direct', each backend module registers its own. `algorithm='auto'` takes the
+first supported entry of a fixed order (fft for kernels of at least
+spectral.FFT_AUTO_MIN_TAPS taps, then depthwise, then direct), or, with
+CUCONV_AUTOTUNE=1 on a GPU, the fastest supported algorithm measured per shape
+(cuconv/_autotune.py); implicit_gemm_tf32 runs only when named.
 
 conv_transpose2d and subpixel_conv2d are built from the same passes on a
-ConvGeometry; PASS_ALGORITHMS / pass_launchers give them the algorithms whose passes
-take explicit operands.
+ConvGeometry: the algorithms with explicit-operand passes (CONV2D.names(passes=True)).
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Callable
 
 from .. import _autotune
 from .._kernels import KernelModule
+from .._registry import Example, OpDef, register_op
+from ._algorithms import Algorithm, AlgorithmTable, Passes
 from ._common import Call, check_grad_output, int_pair, parse_wrt, positive_int, threads_for
 
 KERNELS = KernelModule(
@@ -38,7 +39,6 @@ KERNELS = KernelModule(
     kernels=("conv2d_fwd", "conv2d_bwd_input", "conv2d_bwd_weight", "conv2d_bwd_bias"),
     params_struct="Conv2dParams",
 )
-ALGORITHMS = ("direct", "depthwise", "fft", "implicit_gemm", "implicit_gemm_tf32")
 # Shared memory one block stages weights in: a tuning choice well under every
 # device's per-block limit (which is read from the device and still enforced).
 _WEIGHT_STAGE_BYTES = 16 * 1024
@@ -80,13 +80,17 @@ class ConvGeometry:
         r = self.upscale
         return (self.batch, self.out_channels // (r * r), self.out_h * r, self.out_w * r)
 
-    def params(self, chunk: int = 1) -> dict:
+    def geometry_params(self) -> dict:
+        """The conv geometry fields every conv-like kernel params struct starts with."""
         return dict(batch=self.batch, in_channels=self.in_channels, in_h=self.in_h, in_w=self.in_w,
                     out_channels=self.out_channels, out_h=self.out_h, out_w=self.out_w,
                     kernel_h=self.kernel_h, kernel_w=self.kernel_w,
                     stride_h=self.stride[0], stride_w=self.stride[1], pad_h=self.pad[0], pad_w=self.pad[1],
-                    dilation_h=self.dilation[0], dilation_w=self.dilation[1], groups=self.groups, chunk=chunk,
-                    upscale=self.upscale)
+                    dilation_h=self.dilation[0], dilation_w=self.dilation[1])
+
+    def params(self, chunk: int = 1) -> dict:
+        """conv2d.cu's Conv2dParams (also the geometry part of an autotuning key)."""
+        return dict(self.geometry_params(), groups=self.groups, chunk=chunk, upscale=self.upscale)
 
 
 def conv_geometry(op: str, input_shape, weight_shape, bias_shape, stride, padding, dilation, groups) -> ConvGeometry:
@@ -136,45 +140,6 @@ def conv_geometry(op: str, input_shape, weight_shape, bias_shape, stride, paddin
     return ConvGeometry(batch, cin, h, w, cout, out_h, out_w, kh, kw, stride, pad_before, dilation, groups)
 
 
-def _unsupported(algorithm: str, geom: ConvGeometry, dtype: str) -> str | None:
-    """None when `algorithm` can run this conv in `dtype`, else a phrase completing
-    "supports only ..."."""
-    if algorithm == "direct":
-        return None
-    if algorithm == "fft":
-        from .spectral import fft_supported
-
-        return fft_supported(geom)
-    if algorithm == "depthwise":
-        from .depthwise import depthwise_supported
-
-        return depthwise_supported(geom, dtype)
-    from .conv2d_igemm import implicit_gemm_supported
-
-    return implicit_gemm_supported(geom, dtype, tf32=algorithm == "implicit_gemm_tf32")
-
-
-def _candidates(geom: ConvGeometry, dtype: str) -> list[str]:
-    """The supported algorithms, fallback order first: what 'auto' runs untuned is [0]."""
-    from .spectral import fft_preferred
-
-    order = (["fft"] if fft_preferred(geom) else []) + ["depthwise", "direct", "fft", "implicit_gemm"]
-    return [a for a in dict.fromkeys(order) if _unsupported(a, geom, dtype) is None]  # never tf32: it changes precision
-
-
-def _check_algorithm(op: str, algorithm: str, geom: ConvGeometry, dtype: str) -> str:
-    """`algorithm` itself, or 'auto'; ValueError for an unknown one or one that cannot
-    run this conv (before anything is launched)."""
-    if algorithm == "auto":
-        return algorithm
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"{op}: algorithm must be 'auto' or one of {ALGORITHMS}, got {algorithm!r}")
-    why = _unsupported(algorithm, geom, dtype)
-    if why is not None:
-        raise ValueError(f"{op}: algorithm={algorithm!r} supports only {why}")
-    return algorithm
-
-
 def _tuning_key(call: Call, op: str, stage: str, geom: ConvGeometry, has_bias: bool) -> str:
     return _autotune.make_key(call, op, stage, dict(geom.params(), bias=has_bias))
 
@@ -220,45 +185,17 @@ def launch_grad_bias(call: Call, geom: ConvGeometry, grad_y, grad_bias) -> None:
                 grad_y, grad_bias)
 
 
-# Algorithms whose passes take explicit operands (the forward, input-gradient and
-# weight-gradient launchers above, or their tensor-core counterparts): what
-# conv_transpose2d and subpixel_conv2d can run on.
-PASS_ALGORITHMS = ("direct", "implicit_gemm", "implicit_gemm_tf32")
-
-
-@dataclass(frozen=True)
-class PassLaunchers:
-    forward: Callable      # (call, geom, x, w, bias, y)
-    grad_input: Callable   # (call, geom, grad_y, w, bias, grad_x)
-    grad_weight: Callable  # (call, geom, grad_y, x, grad_w)
-
-
-def pass_launchers(algorithm: str) -> PassLaunchers:
-    if algorithm == "direct":
-        return PassLaunchers(launch_forward, launch_grad_input, launch_grad_weight)
-    from . import conv2d_igemm
-
-    tf32 = algorithm == "implicit_gemm_tf32"
-    return PassLaunchers(functools.partial(conv2d_igemm.launch_igemm_forward, tf32=tf32),
-                         functools.partial(conv2d_igemm.launch_igemm_grad_input, tf32=tf32),
-                         functools.partial(conv2d_igemm.launch_igemm_grad_weight, tf32=tf32))
-
-
-def check_pass_algorithm(op: str, algorithm: str, geom: ConvGeometry, dtype: str) -> str:
-    """check_algorithm for the ops built on PASS_ALGORITHMS."""
-    if algorithm != "auto" and algorithm not in PASS_ALGORITHMS:
-        raise ValueError(f"{op}: algorithm must be 'auto' or one of {PASS_ALGORITHMS}, got {algorithm!r}")
-    return _check_algorithm(op, algorithm, geom, dtype)
+# conv2d's algorithms. This module registers 'direct'; the modules that own the other
+# kernels (depthwise, spectral, conv2d_igemm) register theirs. conv_transpose2d and
+# subpixel_conv2d run on the algorithms with explicit-operand passes (passes=True).
+CONV2D = AlgorithmTable("conv2d")
 
 
 def run_passes(call: Call, op: str, stage: str, geom: ConvGeometry, algorithm: str, run: Callable):
-    """run(algorithm) for a checked `algorithm`; for 'auto', the fallback choice ('direct')
-    or, tuned, the fastest supported pass algorithm (never tf32, which changes precision)."""
-    if algorithm == "auto":
-        candidates = [a for a in PASS_ALGORITHMS[:2] if _unsupported(a, geom, call.dtype) is None]
-        key = _autotune.make_key(call, op, stage, geom.params())
-        algorithm = _autotune.choose(call, key, candidates, run)
-    return run(algorithm)
+    """run(algorithm) for a checked pass `algorithm`; for 'auto', the untuned choice
+    ('direct') or, tuned, the fastest supported pass algorithm (never tf32)."""
+    key = _autotune.make_key(call, op, stage, geom.params()) if algorithm == "auto" else ""
+    return run(CONV2D.resolve(call, key, geom, algorithm, run, passes=True))
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto"):
@@ -268,34 +205,12 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     call = Call(op, input=input, weight=weight, bias=bias, optional=("bias",))
     geom = conv_geometry(op, call.shape("input"), call.shape("weight"), call.shape("bias"),
                          stride, padding, dilation, groups)
-    chosen = _check_algorithm(op, algorithm, geom, call.dtype)
+    chosen = CONV2D.check(op, algorithm, geom, call.dtype)
+    forward = lambda a: CONV2D[a].forward(call, geom)  # noqa: E731
     if chosen == "auto":
-        chosen = _autotune.choose(call, _tuning_key(call, op, "forward", geom, bias is not None),
-                                  _candidates(geom, call.dtype), lambda a: _forward(call, geom, a))
-    return _forward(call, geom, chosen)
-
-
-def _forward(call: Call, geom: ConvGeometry, algorithm: str):
-    """conv2d's result (exported) by `algorithm`, already checked to support the conv."""
-    if algorithm == "fft":
-        from .spectral import conv2d_fft
-
-        return conv2d_fft(call, geom)
-    if algorithm in ("implicit_gemm", "implicit_gemm_tf32"):
-        from .depthwise_tc import depthwise_tc_forward, depthwise_tc_supported
-
-        if depthwise_tc_supported(geom, call.dtype) is None:  # the banded-Toeplitz depthwise GEMM (fp16/bf16)
-            return depthwise_tc_forward(call, geom)
-        from .conv2d_igemm import conv2d_implicit_gemm
-
-        return conv2d_implicit_gemm(call, geom, tf32=algorithm == "implicit_gemm_tf32")
-    if algorithm == "depthwise":
-        from .depthwise import depthwise_forward
-
-        return depthwise_forward(call, geom)
-    y = call.empty(geom.output_shape)
-    launch_forward(call, geom, call.operand("input"), call.operand("weight"), call.operand("bias"), y)
-    return call.export(y)
+        chosen = CONV2D.resolve(call, _tuning_key(call, op, "forward", geom, bias is not None), geom, chosen,
+                                forward)
+    return forward(chosen)
 
 
 def conv2d_backward(grad_output, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
@@ -306,20 +221,20 @@ def conv2d_backward(grad_output, input, weight, bias=None, stride=1, padding=0, 
     call = Call(op, input=input, grad_output=grad_output, weight=weight, bias=bias, optional=("bias",))
     geom = conv_geometry(op, call.shape("input"), call.shape("weight"), call.shape("bias"),
                          stride, padding, dilation, groups)
-    chosen = _check_algorithm(op, algorithm, geom, call.dtype)
+    chosen = CONV2D.check(op, algorithm, geom, call.dtype)
     check_grad_output(op, call, geom.output_shape)
     wanted = parse_wrt(op, wrt, ("input", "weight", "bias"))
     has_bias = bias is not None
     if chosen != "auto":
-        return _gradients(call, geom, chosen, wanted, has_bias)
-    candidates = _candidates(geom, call.dtype)
+        return CONV2D[chosen].gradients(call, geom, wanted, has_bias)
+    candidates = CONV2D.candidates(geom, call.dtype)
     if not _autotune.tuning_enabled(call):
-        return _gradients(call, geom, candidates[0], wanted, has_bias)
+        return CONV2D[candidates[0]].gradients(call, geom, wanted, has_bias)
     # Tuned: each of the input and weight gradients by its own fastest algorithm.
     grads = {}
     for stage in ("input", "weight"):
         if stage in wanted:
-            run = lambda a, stage=stage: _gradients(call, geom, a, {stage}, False)
+            run = lambda a, stage=stage: CONV2D[a].gradients(call, geom, {stage}, False)
             key = _tuning_key(call, op, "grad_" + stage, geom, has_bias)
             grads[stage] = run(_autotune.choose(call, key, candidates, run))[("input", "weight").index(stage)]
     grad_bias = None
@@ -329,41 +244,20 @@ def conv2d_backward(grad_output, input, weight, bias=None, stride=1, padding=0, 
     return grads.get("input"), grads.get("weight"), call.export(grad_bias)
 
 
-def _gradients(call: Call, geom: ConvGeometry, algorithm: str, wanted, has_bias: bool):
-    """conv2d_backward's results (exported) by `algorithm`, already checked to support the conv."""
-    if algorithm == "fft":
-        from .spectral import conv2d_fft_gradients
-
-        return conv2d_fft_gradients(call, geom, wanted, has_bias)
-    if algorithm in ("implicit_gemm", "implicit_gemm_tf32"):
-        from .depthwise_tc import depthwise_tc_gradients, depthwise_tc_supported
-
-        if depthwise_tc_supported(geom, call.dtype) is None:
-            return depthwise_tc_gradients(call, geom, wanted, has_bias)
-        from .conv2d_igemm import conv2d_implicit_gemm_gradients
-
-        return conv2d_implicit_gemm_gradients(call, geom, wanted, has_bias, tf32=algorithm == "implicit_gemm_tf32")
-    if algorithm == "depthwise":
-        from .depthwise import depthwise_gradients
-
-        return depthwise_gradients(call, geom, wanted, has_bias)
-    return conv_gradients(call, geom, wanted, has_bias)
-
-
 def conv_gradients(call: Call, geom: ConvGeometry, wanted, has_bias: bool, algorithm: str = "direct"):
     """(grad_input, grad_weight, grad_bias) of a conv on `geom` (conv2d, subpixel_conv2d) as
-    the caller's arrays, by a checked PASS_ALGORITHMS entry or 'auto' (each gradient then
-    chosen on its own: run_passes); `call` holds grad_output, input and weight."""
+    the caller's arrays, by a checked pass algorithm or 'auto' (each gradient then chosen
+    on its own: run_passes); `call` holds grad_output, input and weight."""
     gy = call.operand("grad_output")
 
     def grad_input(algorithm):
         out = call.empty((geom.batch, geom.in_channels, geom.in_h, geom.in_w))
-        pass_launchers(algorithm).grad_input(call, geom, gy, call.operand("weight"), None, out)
+        CONV2D[algorithm].passes.grad_input(call, geom, gy, call.operand("weight"), None, out)
         return call.export(out)
 
     def grad_weight(algorithm):
         out = call.empty(call.shape("weight"))
-        pass_launchers(algorithm).grad_weight(call, geom, gy, call.operand("input"), out)
+        CONV2D[algorithm].passes.grad_weight(call, geom, gy, call.operand("input"), out)
         return call.export(out)
 
     gx = run_passes(call, call.op, "grad_input", geom, algorithm, grad_input) if "input" in wanted else None
@@ -373,3 +267,25 @@ def conv_gradients(call: Call, geom: ConvGeometry, wanted, has_bias: bool, algor
         grad_bias = call.empty((geom.out_channels,))
         launch_grad_bias(call, geom, gy, grad_bias)
     return gx, gw, call.export(grad_bias)
+
+
+def _direct_forward(call: Call, geom: ConvGeometry):
+    y = call.empty(geom.output_shape)
+    launch_forward(call, geom, call.operand("input"), call.operand("weight"), call.operand("bias"), y)
+    return call.export(y)
+
+
+CONV2D.register(Algorithm("direct", lambda geom, dtype: None, forward=_direct_forward, gradients=conv_gradients,
+                          passes=Passes(launch_forward, launch_grad_input, launch_grad_weight), rank=2))
+
+
+def _output_shape(op, s, stride, padding, dilation, groups, algorithm):
+    return conv_geometry(op, s.shape("input"), s.shape("weight"), s.shape("bias"), stride, padding, dilation,
+                         groups).output_shape
+
+
+register_op(OpDef(conv2d, conv2d_backward, arrays=("input", "weight", "bias"), output_shape=_output_shape,
+                  examples=(Example(dict(input=(2, 4, 7, 6), weight=(6, 2, 3, 2), bias=(6,)),
+                                    dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2)),
+                            Example(dict(input=(2, 3, 6, 7), weight=(6, 1, 3, 3), bias=(6,)),
+                                    dict(padding=1, groups=3)))))

@@ -2,9 +2,10 @@
 the weight gradient (wgrad) as implicit GEMMs on the tensor cores (mma.sync m16n8k16,
 float16 / bfloat16 storage, float32 accumulation).
 
-Opt-in only: conv2d / conv2d_backward dispatch here when called with
-algorithm='implicit_gemm' and never pick it by themselves ('auto' does not consider
-it). Kernels: kernels_cu/conv2d_igemm.cu (GEMM mappings, tiles, fragment ownership);
+Registered in conv2d's algorithm table (conv2d.CONV2D) as 'implicit_gemm' (stride-1
+depthwise convs route to the banded-Toeplitz kernels of cuconv/ops/depthwise_tc.py) and
+'implicit_gemm_tf32'. 'auto' considers 'implicit_gemm' only when tuning
+(CUCONV_AUTOTUNE=1 on a GPU): it is last in the untuned order. Kernels: kernels_cu/conv2d_igemm.cu (GEMM mappings, tiles, fragment ownership);
 design note and GPU to-do list: docs/kernels/implicit_gemm.md. Not yet measured on a
 GPU.
 
@@ -20,7 +21,7 @@ they enter the mma) is rounded to TF32 (cvt.rna.tf32.f32: 10 explicit mantissa b
 round to nearest, ties away from zero); products are exact and accumulation is
 float32, as torch's allow_tf32=True. That is a relative input error up to 2^-11 (about
 4.9e-4) instead of float32's 2^-24, so it breaks conv2d's float32 precision contract
-(DESIGN §5) and is reached only by naming it: tf32=False with float32 is a ValueError,
+(docs/design.md, testing) and is reached only by naming it: tf32=False with float32 is a ValueError,
 and so is tf32=True with any other dtype. The bias (forward, dgrad) is added in float32
 after the mma, unrounded; the bias gradient is conv2d's direct float32 kernel.
 
@@ -39,7 +40,7 @@ dgrad bodies with sample b's kernel sum_j att[b, j] * w[j] mixed in the B-tile l
 (float32 sum, rounded once to the storage dtype, never stored), one GEMM per (sample,
 group); they allocate nothing. Kernels: conv2d_igemm_dynamic_fwd / _bwd_input.
 
-Index width (round 6): every launcher sets params index32 = index32_safe(geom, ...) and
+Index width: every launcher sets params index32 = index32_safe(geom, ...) and
 launches the 32-bit kernels (conv2d_igemm_*, fewer registers: 4 blocks/SM, dgrad
 pipelined) when every offset provably fits 31 bits, else their 64-bit twins
 (conv2d_igemm64_*). Both give bitwise-identical results.
@@ -47,9 +48,13 @@ pipelined) when every offset provably fits 31 bits, else their 64-bit twins
 
 from __future__ import annotations
 
+import functools
+
 from .._kernels import KernelModule
+from ._algorithms import Algorithm, Passes, refuse_unsupported
 from ._common import Call
-from .conv2d import ConvGeometry, launch_grad_bias
+from .conv2d import CONV2D, ConvGeometry, launch_grad_bias
+from .depthwise_tc import depthwise_tc_forward, depthwise_tc_gradients, depthwise_tc_supported
 
 KERNELS = KernelModule(
     "conv2d_igemm.cu",
@@ -104,9 +109,7 @@ def implicit_gemm_supported(geom: ConvGeometry, dtype: str, tf32: bool = False) 
 def check_implicit_gemm(op: str, geom: ConvGeometry, dtype: str, tf32: bool = False) -> None:
     """ValueError naming algorithm='implicit_gemm' (or 'implicit_gemm_tf32') when it
     cannot run this conv."""
-    why = implicit_gemm_supported(geom, dtype, tf32)
-    if why is not None:
-        raise ValueError(f"{op}: algorithm={algorithm_name(tf32)!r} supports only {why}")
+    refuse_unsupported(op, algorithm_name(tf32), implicit_gemm_supported(geom, dtype, tf32))
 
 
 _INDEX32_LIMIT = 2**31  # every offset a 32-bit kernel forms must be below this (INDEX32 in the .cu)
@@ -145,12 +148,7 @@ def _kernel(name: str, params: dict) -> str:
 
 
 def _params(geom: ConvGeometry, splits: int = 1, split_steps: int = 0, kernels: int = 1) -> dict:
-    return dict(batch=geom.batch, in_channels=geom.in_channels, in_h=geom.in_h, in_w=geom.in_w,
-                out_channels=geom.out_channels, out_h=geom.out_h, out_w=geom.out_w,
-                kernel_h=geom.kernel_h, kernel_w=geom.kernel_w,
-                stride_h=geom.stride[0], stride_w=geom.stride[1], pad_h=geom.pad[0], pad_w=geom.pad[1],
-                dilation_h=geom.dilation[0], dilation_w=geom.dilation[1], groups=geom.groups,
-                splits=splits, split_steps=split_steps, upscale=geom.upscale, kernels=kernels,
+    return dict(geom.geometry_params(), groups=geom.groups, splits=splits, split_steps=split_steps, upscale=geom.upscale, kernels=kernels,
                 index32=int(index32_safe(geom, splits, kernels)))
 
 
@@ -312,3 +310,26 @@ def conv2d_implicit_gemm_gradients(call: Call, geom: ConvGeometry, wanted, has_b
         grad_bias = call.empty((geom.out_channels,))
         launch_grad_bias(call, geom, gy, grad_bias)
     return call.export(grad_input), call.export(grad_weight), call.export(grad_bias)
+
+
+def _register(tf32: bool) -> None:
+    def forward(call: Call, geom: ConvGeometry):
+        if depthwise_tc_supported(geom, call.dtype) is None:  # the banded-Toeplitz depthwise GEMM (fp16/bf16)
+            return depthwise_tc_forward(call, geom)
+        return conv2d_implicit_gemm(call, geom, tf32=tf32)
+
+    def gradients(call: Call, geom: ConvGeometry, wanted, has_bias: bool):
+        if depthwise_tc_supported(geom, call.dtype) is None:
+            return depthwise_tc_gradients(call, geom, wanted, has_bias)
+        return conv2d_implicit_gemm_gradients(call, geom, wanted, has_bias, tf32=tf32)
+
+    passes = Passes(functools.partial(launch_igemm_forward, tf32=tf32),
+                    functools.partial(launch_igemm_grad_input, tf32=tf32),
+                    functools.partial(launch_igemm_grad_weight, tf32=tf32))
+    CONV2D.register(Algorithm(algorithm_name(tf32), functools.partial(implicit_gemm_supported, tf32=tf32),
+                              forward=forward, gradients=gradients, passes=passes,
+                              rank=None if tf32 else 4))  # tf32 changes the precision contract: by name only
+
+
+_register(tf32=False)
+_register(tf32=True)

@@ -10,17 +10,19 @@ zero-inserted input, no scatter, no atomics):
   grad weight        gw = conv2d_bwd_weight(x, gy)         (a correlation of x with gy)
   grad bias          gb = sum of gy over batch and pixels
 
-`algorithm` picks the pass kernels as for conv2d: 'direct' (kernels_cu/conv2d.cu),
-'implicit_gemm' / 'implicit_gemm_tf32' (the tensor-core passes of
-cuconv/ops/conv2d_igemm.py, whose dgrad is this op's forward) or 'auto'.
+`algorithm` picks the pass kernels from conv2d's algorithm table (those with
+explicit-operand passes): 'direct' (kernels_cu/conv2d.cu), 'implicit_gemm' /
+'implicit_gemm_tf32' (the tensor-core passes of cuconv/ops/conv2d_igemm.py, whose dgrad
+is this op's forward) or 'auto'.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from .._registry import Example, OpDef, register_op
 from ._common import Call, check_grad_output, int_pair, parse_wrt, positive_int
-from .conv2d import ConvGeometry, check_pass_algorithm, launch_grad_bias, pass_launchers, run_passes
+from .conv2d import CONV2D, ConvGeometry, launch_grad_bias, run_passes
 
 
 def transposed_geometry(op: str, input_shape, weight_shape, bias_shape, stride, padding, output_padding,
@@ -75,11 +77,11 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     call = Call(op, input=input, weight=weight, bias=bias, optional=("bias",))
     adjoint = transposed_geometry(op, call.shape("input"), call.shape("weight"), call.shape("bias"),
                                   stride, padding, output_padding, groups, dilation)
-    chosen = check_pass_algorithm(op, algorithm, adjoint, call.dtype)
+    chosen = CONV2D.check(op, algorithm, adjoint, call.dtype, passes=True)
 
     def run(algorithm):
         y = call.empty(_output_shape(adjoint))
-        pass_launchers(algorithm).grad_input(call, adjoint, call.operand("input"), call.operand("weight"),
+        CONV2D[algorithm].passes.grad_input(call, adjoint, call.operand("input"), call.operand("weight"),
                                              call.operand("bias"), y)
         return call.export(y)
 
@@ -94,19 +96,19 @@ def conv_transpose2d_backward(grad_output, input, weight, bias=None, stride=1, p
     call = Call(op, input=input, grad_output=grad_output, weight=weight, bias=bias, optional=("bias",))
     adjoint = transposed_geometry(op, call.shape("input"), call.shape("weight"), call.shape("bias"),
                                   stride, padding, output_padding, groups, dilation)
-    chosen = check_pass_algorithm(op, algorithm, adjoint, call.dtype)
+    chosen = CONV2D.check(op, algorithm, adjoint, call.dtype, passes=True)
     check_grad_output(op, call, _output_shape(adjoint))
     wanted = parse_wrt(op, wrt, ("input", "weight", "bias"))
     gy, x = call.operand("grad_output"), call.operand("input")
 
     def grad_input(algorithm):
         out = call.empty(call.shape("input"))
-        pass_launchers(algorithm).forward(call, adjoint, gy, call.operand("weight"), None, out)
+        CONV2D[algorithm].passes.forward(call, adjoint, gy, call.operand("weight"), None, out)
         return call.export(out)
 
     def grad_weight(algorithm):
         out = call.empty(call.shape("weight"))
-        pass_launchers(algorithm).grad_weight(call, adjoint, x, gy, out)
+        CONV2D[algorithm].passes.grad_weight(call, adjoint, x, gy, out)
         return call.export(out)
 
     gx = run_passes(call, op, "grad_input", adjoint, chosen, grad_input) if "input" in wanted else None
@@ -119,3 +121,14 @@ def conv_transpose2d_backward(grad_output, input, weight, bias=None, stride=1, p
                                            out_w=adjoint.in_w)
         launch_grad_bias(call, gy_as_output, gy, grad_bias)
     return gx, gw, call.export(grad_bias)
+
+
+def _output_shape_of(op, s, stride, padding, output_padding, groups, dilation, algorithm):
+    return _output_shape(transposed_geometry(op, s.shape("input"), s.shape("weight"), s.shape("bias"), stride,
+                                             padding, output_padding, groups, dilation))
+
+
+register_op(OpDef(conv_transpose2d, conv_transpose2d_backward, arrays=("input", "weight", "bias"),
+                  output_shape=_output_shape_of,
+                  examples=(Example(dict(input=(2, 4, 5, 4), weight=(4, 3, 3, 2), bias=(6,)),
+                                    dict(stride=2, padding=1, output_padding=1, groups=2, dilation=(1, 2))),)))

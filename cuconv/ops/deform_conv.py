@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from .. import _arrays
 from .._kernels import KernelModule
+from .._registry import Example, OpDef, register_op
 from ._common import Call, check_grad_output, describe_shapes, int_pair, parse_wrt, threads_for
 
 KERNELS = KernelModule(
@@ -238,3 +239,14 @@ def _grad_input_atomic(call: Call, geom: DeformGeometry, gy, off, m, w, grad_x) 
     points = geom.batch * geom.in_channels * geom.taps * geom.pixels
     call.launch(KERNELS, "deform_conv2d_bwd_input_atomic", -(-points // 256), 256, params, gy, off, m, w, buffer)
     call.launch(KERNELS, "deform_conv2d_cast", -(-elements // block), block, params, buffer, grad_x)
+
+
+def _output_shape(op, s, stride, padding, dilation):
+    return DeformGeometry(op, s, stride, padding, dilation).output_shape
+
+
+register_op(OpDef(deform_conv2d, deform_conv2d_backward, arrays=NAMES, output_shape=_output_shape,
+                  examples=(Example(dict(input=(2, 4, 6, 5), offset=(2, 36, 6, 5), weight=(6, 2, 3, 3), bias=(6,),
+                                         mask=(2, 18, 6, 5)), dict(padding=1)),
+                            Example(dict(input=(1, 3, 6, 6), offset=(1, 8, 5, 2), weight=(2, 3, 2, 2), bias=None,
+                                         mask=None), dict(stride=(1, 2), dilation=(1, 2))))))

@@ -4,7 +4,7 @@ and large (9..31) kernels. Kernels: kernels_cu/depthwise.cu (formulas, thread ma
 the stride > 1 halo derivation); design and the GPU to-do list:
 docs/kernels/depthwise.md. Not yet measured on a GPU.
 
-conv2d / conv2d_backward dispatch here; this module exposes
+Registered in conv2d's algorithm table (conv2d.CONV2D) as 'depthwise':
   depthwise_supported(geom, dtype) -> None, or a phrase completing "supports only ..."
   depthwise_forward(call, geom)                       (call: input, weight, bias)
   depthwise_gradients(call, geom, wanted, has_bias)   (call: grad_output, input, weight)
@@ -29,8 +29,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .._kernels import KernelModule
+from ._algorithms import Algorithm
 from ._common import Call, threads_for
-from .conv2d import ConvGeometry, launch_grad_bias
+from .conv2d import CONV2D, ConvGeometry, launch_grad_bias
 
 KERNELS = KernelModule(
     "depthwise.cu",
@@ -120,13 +121,6 @@ def depthwise_supported(geom: ConvGeometry, dtype: str) -> str | None:
     return None
 
 
-def check_depthwise(op: str, geom: ConvGeometry, dtype: str) -> None:
-    """ValueError naming algorithm='depthwise' when it cannot run this conv."""
-    why = depthwise_supported(geom, dtype)
-    if why is not None:
-        raise ValueError(f"{op}: algorithm='depthwise' supports only {why}")
-
-
 def _planned(call: Call, geom: ConvGeometry, kind: str) -> _Plan:
     budget = min(_SHARED_BUDGET_BYTES, call.max_shared_bytes())
     plan = _plan(geom, kind, call.accumulator_bytes, budget)
@@ -138,12 +132,7 @@ def _planned(call: Call, geom: ConvGeometry, kind: str) -> _Plan:
 
 def _params(geom: ConvGeometry, plan: _Plan, chunks: int = 0, bands_per_chunk: int = 1, tap_threads: int = 1,
             slices: int = 1) -> dict:
-    return dict(batch=geom.batch, in_channels=geom.in_channels, in_h=geom.in_h, in_w=geom.in_w,
-                out_channels=geom.out_channels, out_h=geom.out_h, out_w=geom.out_w,
-                kernel_h=geom.kernel_h, kernel_w=geom.kernel_w,
-                stride_h=geom.stride[0], stride_w=geom.stride[1], pad_h=geom.pad[0], pad_w=geom.pad[1],
-                dilation_h=geom.dilation[0], dilation_w=geom.dilation[1],
-                multiplier=geom.out_channels // geom.in_channels, tile_h=plan.tile_h, tile_w=plan.tile_w,
+    return dict(geom.geometry_params(), multiplier=geom.out_channels // geom.in_channels, tile_h=plan.tile_h, tile_w=plan.tile_w,
                 halo_h=plan.halo_h, halo_w=plan.halo_w, pitch=plan.pitch, chunks=chunks,
                 bands_per_chunk=bands_per_chunk, tap_threads=tap_threads, slices=slices)
 
@@ -167,7 +156,7 @@ def depthwise_forward(call: Call, geom: ConvGeometry):
     """conv2d's forward by the tiled depthwise kernel; `call` holds input, weight and
     (optional) bias, `geom` comes from conv_geometry. ValueError (before any launch)
     when unsupported."""
-    check_depthwise(call.op, geom, call.dtype)
+    DEPTHWISE.check(call.op, geom, call.dtype)
     plan = _planned(call, geom, "fwd")
     y = call.empty(geom.output_shape)
     items = geom.batch * geom.out_channels * _tiles(geom.out_h, geom.out_w, plan)
@@ -180,7 +169,7 @@ def depthwise_forward(call: Call, geom: ConvGeometry):
 def depthwise_gradients(call: Call, geom: ConvGeometry, wanted, has_bias: bool):
     """(grad_input, grad_weight, grad_bias) as the caller's arrays (None where not wanted),
     conv2d.conv_gradients' contract; `call` holds grad_output, input and weight."""
-    check_depthwise(call.op, geom, call.dtype)
+    DEPTHWISE.check(call.op, geom, call.dtype)
     plans = {kind: _planned(call, geom, kind) for kind in ("bwd_input", "bwd_weight") if kind[4:] in wanted}
     gy = call.operand("grad_output")
     grad_input = grad_weight = grad_bias = None
@@ -207,3 +196,7 @@ def depthwise_gradients(call: Call, geom: ConvGeometry, wanted, has_bias: bool):
         grad_bias = call.empty((geom.out_channels,))
         launch_grad_bias(call, geom, gy, grad_bias)
     return call.export(grad_input), call.export(grad_weight), call.export(grad_bias)
+
+
+DEPTHWISE = CONV2D.register(Algorithm("depthwise", depthwise_supported, forward=depthwise_forward,
+                                      gradients=depthwise_gradients, rank=1))

@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .._kernels import KernelModule
+from ._algorithms import refuse_unsupported
 from ._common import Call
 from .conv2d import ConvGeometry, launch_grad_bias
 from .depthwise import _is_depthwise, _tiles  # the same geometry test and tile count as the CUDA-core kernels
@@ -126,10 +127,9 @@ def depthwise_tc_supported(geom: ConvGeometry, dtype: str) -> str | None:
 
 
 def check_depthwise_tc(op: str, geom: ConvGeometry, dtype: str) -> None:
-    """ValueError naming algorithm='implicit_gemm' when it cannot run this conv."""
-    why = depthwise_tc_supported(geom, dtype)
-    if why is not None:
-        raise ValueError(f"{op}: algorithm='implicit_gemm' supports only {why}")
+    """ValueError naming algorithm='implicit_gemm' (the algorithm that routes here) when
+    these kernels cannot run this conv."""
+    refuse_unsupported(op, "implicit_gemm", depthwise_tc_supported(geom, dtype))
 
 
 def _planned(call: Call, geom: ConvGeometry, kind: str) -> _Plan:

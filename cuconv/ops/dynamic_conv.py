@@ -39,6 +39,8 @@ from numbers import Integral
 
 from .. import _arrays, _autotune
 from .._kernels import KernelModule
+from .._registry import Example, OpDef, register_op
+from ._algorithms import Algorithm, AlgorithmTable
 from ._common import Call, check_grad_output, describe_shapes, parse_wrt, positive_int, threads_for
 from .conv2d import ConvGeometry, conv_geometry
 from .conv2d_igemm import (dynamic_implicit_gemm_supported, launch_igemm_dynamic_forward,
@@ -76,11 +78,7 @@ class Mixture:
 
 
 def _params(geom: ConvGeometry, mix: Mixture, chunk: int = 1, rows: int = 0, cols: int = 0) -> dict:
-    return dict(batch=geom.batch, in_channels=geom.in_channels, in_h=geom.in_h, in_w=geom.in_w,
-                out_channels=geom.out_channels, out_h=geom.out_h, out_w=geom.out_w,
-                kernel_h=geom.kernel_h, kernel_w=geom.kernel_w, stride_h=geom.stride[0], stride_w=geom.stride[1],
-                pad_h=geom.pad[0], pad_w=geom.pad[1], dilation_h=geom.dilation[0], dilation_w=geom.dilation[1],
-                groups=geom.groups, cells=mix.cells, cell_out=mix.cell_out, cell_in=mix.cell_in,
+    return dict(geom.geometry_params(), groups=geom.groups, cells=mix.cells, cell_out=mix.cell_out, cell_in=mix.cell_in,
                 cell_h=mix.cell_h, cell_w=mix.cell_w, slots=mix.slots, chunk=chunk, rows=rows, cols=cols)
 
 
@@ -264,31 +262,44 @@ def _wanted_roles(op: str, wrt, names: tuple[str, ...], roles: dict, call: Call)
 
 # --- dynamic_conv2d ---
 
-DYNAMIC_ALGORITHMS = ("direct", "implicit_gemm")
+def _direct_forward(call: Call, geom: ConvGeometry, mix: Mixture):
+    bias = "bias" if call.shape("bias") is not None else None
+    return call.export(_forward(call, geom, mix, "weight", "attention", bias=bias))
 
 
-def _dynamic_algorithm(op: str, algorithm, geom: ConvGeometry, dtype: str) -> str:
-    """`algorithm` itself, or 'auto'; ValueError naming `algorithm` for an unknown one or
-    one that cannot run the conv."""
-    if algorithm == "auto":
-        return algorithm
-    if not isinstance(algorithm, str) or algorithm not in DYNAMIC_ALGORITHMS:
-        raise ValueError(f"{op}: algorithm must be 'auto' or one of {DYNAMIC_ALGORITHMS}, got {algorithm!r}")
-    if algorithm == "implicit_gemm":
-        why = dynamic_implicit_gemm_supported(geom, dtype)
-        if why is not None:
-            raise ValueError(f"{op}: algorithm='implicit_gemm' supports only {why}")
-    return algorithm
+def _igemm_forward(call: Call, geom: ConvGeometry, mix: Mixture):
+    y = call.empty(geom.output_shape)
+    launch_igemm_dynamic_forward(call, geom, call.operand("input"), call.operand("weight"),
+                                 call.operand("attention"), call.operand("bias"), y)
+    return call.export(y)
+
+
+def _direct_grad_input(call: Call, geom: ConvGeometry, mix: Mixture, roles: dict):
+    return _gradients(call, geom, mix, roles, {"input"})["input"]
+
+
+def _igemm_grad_input(call: Call, geom: ConvGeometry, mix: Mixture, roles: dict):
+    grad_x = call.empty((geom.batch, geom.in_channels, geom.in_h, geom.in_w))
+    launch_igemm_dynamic_grad_input(call, geom, call.operand("grad_output"), call.operand("weight"),
+                                    call.operand("attention"), grad_x)
+    return call.export(grad_x)
+
+
+# dynamic_conv2d's algorithms: forward(call, geom, mix) and, as `gradients`, the INPUT
+# gradient (call, geom, mix, roles); the other gradients are always the direct kernels'.
+# 'auto' untuned is 'direct' (the tensor-core path is unmeasured).
+DYNAMIC = AlgorithmTable("dynamic_conv2d")
+DYNAMIC.register(Algorithm("direct", lambda geom, dtype: None, forward=_direct_forward, gradients=_direct_grad_input,
+                           rank=1))
+DYNAMIC.register(Algorithm("implicit_gemm", dynamic_implicit_gemm_supported, forward=_igemm_forward,
+                           gradients=_igemm_grad_input, rank=2))
 
 
 def _resolve(call: Call, op: str, stage: str, geom: ConvGeometry, algorithm: str, run) -> str:
-    """'auto': 'direct' untuned (the tensor-core path is unmeasured), else the faster of
-    the supported algorithms measured for this shape (cuconv/_autotune.py)."""
     if algorithm != "auto":
         return algorithm
-    candidates = ["direct"] + (["implicit_gemm"] if dynamic_implicit_gemm_supported(geom, call.dtype) is None else [])
     key = _autotune.make_key(call, op, stage, dict(geom.params(), kernels=call.shape("weight")[0]))
-    return _autotune.choose(call, key, candidates, run)
+    return DYNAMIC.resolve(call, key, geom, algorithm, run)
 
 
 def dynamic_conv2d(input, weight, attention, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
@@ -307,16 +318,8 @@ def dynamic_conv2d(input, weight, attention, bias=None, stride=1, padding=0, dil
     op = "dynamic_conv2d"
     call = Call(op, input=input, weight=weight, attention=attention, bias=bias, optional=("bias",))
     geom, mix = _dynamic_geometry(op, call, stride, padding, dilation, groups)
-
-    def run(algorithm):
-        if algorithm == "implicit_gemm":
-            y = call.empty(geom.output_shape)
-            launch_igemm_dynamic_forward(call, geom, call.operand("input"), call.operand("weight"),
-                                         call.operand("attention"), call.operand("bias"), y)
-            return call.export(y)
-        return call.export(_forward(call, geom, mix, "weight", "attention", bias="bias" if bias is not None else None))
-
-    chosen = _dynamic_algorithm(op, algorithm, geom, call.dtype)
+    chosen = DYNAMIC.check(op, algorithm, geom, call.dtype)
+    run = lambda a: DYNAMIC[a].forward(call, geom, mix)  # noqa: E731
     return run(_resolve(call, op, "forward", geom, chosen, run))
 
 
@@ -338,16 +341,8 @@ def dynamic_conv2d_backward(grad_output, input, weight, attention, bias=None, st
     check_grad_output(op, call, geom.output_shape)
     roles = dict(input="input", cells="weight", attention="attention", bias="bias" if bias is not None else None)
     wanted = _wanted_roles(op, wrt, DYNAMIC_NAMES, roles, call)
-    chosen = _dynamic_algorithm(op, algorithm, geom, call.dtype)
-
-    def input_gradient(algorithm):
-        if algorithm == "direct":
-            return _gradients(call, geom, mix, roles, {"input"})["input"]
-        grad_x = call.empty((geom.batch, geom.in_channels, geom.in_h, geom.in_w))
-        launch_igemm_dynamic_grad_input(call, geom, call.operand("grad_output"), call.operand("weight"),
-                                        call.operand("attention"), grad_x)
-        return call.export(grad_x)
-
+    chosen = DYNAMIC.check(op, algorithm, geom, call.dtype)
+    input_gradient = lambda a: DYNAMIC[a].gradients(call, geom, mix, roles)  # noqa: E731
     grad_input = None
     if "input" in wanted:
         chosen = _resolve(call, op, "grad_input", geom, chosen, input_gradient)
@@ -427,3 +422,31 @@ def warehouse_conv2d_backward(grad_output, input, cells, attention, stride=1, pa
     roles = dict(input="input", cells="cells", attention="attention")
     grads = _gradients(call, geom, mix, roles, _wanted_roles(op, wrt, WAREHOUSE_NAMES, roles, call))
     return tuple(grads.get(role) for role in ("input", "cells", "attention"))
+
+
+def _dynamic_output_shape(op, s, stride, padding, dilation, groups, algorithm):
+    return _dynamic_geometry(op, s, stride, padding, dilation, groups)[0].output_shape
+
+
+def _odconv_output_shape(op, s, stride, padding, dilation, groups):
+    return _odconv_geometry(op, s, stride, padding, dilation, groups)[0].output_shape
+
+
+def _warehouse_output_shape(op, s, stride, padding, dilation, groups, kernel_shape):
+    return _warehouse_geometry(op, s, kernel_shape, stride, padding, dilation, groups)[0].output_shape
+
+
+register_op(OpDef(dynamic_conv2d, dynamic_conv2d_backward, arrays=DYNAMIC_NAMES, output_shape=_dynamic_output_shape,
+                  examples=(Example(dict(input=(3, 4, 6, 5), weight=(3, 6, 2, 3, 3), attention=(3, 3), bias=(3, 6)),
+                                    dict(padding=1, groups=2)),)))
+register_op(OpDef(odconv2d, odconv2d_backward, arrays=ODCONV_NAMES, output_shape=_odconv_output_shape,
+                  examples=(Example(dict(input=(2, 4, 6, 6), weight=(3, 6, 4, 3, 3), kernel_attention=(2, 3),
+                                         spatial_attention=(2, 3, 3), channel_attention=(2, 4),
+                                         filter_attention=(2, 6)), dict(stride=2, padding=1)),
+                            Example(dict(input=(2, 4, 5, 6), weight=(2, 4, 2, 3, 2), kernel_attention=(2, 2),
+                                         spatial_attention=None, channel_attention=(2, 4), filter_attention=None),
+                                    dict(padding=(1, 0), groups=2)))))
+register_op(OpDef(warehouse_conv2d, warehouse_conv2d_backward, arrays=WAREHOUSE_NAMES,
+                  output_shape=_warehouse_output_shape,
+                  examples=(Example(dict(input=(2, 4, 7, 6), cells=(3, 2, 2, 3, 1), attention=(2, 4, 3)),
+                                    dict(padding=1, groups=2, kernel_shape=(4, 2, 3, 2))),)))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 
 from .._kernels import KernelModule
+from .._registry import Example, OpDef, register_op
 from ._common import Call, check_grad_output, int_pair, parse_wrt, threads_for
 from .conv2d import conv_output_size
 
@@ -237,3 +238,11 @@ def involution2d_backward(grad_output, input, kernel, stride=1, padding=0, dilat
             call.launch(KERNELS, "involution2d_bwd_kernel", items, block, geom.params(), gy, call.operand("input"),
                         grad_kernel)
     return call.export(grad_input), call.export(grad_kernel)
+
+
+def _output_shape(op, s, stride, padding, dilation, algorithm):
+    return Geometry(op, s, stride, padding, dilation).output_shape
+
+
+register_op(OpDef(involution2d, involution2d_backward, arrays=NAMES, output_shape=_output_shape,
+                  examples=(Example(dict(input=(2, 6, 7, 6), kernel=(2, 2, 3, 3, 4, 3)), dict(stride=2, padding=1)),)))

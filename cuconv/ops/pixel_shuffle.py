@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 from .._kernels import KernelModule
+from .._registry import Example, OpDef, register_op
 from ._common import Call, check_grad_output, parse_wrt, positive_int, threads_for
 
 KERNELS = KernelModule(
@@ -104,3 +105,18 @@ def pixel_unshuffle_backward(grad_output, input, downscale_factor, wrt=None):
     if "input" not in parse_wrt(op, wrt, ("input",)):
         return (None,)
     return (call.export(_run(call, "pixel_shuffle_fwd", params, call.shape("input"), "grad_output")),)
+
+
+def _shuffle_output_shape(op, s, upscale_factor):
+    return tuple(_shuffle_geometry(op, s.shape("input"), upscale_factor, "upscale_factor")[1])
+
+
+def _unshuffle_output_shape(op, s, downscale_factor):
+    return tuple(_unshuffle_geometry(op, s.shape("input"), downscale_factor, "downscale_factor")[1])
+
+
+# Pure data movement: keeps its input's dtype under torch autocast, as torch's pixel_shuffle.
+register_op(OpDef(pixel_shuffle, pixel_shuffle_backward, arrays=("input",), output_shape=_shuffle_output_shape,
+                  autocast=False, examples=(Example(dict(input=(2, 8, 3, 4)), dict(upscale_factor=2)),)))
+register_op(OpDef(pixel_unshuffle, pixel_unshuffle_backward, arrays=("input",), output_shape=_unshuffle_output_shape,
+                  autocast=False, examples=(Example(dict(input=(2, 2, 6, 4)), dict(downscale_factor=2)),)))

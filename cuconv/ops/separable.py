@@ -23,6 +23,7 @@ any first-stage gradient is wanted, its gradient, besides the returned gradients
 from __future__ import annotations
 
 from .._kernels import KernelModule
+from .._registry import Example, OpDef, register_op
 from ._common import Call, check_grad_output, describe_shapes, int_pair, parse_wrt, positive_int, threads_for
 from .conv2d import conv2d, conv2d_backward, conv_geometry
 
@@ -309,3 +310,23 @@ def spatial_separable_conv2d_backward(grad_output, input, weight_v, weight_h, bi
         first_wrt = tuple(n for n, arg in (("input", "input"), ("weight", "weight_v")) if arg in first)
         grad_x, grad_wv, _ = conv2d_backward(grad_mid, input, weight_v, None, groups=groups, wrt=first_wrt, **v)
     return grad_x, grad_wv, grad_wh, grad_bias
+
+
+def _depthwise_output_shape(op, s, stride, padding, dilation):
+    geom, cout = _depthwise_geometry(op, s, stride, padding, dilation)
+    return (geom.batch, cout, geom.out_h, geom.out_w)
+
+
+def _spatial_output_shape(op, s, stride, padding, dilation, groups):
+    return _spatial_geometry(op, s, stride, padding, dilation, groups)[0].output_shape
+
+
+register_op(OpDef(depthwise_separable_conv2d, depthwise_separable_conv2d_backward, arrays=DW_NAMES,
+                  output_shape=_depthwise_output_shape,
+                  examples=(Example(dict(input=(2, 3, 7, 6), depthwise_weight=(6, 1, 3, 3), pointwise_weight=(4, 6, 1, 1),
+                                         depthwise_bias=(6,), pointwise_bias=(4,)),
+                                    dict(stride=(1, 2), padding=1, dilation=1)),)))
+register_op(OpDef(spatial_separable_conv2d, spatial_separable_conv2d_backward, arrays=SPATIAL_NAMES,
+                  output_shape=_spatial_output_shape,
+                  examples=(Example(dict(input=(2, 4, 7, 6), weight_v=(4, 2, 3, 1), weight_h=(6, 2, 1, 3), bias=(6,)),
+                                    dict(stride=(2, 1), padding=(1, 1), dilation=(1, 2), groups=2)),)))

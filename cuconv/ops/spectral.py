@@ -1,6 +1,6 @@
 """Spectral ops: spectral_filter2d (the adaptive frequency filter of AFFNet), forward and
-hand-written backward, and conv2d's algorithm='fft' (conv2d / conv2d_backward dispatch
-here).
+hand-written backward, and conv2d's algorithm='fft' (registered in conv2d's algorithm
+table, conv2d.CONV2D).
 
 The FFTs run in the FFT library of the backend's array module: cuFFT through
 `cupy.fft` on the GPU (on the caller's stream), pocketfft through `scipy.fft` on the
@@ -26,8 +26,10 @@ import numpy as np
 
 from .. import _arrays
 from .._kernels import KernelModule
+from .._registry import Example, OpDef, register_op
+from ._algorithms import Algorithm
 from ._common import Call, check_grad_output, parse_wrt
-from .conv2d import ConvGeometry, launch_grad_bias
+from .conv2d import CONV2D, ConvGeometry, launch_grad_bias
 
 KERNELS = KernelModule(
     "spectral.cu",
@@ -228,13 +230,6 @@ def fft_supported(geom: ConvGeometry) -> str | None:
     return None
 
 
-def check_fft_geometry(op: str, geom: ConvGeometry) -> None:
-    """ValueError naming algorithm='fft' when the conv is outside what it supports."""
-    why = fft_supported(geom)
-    if why is not None:
-        raise ValueError(f"{op}: algorithm='fft' supports only {why}")
-
-
 def fft_preferred(geom: ConvGeometry) -> bool:
     """The 'auto' rule: fft for supported convs with kh*kw >= FFT_AUTO_MIN_TAPS."""
     return fft_supported(geom) is None and geom.kernel_h * geom.kernel_w >= FFT_AUTO_MIN_TAPS
@@ -368,3 +363,18 @@ def conv2d_fft_gradients(call: Call, geom: ConvGeometry, wanted, has_bias: bool)
         grad_bias = call.empty((cout,))
         launch_grad_bias(call, geom, call.operand("grad_output"), grad_bias)
     return call.export(grad_input), call.export(grad_weight), call.export(grad_bias)
+
+
+CONV2D.register(Algorithm("fft", lambda geom, dtype: fft_supported(geom), forward=conv2d_fft,
+                          gradients=conv2d_fft_gradients, rank=3, preferred=fft_preferred))
+
+
+def _output_shape(op, s):
+    return s.shape("input")
+
+
+register_op(OpDef(spectral_filter2d, spectral_filter2d_backward, arrays=("input", "filter"),
+                  output_shape=_output_shape, complex_arrays=("filter",),
+                  autocast=False,  # torch's FFTs are not autocast either
+                  examples=(Example(dict(input=(2, 3, 6, 7), filter=(1, 3, 6, 4))),
+                            Example(dict(input=(2, 2, 5, 8), filter=(2, 2, 5, 5))))))

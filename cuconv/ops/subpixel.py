@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 
+from .._registry import Example, OpDef, ShapeArgs, register_op
 from ._common import Call, check_grad_output, parse_wrt, positive_int
-from .conv2d import check_pass_algorithm, conv_geometry, conv_gradients, pass_launchers, run_passes
+from .conv2d import CONV2D, conv_geometry, conv_gradients, run_passes
 
 
-def _geometry(op: str, call: Call, upscale_factor, stride, padding, dilation, groups):
+def _geometry(op: str, call: Call | ShapeArgs, upscale_factor, stride, padding, dilation, groups):
     r = positive_int(op, "upscale_factor", upscale_factor)
     geom = conv_geometry(op, call.shape("input"), call.shape("weight"), call.shape("bias"),
                          stride, padding, dilation, groups)
@@ -27,16 +28,16 @@ def subpixel_conv2d(input, weight, bias=None, upscale_factor=2, stride=1, paddin
                     algorithm="auto"):
     """pixel_shuffle(conv2d(input, weight, bias, stride, padding, dilation, groups), upscale_factor):
     input [B, Cin, H, W], weight [C*r^2, Cin/groups, kh, kw] -> [B, C, Ho*r, Wo*r].
-    algorithm: 'auto', or one of conv2d.PASS_ALGORITHMS ('direct', 'implicit_gemm',
-    'implicit_gemm_tf32'), as for conv2d."""
+    algorithm: 'auto', or one of conv2d's algorithms with explicit-operand passes
+    ('direct', 'implicit_gemm', 'implicit_gemm_tf32'), as for conv2d."""
     op = "subpixel_conv2d"
     call = Call(op, input=input, weight=weight, bias=bias, optional=("bias",))
     geom = _geometry(op, call, upscale_factor, stride, padding, dilation, groups)
-    chosen = check_pass_algorithm(op, algorithm, geom, call.dtype)
+    chosen = CONV2D.check(op, algorithm, geom, call.dtype, passes=True)
 
     def run(algorithm):
         y = call.empty(geom.output_shape)
-        pass_launchers(algorithm).forward(call, geom, call.operand("input"), call.operand("weight"),
+        CONV2D[algorithm].passes.forward(call, geom, call.operand("input"), call.operand("weight"),
                                           call.operand("bias"), y)
         return call.export(y)
 
@@ -50,7 +51,17 @@ def subpixel_conv2d_backward(grad_output, input, weight, bias=None, upscale_fact
     op = "subpixel_conv2d_backward"
     call = Call(op, input=input, grad_output=grad_output, weight=weight, bias=bias, optional=("bias",))
     geom = _geometry(op, call, upscale_factor, stride, padding, dilation, groups)
-    chosen = check_pass_algorithm(op, algorithm, geom, call.dtype)
+    chosen = CONV2D.check(op, algorithm, geom, call.dtype, passes=True)
     check_grad_output(op, call, geom.output_shape)
     wanted = parse_wrt(op, wrt, ("input", "weight", "bias"))
     return conv_gradients(call, geom, wanted, bias is not None, chosen)
+
+
+def _output_shape(op, s, upscale_factor, stride, padding, dilation, groups, algorithm):
+    return _geometry(op, s, upscale_factor, stride, padding, dilation, groups).output_shape
+
+
+register_op(OpDef(subpixel_conv2d, subpixel_conv2d_backward, arrays=("input", "weight", "bias"),
+                  output_shape=_output_shape,
+                  examples=(Example(dict(input=(2, 3, 5, 4), weight=(8, 3, 3, 3), bias=(8,)),
+                                    dict(upscale_factor=2, padding=1)),)))

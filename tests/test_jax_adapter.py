@@ -22,7 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import cuconv  # noqa: E402
 import cuconv.jax as cj  # noqa: E402
-from cuconv._shapes import ARRAY_ARGS, COMPLEX_ARGS, KEYWORD_ARRAYS  # noqa: E402
+from cuconv._registry import OPS, output_shape  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-10
@@ -31,75 +31,34 @@ MODES = [m for m in cj.CALLBACKS if m != "buffer" or cj._buffer_callback is not 
 lax = jax.lax
 
 
-# --- one or more float64 configurations per op (None: an absent optional array) ---
+# --- the registered examples of every op, in float64 ---
 
-def _case(op, seed):
+def _case(case, seed):
+    """[arrays by name in the op's order (None: absent), params] of example `case` ('OP-i')."""
+    op, index = _op(case), int(case.rsplit("-", 1)[1])
     rng = np.random.default_rng(seed)
-    n = rng.standard_normal
-    if op == "conv2d":
-        return [dict(input=n((2, 4, 7, 6)), weight=n((6, 2, 3, 2)), bias=n(6)),
-                dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2)]
-    if op == "conv2d_depthwise":
-        return [dict(input=n((2, 3, 6, 7)), weight=n((6, 1, 3, 3)), bias=None), dict(padding=1, groups=3)]
-    if op == "conv_transpose2d":
-        return [dict(input=n((2, 4, 5, 4)), weight=n((4, 3, 3, 2)), bias=n(6)),
-                dict(stride=2, padding=1, output_padding=1, groups=2, dilation=(1, 2))]
-    if op == "subpixel_conv2d":
-        return [dict(input=n((2, 3, 5, 4)), weight=n((8, 3, 3, 3)), bias=n(8)), dict(upscale_factor=2, padding=1)]
-    if op == "depthwise_separable_conv2d":
-        return [dict(input=n((2, 3, 7, 6)), depthwise_weight=n((6, 1, 3, 3)), pointwise_weight=n((4, 6, 1, 1)),
-                     depthwise_bias=n(6), pointwise_bias=None), dict(stride=(1, 2), padding=1, dilation=1)]
-    if op == "spatial_separable_conv2d":
-        return [dict(input=n((2, 4, 7, 6)), weight_v=n((4, 2, 3, 1)), weight_h=n((6, 2, 1, 3)), bias=n(6)),
-                dict(stride=(2, 1), padding=(1, 1), dilation=(1, 2), groups=2)]
-    if op == "pixel_shuffle":
-        return [dict(input=n((2, 8, 3, 4))), dict(upscale_factor=2)]
-    if op == "pixel_unshuffle":
-        return [dict(input=n((2, 2, 6, 4))), dict(downscale_factor=2)]
-    if op == "deform_conv2d":
-        return [dict(input=n((2, 4, 6, 5)), offset=1.5 * n((2, 2 * 2 * 9, 6, 5)), weight=n((6, 2, 3, 3)),
-                     bias=n(6), mask=n((2, 2 * 9, 6, 5))), dict(padding=1)]
-    if op == "deform_conv2d_nomask":
-        return [dict(input=n((1, 3, 6, 6)), offset=1.5 * n((1, 2 * 4, 5, 2)), weight=n((2, 3, 2, 2)),
-                     bias=None, mask=None), dict(stride=(1, 2), dilation=(1, 2))]
-    if op == "involution2d":
-        return [dict(input=n((2, 6, 7, 6)), kernel=n((2, 2, 3, 3, 4, 3))), dict(stride=2, padding=1)]
-    if op == "dynamic_conv2d":
-        return [dict(input=n((3, 4, 6, 5)), weight=n((3, 6, 2, 3, 3)), attention=n((3, 3)), bias=n((3, 6))),
-                dict(padding=1, groups=2)]
-    if op == "odconv2d":
-        return [dict(input=n((2, 4, 6, 6)), weight=n((3, 6, 4, 3, 3)), kernel_attention=n((2, 3)),
-                     spatial_attention=n((2, 3, 3)), channel_attention=n((2, 4)), filter_attention=n((2, 6))),
-                dict(stride=2, padding=1)]
-    if op == "odconv2d_partial":
-        return [dict(input=n((2, 4, 5, 6)), weight=n((2, 4, 2, 3, 2)), kernel_attention=n((2, 2)),
-                     spatial_attention=None, channel_attention=n((2, 4)), filter_attention=None),
-                dict(padding=(1, 0), groups=2)]
-    if op == "warehouse_conv2d":
-        return [dict(input=n((2, 4, 7, 6)), cells=n((3, 2, 2, 3, 1)), attention=n((2, 2 * 1 * 1 * 2, 3))),
-                dict(padding=1, groups=2, kernel_shape=(4, 2, 3, 2))]
-    if op == "spectral_filter2d":
-        return [dict(input=n((2, 3, 6, 7)), filter=n((1, 3, 6, 4)) + 1j * n((1, 3, 6, 4))), {}]
-    if op == "spectral_filter2d_per_sample":
-        return [dict(input=n((2, 2, 5, 8)), filter=n((2, 2, 5, 5)) + 1j * n((2, 2, 5, 5))), {}]
-    raise KeyError(op)
+    example = OPS[op].examples[index]
+    arrays = {}
+    for name in OPS[op].arrays:
+        shape = example.shapes[name]
+        arrays[name] = None if shape is None else rng.standard_normal(shape)
+        if shape is not None and name in OPS[op].complex_arrays:
+            arrays[name] = arrays[name] + 1j * rng.standard_normal(shape)
+    return [arrays, dict(example.params)]
 
 
-CASES = ["conv2d", "conv2d_depthwise", "conv_transpose2d", "subpixel_conv2d", "depthwise_separable_conv2d",
-         "spatial_separable_conv2d", "pixel_shuffle", "pixel_unshuffle", "deform_conv2d", "deform_conv2d_nomask",
-         "involution2d", "dynamic_conv2d", "odconv2d", "odconv2d_partial", "warehouse_conv2d", "spectral_filter2d",
-         "spectral_filter2d_per_sample"]
+CASES = [f"{op}-{i}" for op, opdef in sorted(OPS.items()) for i in range(len(opdef.examples))]
 
 
 def _op(case):
-    return next(op for op in sorted(ARRAY_ARGS, key=len, reverse=True) if case.startswith(op))
+    return case.rsplit("-", 1)[0]
 
 
 def _setup(case, seed=0):
-    """(op, arrays dict in ARRAY_ARGS order, params, present names, grad_output)."""
+    """(op, arrays dict in the op's order, params, present names, grad_output)."""
     op = _op(case)
     arrays, params = _case(case, seed)
-    assert tuple(arrays) == ARRAY_ARGS[op], case
+    assert tuple(arrays) == OPS[op].arrays, case
     present = tuple(n for n, a in arrays.items() if a is not None)
     y = getattr(cuconv, op)(**arrays, **params)
     gy = np.random.default_rng(seed + 100).standard_normal(y.shape)
@@ -108,13 +67,13 @@ def _setup(case, seed=0):
 
 def _call(op, params):
     """f(*present arrays) -> cj.op(...), the arrays by position and keyword as a user would."""
-    names = ARRAY_ARGS[op]
+    names = OPS[op].arrays
 
     def f(arrays):
-        positional = [arrays.get(n) for n in names if n not in KEYWORD_ARRAYS.get(op, ())]
+        positional = [arrays.get(n) for n in names if n not in OPS[op].keyword_arrays]
         while positional and positional[-1] is None:
             positional.pop()
-        keyword = {n: arrays[n] for n in KEYWORD_ARRAYS.get(op, ()) if arrays.get(n) is not None}
+        keyword = {n: arrays[n] for n in OPS[op].keyword_arrays if arrays.get(n) is not None}
         return getattr(cj, op)(*positional, **params, **keyword)
 
     return f
@@ -139,12 +98,12 @@ def _close(got, expected, what, tol=TOL):
 
 
 def test_every_op_is_wrapped_and_covered():
-    assert set(map(_op, CASES)) == set(ARRAY_ARGS)
-    for op in ARRAY_ARGS:
+    assert set(map(_op, CASES)) == set(OPS)
+    for op in OPS:
         fn = getattr(cj, op)
         assert fn.__name__ == op
         assert inspect.signature(fn).parameters == inspect.signature(getattr(cuconv, op)).parameters
-    assert set(cj.__all__) >= set(ARRAY_ARGS)
+    assert set(cj.__all__) >= set(OPS)
 
 
 # --- forward: the same numbers as cuconv, eager and under jit ---
@@ -168,14 +127,14 @@ def test_forward_equals_cuconv(case):
 def test_grad_equals_cuconv_backward(case, mode, monkeypatch):
     monkeypatch.setenv("CUCONV_JAX_CALLBACK", mode)
     op, arrays, params, present, gy = _setup(case)
-    expected = dict(zip(ARRAY_ARGS[op], getattr(cuconv, f"{op}_backward")(gy, **arrays, **params)))
+    expected = dict(zip(OPS[op].arrays, getattr(cuconv, f"{op}_backward")(gy, **arrays, **params)))
     f = _call(op, params)
     loss = lambda d: jnp.sum(f(d) * gy)  # noqa: E731  (cotangent of the output: gy)
     for jit in ([False, True] if mode == MODES[0] else [True]):  # eager calls use no callback
         got = _grads(loss, arrays, present, jit)
         assert set(got) == set(present)
         for n in present:
-            want = np.conj(expected[n]) if n in COMPLEX_ARGS.get(op, ()) else expected[n]
+            want = np.conj(expected[n]) if n in OPS[op].complex_arrays else expected[n]
             _close(got[n], want, f"{op} d/d{n} jit={jit}")
 
 
@@ -212,10 +171,10 @@ def _jax_oracle(op, params):
     if op == "conv2d":
         return lambda a: _bias(_conv(a["input"], a["weight"], **p), a.get("bias"))
     if op == "conv_transpose2d":  # the transpose (VJP) of the forward conv it inverts, by JAX autodiff
-        out = cuconv._shapes.output_shape(op, {"input": (2, 4, 5, 4), "weight": (4, 3, 3, 2)}, **p)
         conv = dict(stride=p["stride"], padding=p["padding"], dilation=p["dilation"], groups=p["groups"])
 
         def transposed(a):
+            out = output_shape(op, {"input": a["input"].shape, "weight": a["weight"].shape}, **p)
             _, vjp = jax.vjp(lambda z: _conv(z, a["weight"], **conv), jnp.zeros(out))
             return _bias(vjp(a["input"])[0], a.get("bias"))
 
@@ -259,7 +218,7 @@ JAX_ORACLE_CASES = [c for c in CASES if _jax_oracle(_op(c), _case(c, 0)[1]) is n
 
 
 def test_jax_oracles_cover_the_convolutions_and_spectral():
-    assert {_op(c) for c in JAX_ORACLE_CASES} == set(ARRAY_ARGS) - {"deform_conv2d", "involution2d",
+    assert {_op(c) for c in JAX_ORACLE_CASES} == set(OPS) - {"deform_conv2d", "involution2d",
                                                                       "warehouse_conv2d"}
 
 
@@ -280,7 +239,7 @@ def test_grad_matches_jax_implementation(case, jit):
 # --- gradients: torch autograd of the same function (the torch adapter's contract) ---
 
 def _torch_fn(op, params):
-    """A torch function of the present arrays (in ARRAY_ARGS order, None for absent ones)."""
+    """A torch function of the present arrays (in the op's order, None for absent ones)."""
     torch = pytest.importorskip("torch")
     F = torch.nn.functional
     p = dict(params)
@@ -336,14 +295,14 @@ def test_grad_matches_torch_autograd(case, jit):
     _close(np.asarray(_call(op, params)({n: jnp.asarray(arrays[n]) for n in present})), y_torch,
            f"{op} forward vs torch")
     got = _grads(lambda d: jnp.sum(_call(op, params)(d) * gy), arrays, present, jit)
-    for n, g in zip(ARRAY_ARGS[op], torch_grads):
+    for n, g in zip(OPS[op].arrays, torch_grads):
         assert (g is None) == (n not in present), n
         if g is not None:
             _close(got[n], g, f"{op} d/d{n} vs torch, jit={jit}")
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("case", ["spectral_filter2d", "spectral_filter2d_per_sample"])
+@pytest.mark.parametrize("case", ["spectral_filter2d-0", "spectral_filter2d-1"])  # shared and per-sample filter
 def test_complex_gradient_is_the_conjugate_of_torch(case, jit):
     """torch stores dL/dRe + i dL/dIm in .grad of a complex leaf; JAX's cotangent is its
     conjugate. cuconv.jax follows JAX: conj(torch's grad)."""
@@ -361,7 +320,7 @@ def test_complex_gradient_is_the_conjugate_of_torch(case, jit):
 # --- None handling, transformations, errors, dtypes ---
 
 def test_absent_optional_arrays_and_partial_argnums():
-    op, arrays, params, present, gy = _setup("odconv2d_partial")
+    op, arrays, params, present, gy = _setup("odconv2d-1")  # spatial and filter attention absent
     assert present == ("input", "weight", "kernel_attention", "channel_attention")
     x, w, ka, ca = (jnp.asarray(arrays[n]) for n in present)
     # grad with respect to one argument only; the others are constants closed over
@@ -382,10 +341,10 @@ def test_eager_calls_run_cuconv_directly(monkeypatch):
         raise AssertionError("a callback for concrete arrays")
 
     monkeypatch.setattr(cj, "_callback", no_callback)
-    op, arrays, params, present, gy = _setup("deform_conv2d")
+    op, arrays, params, present, gy = _setup("deform_conv2d-0")
     got = _grads(lambda d: jnp.sum(_call(op, params)(d) * gy), arrays, present, jit=False)
     expected = cuconv.deform_conv2d_backward(gy, **arrays, **params)
-    for n, e in zip(ARRAY_ARGS[op], expected):
+    for n, e in zip(OPS[op].arrays, expected):
         _close(got[n], e, f"eager d/d{n}")
     with pytest.raises(AssertionError, match="a callback"):
         jax.jit(_call(op, params))({n: jnp.asarray(arrays[n]) for n in present})

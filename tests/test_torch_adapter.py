@@ -3,7 +3,6 @@ registrations, results equal to the cuconv calls), the nn layers against torch-n
 implementations of the same layers, autocast, channels_last, torch.compile(fullgraph=True)
 against eager mode, and a small model that trains. DDP: tests/test_torch_ddp.py."""
 
-import importlib
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ from torch import nn
 
 import cuconv
 import cuconv.torch as ct
+from cuconv._registry import OPS as OPS_BY_NAME
 
 F64 = torch.float64
 
@@ -23,48 +23,28 @@ def _randn(generator, *shape, dtype=F64):
 
 
 def op_case(op: str, seed: int = 0):
-    """(array arguments by name, parameters) of a small float64 call of `op` with odd
-    sizes, groups, strides and every optional array present."""
+    """(array arguments by name, parameters) of a small float64 call of `op`: its first
+    registered example (odd sizes, groups, strides, every optional array present)."""
     g = torch.Generator().manual_seed(seed)
-    r = lambda *shape: _randn(g, *shape)  # noqa: E731
-    cases = {
-        "conv2d": (dict(input=r(2, 4, 5, 6), weight=r(6, 2, 3, 2), bias=r(6)),
-                   dict(stride=(2, 1), padding=1, dilation=(1, 2), groups=2)),
-        "conv_transpose2d": (dict(input=r(2, 4, 3, 4), weight=r(4, 2, 3, 3), bias=r(4)),
-                             dict(stride=2, padding=1, output_padding=(1, 0), groups=2)),
-        "subpixel_conv2d": (dict(input=r(1, 3, 4, 5), weight=r(8, 3, 3, 3), bias=r(8)),
-                            dict(upscale_factor=2, padding=1)),
-        "depthwise_separable_conv2d": (dict(input=r(2, 3, 5, 5), depthwise_weight=r(6, 1, 3, 3),
-                                            pointwise_weight=r(4, 6, 1, 1), depthwise_bias=r(6), pointwise_bias=r(4)),
-                                       dict(stride=2, padding=1)),
-        "spatial_separable_conv2d": (dict(input=r(2, 4, 6, 5), weight_v=r(4, 2, 3, 1), weight_h=r(4, 2, 1, 3),
-                                          bias=r(4)), dict(padding=1, groups=2)),
-        "pixel_shuffle": (dict(input=r(2, 8, 3, 2)), dict(upscale_factor=2)),
-        "pixel_unshuffle": (dict(input=r(2, 2, 4, 6)), dict(downscale_factor=2)),
-        "deform_conv2d": (dict(input=r(1, 4, 5, 5), offset=0.7 * r(1, 36, 5, 5), weight=r(4, 2, 3, 3), bias=r(4),
-                               mask=r(1, 18, 5, 5)), dict(padding=1)),
-        "involution2d": (dict(input=r(2, 4, 6, 6), kernel=r(2, 2, 3, 3, 3, 3)), dict(stride=2, padding=1)),
-        "dynamic_conv2d": (dict(input=r(2, 4, 4, 4), weight=r(2, 2, 2, 3, 3), attention=r(2, 2), bias=r(2, 2)),
-                           dict(padding=1, groups=2)),
-        "odconv2d": (dict(input=r(2, 2, 4, 4), weight=r(2, 3, 2, 3, 3), kernel_attention=r(2, 2),
-                          spatial_attention=r(2, 3, 3), channel_attention=r(2, 2), filter_attention=r(2, 3)),
-                     dict(padding=1)),
-        "warehouse_conv2d": (dict(input=r(1, 4, 4, 4), cells=r(2, 2, 2, 3, 3), attention=r(1, 4, 2)),
-                             dict(padding=1, kernel_shape=(4, 4, 3, 3))),
-        "spectral_filter2d": (dict(input=r(2, 3, 4, 5), filter=torch.complex(r(2, 3, 4, 3), r(2, 3, 4, 3))), {}),
-    }
-    return cases[op]
+    opdef = OPS_BY_NAME[op]
+    example = opdef.examples[0]
+    arrays = {}
+    for name in opdef.arrays:
+        shape = example.shapes[name]
+        arrays[name] = _randn(g, *shape)
+        if name in opdef.complex_arrays:
+            arrays[name] = torch.complex(arrays[name], _randn(g, *shape))
+    return arrays, dict(example.params)
 
 
 OPS = list(ct.OPS)
 
 
 def test_every_op_has_a_case_and_a_function():
-    assert set(OPS) == set(cuconv._shapes.ARRAY_ARGS)
+    assert set(OPS) == set(OPS_BY_NAME)
     for op in OPS:
         arrays, _ = op_case(op)
-        assert tuple(arrays) == tuple(a for a in cuconv._shapes.ARRAY_ARGS[op] if a in arrays)
-        assert set(arrays) == set(cuconv._shapes.ARRAY_ARGS[op]), f"{op}: the case leaves an array out"
+        assert tuple(arrays) == OPS_BY_NAME[op].arrays, f"{op}: the case leaves an array out"
         assert getattr(ct, op).__signature__ == ct.SPECS[op].signature
 
 
@@ -80,7 +60,7 @@ def test_forward_and_gradients_are_cuconvs(op):
     gy = _randn(torch.Generator().manual_seed(1), *y.shape)
     y.backward(gy)
     grads = getattr(cuconv, op + "_backward")(gy, **arrays, **params)
-    for name, grad in zip(cuconv._shapes.ARRAY_ARGS[op], grads):
+    for name, grad in zip(OPS_BY_NAME[op].arrays, grads):
         torch.testing.assert_close(leaves[name].grad, grad, rtol=0, atol=0, msg=f"{op}: gradient of {name}")
 
 
@@ -499,7 +479,7 @@ def test_compile_inductor():
 
 
 def test_layers_are_exported():
-    module = importlib.import_module("cuconv.torch")
+    module = ct
     for name in ("Conv2d", "ConvTranspose2d", "DepthwiseSeparableConv2d", "DeformConv2d", "Involution2d",
                  "DynamicConv2d", "ODConv2d", "PixelShuffle", "SubPixelConv2d", "AdaptiveFrequencyFilter", *OPS):
         assert name in module.__all__ and hasattr(module, name)

@@ -30,7 +30,7 @@ def forced_backend() -> str | None:
     return value
 
 
-# The complex dtype that pairs with a real one (DESIGN §3): a complex argument (named in
+# The complex dtype that pairs with a real one (docs/design.md §1): a complex argument (named in
 # Call's complex_args) must have the pairing type of the call's real dtype. float16 and
 # bfloat16 pair with complex64 (ops with complex arguments compute those in float32).
 COMPLEX_PARTNER = {"float16": "complex64", "bfloat16": "complex64", "float32": "complex64",

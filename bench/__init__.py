@@ -3,11 +3,20 @@
 
 First a self-check of every op against the float64 reference (always: the interpret
 backend, plus the cuda backend when a GPU is usable), then, on a CUDA GPU only, timings
-against the baselines with JSON results under bench/results/. One module per op family;
-a new one is added to SUITES.
+against the baselines with JSON results under bench/results/.
+
+One module per op family. A suite is any public module of this package that defines
+NAME, self_check and bench_cases (bench/harness.py describes them); importing the
+package imports every public module and SUITES lists the suites in module-name order.
+A new suite is a new module here, nothing else.
 """
 
-from . import conv2d, conv_transpose2d, deform_conv, dynamic_conv, involution, pixel_shuffle, separable, spectral, subpixel
+import importlib
+import pkgutil
 
-SUITES = [conv2d, conv_transpose2d, subpixel, pixel_shuffle, separable, involution, deform_conv, dynamic_conv,
-          spectral]
+_SUITE_API = ("NAME", "self_check", "bench_cases")
+
+_MODULES = [importlib.import_module(f"{__name__}.{info.name}")
+            for info in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name)
+            if not info.name.startswith("_")]  # private modules and __main__ (the entry point)
+SUITES = tuple(m for m in _MODULES if all(hasattr(m, attr) for attr in _SUITE_API))

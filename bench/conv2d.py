@@ -8,9 +8,11 @@ import dataclasses
 import functools
 
 import cuconv
-import cuconv.reference
+from cuconv.ops.conv2d import CONV2D, conv_geometry
+from cuconv.reference import conv2d as reference
 
-from .harness import BenchCase, CheckRow, OpCheck, random_inputs, self_check_op, tensor_bytes, torch_baselines
+from .harness import (BenchCase, CheckRow, OpCheck, random_inputs, self_check_op, tensor_bytes, timed_dtypes,
+                      timed_layers, torch_baselines)
 
 NAME = "conv2d"
 
@@ -27,10 +29,8 @@ CHECK_CONFIGS = [
     ("1x1 bias", ((3, 10, 5, 7), (12, 10, 1, 1), (12,)), {}),
     ("7x7 s2 p3 (stem-like)", ((1, 3, 17, 15), (8, 3, 7, 7), None), dict(stride=2, padding=3)),
 ]
-CHECK = OpCheck(NAME, cuconv.conv2d, cuconv.conv2d_backward, cuconv.reference.conv2d,
-                cuconv.reference.conv2d_backward, lambda F, *t, **p: F.conv2d(*t, **p), ("input", "weight", "bias"))
-
-
+CHECK = OpCheck(NAME, cuconv.conv2d, cuconv.conv2d_backward, reference.conv2d, reference.conv2d_backward,
+                lambda F, *t, **p: F.conv2d(*t, **p), ("input", "weight", "bias"))
 
 
 def _check_by(algorithm: str) -> OpCheck:
@@ -89,16 +89,10 @@ RESNET50 = [
     ("1x1 2048->512 7", 2048, 512, 1, 1, 7),
 ]
 # Depthwise layers (groups = channels, stride 1): (label, channels, kernel, input size).
-DEPTHWISE = [
-    ("ConvNeXt dw7x7 96 56", 96, 7, 56),
-    ("ConvNeXt dw7x7 192 28", 192, 7, 28),
-    ("ConvNeXt dw7x7 384 14", 384, 7, 14),
-    ("ConvNeXt dw7x7 768 7", 768, 7, 7),
-    ("RepLKNet dw31x31 128 56", 128, 31, 56),
-    ("RepLKNet dw31x31 256 28", 256, 31, 28),
-    ("RepLKNet dw31x31 512 14", 512, 31, 14),
-    ("RepLKNet dw31x31 1024 7", 1024, 31, 7),
-]
+# ConvNeXt-T's 7x7 (96 channels at 56x56) and RepLKNet-31B's 31x31 (128 at 56x56) layers,
+# the channels doubling as the size halves over four stages.
+DEPTHWISE = [(f"{net} dw{k}x{k} {c0 << i} {56 >> i}", c0 << i, k, 56 >> i)
+             for net, k, c0 in (("ConvNeXt", 7, 96), ("RepLKNet", 31, 128)) for i in range(4)]
 QUICK = ("stem 7x7/2 3->64 224", "3x3 64->64 56", "1x1 256->64 56", "3x3 256->256 14", "ConvNeXt dw7x7 96 56",
          "RepLKNet dw31x31 512 14")
 
@@ -119,16 +113,12 @@ _WRT = {"fwd": (), "dgrad": ("input",), "wgrad": ("weight",), "fwd+bwd": ("input
 def bench_cases(dtypes, quick, torch_module=None) -> list[BenchCase]:
     """fwd, dgrad, wgrad and fwd+bwd cases; baselines need torch (CuPy arrays otherwise)."""
     cases = []
-    for label, cin, cout, k, stride, size, groups in layers():
-        if quick and label not in QUICK:
-            continue
+    for label, cin, cout, k, stride, size, groups in timed_layers(layers(), quick, QUICK):
         pad = k // 2
         out = cuconv.conv_output_size(size, k, stride, pad)
         shapes = ((BATCH, cin, size, size), (cout, cin // groups, k, k), (BATCH, cout, out, out))
         flops = 2.0 * BATCH * cout * out * out * (cin // groups) * k * k
-        for dtype in dtypes:
-            if torch_module is None and dtype == "bfloat16":
-                continue  # CuPy has no bfloat16
+        for dtype in timed_dtypes(dtypes, torch_module):
             for pass_ in QUICK_PASSES if quick else PASSES:
                 cases.append(_case(label, dtype, pass_, shapes, stride, pad, groups, flops, torch_module))
     return cases
@@ -136,11 +126,8 @@ def bench_cases(dtypes, quick, torch_module=None) -> list[BenchCase]:
 
 def _supported_algorithms(shapes, stride, pad, groups, dtype) -> list[str]:
     """Every conv2d algorithm that runs this layer in dtype (each is timed by name)."""
-    import importlib
-
-    ops = importlib.import_module("cuconv.ops.conv2d")
-    geom = ops.conv_geometry("bench", shapes[0], shapes[1], None, stride, pad, 1, groups)
-    return [a for a in ops.ALGORITHMS if ops._unsupported(a, geom, dtype) is None]
+    geom = conv_geometry("bench", shapes[0], shapes[1], None, stride, pad, 1, groups)
+    return [a for a in CONV2D.names() if CONV2D[a].supported(geom, dtype) is None]
 
 
 def _case(label, dtype, pass_, shapes, stride, pad, groups, flops, torch) -> BenchCase:

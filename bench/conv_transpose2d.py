@@ -5,10 +5,10 @@ cuDNN in NCHW and channels_last."""
 from __future__ import annotations
 
 import cuconv
-import cuconv.reference
+from cuconv.reference import conv_transpose2d as reference
 
-from .harness import (BenchCase, CheckRow, OpCheck, random_inputs, self_check_op, tensor_bytes, tensor_core_rows,
-                      torch_baselines)
+from .harness import (FWD_BWD, BenchCase, CheckRow, OpCheck, random_inputs, self_check_op, tensor_bytes,
+                      tensor_core_rows, timed_dtypes, timed_layers, torch_baselines)
 
 NAME = "conv_transpose2d"
 
@@ -20,8 +20,8 @@ CHECK_CONFIGS = [
     ("3x3 d2 groups=2 bias", ((1, 6, 7, 6), (6, 2, 3, 3), (4,)), dict(dilation=2, groups=2, padding=1)),
     ("3x(1,2) s(1,3) op(0,2)", ((2, 3, 5, 4), (3, 4, 3, 1), None), dict(stride=(1, 3), output_padding=(0, 2))),
 ]
-CHECK = OpCheck(NAME, cuconv.conv_transpose2d, cuconv.conv_transpose2d_backward, cuconv.reference.conv_transpose2d,
-                cuconv.reference.conv_transpose2d_backward, lambda F, *t, **p: F.conv_transpose2d(*t, **p),
+CHECK = OpCheck(NAME, cuconv.conv_transpose2d, cuconv.conv_transpose2d_backward, reference.conv_transpose2d,
+                reference.conv_transpose2d_backward, lambda F, *t, **p: F.conv_transpose2d(*t, **p),
                 ("input", "weight", "bias"))
 
 
@@ -44,22 +44,15 @@ QUICK = ("U-Net up 512->256 56", "DCGAN 256->128 16")
 
 
 def bench_cases(dtypes, quick, torch_module=None) -> list[BenchCase]:
-    cases = []
-    for label, batch, cin, cout, k, stride, pad, size in DECODERS:
-        if quick and label not in QUICK:
-            continue
-        out = (size - 1) * stride - 2 * pad + k
-        shapes = ((batch, cin, size, size), (cin, cout, k, k), (batch, cout, out, out))
-        flops = 2.0 * batch * cin * size * size * cout * k * k  # every input pixel meets every tap and out channel
-        for dtype in dtypes:
-            if torch_module is None and dtype == "bfloat16":
-                continue  # CuPy has no bfloat16
-            for pass_ in ("fwd", "fwd+bwd"):
-                cases.append(_case(label, dtype, pass_, shapes, stride, pad, flops, torch_module))
-    return cases
+    return [_case(layer, dtype, pass_, torch_module) for layer in timed_layers(DECODERS, quick, QUICK)
+            for dtype in timed_dtypes(dtypes, torch_module) for pass_ in FWD_BWD]
 
 
-def _case(label, dtype, pass_, shapes, stride, pad, flops, torch) -> BenchCase:
+def _case(layer, dtype, pass_, torch) -> BenchCase:
+    label, batch, cin, cout, k, stride, pad, size = layer
+    out = (size - 1) * stride - 2 * pad + k
+    shapes = ((batch, cin, size, size), (cin, cout, k, k), (batch, cout, out, out))
+    flops = 2.0 * batch * cin * size * size * cout * k * k  # every input pixel meets every tap and out channel
     backward = pass_ == "fwd+bwd"
     traffic = tensor_bytes(shapes, dtype) * (3 if backward else 1)  # input, weight, output (read or written)
     shapes = shapes if backward else shapes[:2]

@@ -5,13 +5,10 @@ the same shape (the cost of the deformation)."""
 
 from __future__ import annotations
 
-import importlib
-
 from cuconv.ops.deform_conv import deform_conv2d, deform_conv2d_backward
+from cuconv.reference import deform_conv as reference
 
-from .harness import BenchCase, CheckRow, OpCheck, random_inputs, self_check_op
-
-reference = importlib.import_module("cuconv.reference.deform_conv")
+from .harness import FWD_BWD, BenchCase, CheckRow, OpCheck, random_inputs, self_check_op, timed_dtypes, timed_layers
 
 NAME = "deform_conv"
 
@@ -21,9 +18,12 @@ def _pair(v):
 
 
 def torch_deform_conv2d(F, x, offset, weight, bias=None, mask=None, stride=1, padding=0, dilation=1):
-    """torchvision semantics from F.grid_sample (zeros padding, align_corners=False on
-    pixel coordinates normalised to land exactly on the sampling position): the fp16/bf16
-    anchor of the self-check, computed entirely in the tensors' dtype."""
+    """An independent torch implementation of torchvision's semantics (the self-check's
+    fp16/bf16 anchor and the tests' oracle, computed entirely in the tensors' dtype, with
+    autograd): every tap samples the input with F.grid_sample (zeros padding: corners
+    outside the image count 0, and nothing is sampled unless -1 < y < H, -1 < x < W),
+    align_corners=False with pixel (y, x) normalised to ((2x+1)/W - 1, (2y+1)/H - 1) so
+    that it lands exactly on the sampling position."""
     import torch
 
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
@@ -38,7 +38,8 @@ def torch_deform_conv2d(F, x, offset, weight, bias=None, mask=None, stride=1, pa
     cols = []
     for t in range(taps):
         i, j = divmod(t, kw)
-        y_pos, x_pos = oy + i * dh + off[:, :, t, 0], ox + j * dw + off[:, :, t, 1]
+        y_pos = oy + i * dh + off[:, :, t, 0]  # [B, Go, Ho, Wo]
+        x_pos = ox + j * dw + off[:, :, t, 1]
         grid = torch.stack(((2 * x_pos + 1) / w - 1, (2 * y_pos + 1) / h - 1), -1).reshape(b * go, ho, wo, 2)
         s = F.grid_sample(xg, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         s = s.reshape(b, go, cin // go, ho, wo)
@@ -51,22 +52,17 @@ def torch_deform_conv2d(F, x, offset, weight, bias=None, mask=None, stride=1, pa
 
 
 # --- self-check: small odd shapes that cover every parameter ---
-# Arrays in the forward's order (input, offset, weight, bias, mask); mask is passed by keyword.
 
-def _op(x, offset, weight, bias, mask, **params):
-    return deform_conv2d(x, offset, weight, bias, mask=mask, **params)
-
-
-def _op_backward(gy, x, offset, weight, bias, mask, **params):
-    return deform_conv2d_backward(gy, x, offset, weight, bias, mask=mask, **params)
+def positional(forward):
+    """forward with mask as its fifth positional argument: the shared checks pass every
+    array positionally, in the forward's order (input, offset, weight, bias, mask);
+    deform_conv2d takes mask by keyword after its parameters."""
+    return lambda x, offset, weight, bias, mask, **params: forward(x, offset, weight, bias, mask=mask, **params)
 
 
-def _ref(x, offset, weight, bias, mask, **params):
-    return reference.deform_conv2d(x, offset, weight, bias, mask=mask, **params)
-
-
-def _ref_backward(gy, x, offset, weight, bias, mask, **params):
-    return reference.deform_conv2d_backward(gy, x, offset, weight, bias, mask=mask, **params)
+def positional_backward(backward):
+    return lambda gy, x, offset, weight, bias, mask, **params: backward(gy, x, offset, weight, bias, mask=mask,
+                                                                        **params)
 
 
 def _shapes(x_shape, cout, k, weight_groups, offset_groups, out_hw, with_bias, with_mask):
@@ -83,8 +79,9 @@ CHECK = [
     ("3x2 d(2,1) Go=Cin v2", _shapes((1, 3, 8, 7), 6, (3, 2), 1, 3, (4, 6), True, True), dict(dilation=(2, 1))),
 ]
 
-DEFORM = OpCheck(NAME, _op, _op_backward, _ref, _ref_backward, torch_deform_conv2d,
-                 ("input", "offset", "weight", "bias", "mask"))
+DEFORM = OpCheck(NAME, positional(deform_conv2d), positional_backward(deform_conv2d_backward),
+                 positional(reference.deform_conv2d), positional_backward(reference.deform_conv2d_backward),
+                 torch_deform_conv2d, ("input", "offset", "weight", "bias", "mask"))
 
 
 def self_check(dtypes, backends, rng, torch_module=None) -> list[CheckRow]:
@@ -108,19 +105,15 @@ QUICK = ("B8 C64 56 Go1 v2", "B8 C64 100 Go1 v2")
 def bench_cases(dtypes, quick, torch_module=None) -> list[BenchCase]:
     """3x3, stride 1, padding 1 DCN layers, forward and forward+backward."""
     cases = []
-    for dtype in dtypes:
-        if torch_module is None and dtype == "bfloat16":
-            continue  # CuPy has no bfloat16
-        for label, batch, channels, size, groups, with_mask in LAYERS:
-            if quick and label not in QUICK:
-                continue
+    for dtype in timed_dtypes(dtypes, torch_module):
+        for label, batch, channels, size, groups, with_mask in timed_layers(LAYERS, quick, QUICK):
             flops = 2.0 * batch * channels * size * size * channels * 9
             shapes = [(batch, channels, size, size), (batch, 2 * groups * 9, size, size), (channels, channels, 3, 3)]
             scales = [1.0, 1.0, (channels * 9) ** -0.5]
             if with_mask:
                 shapes.append((batch, groups * 9, size, size))
                 scales.append(0.5)
-            for pass_ in ("fwd", "fwd+bwd"):
+            for pass_ in FWD_BWD:
                 cases.append(_case(label, dtype, pass_, shapes, scales, flops, torch_module))
     return cases
 

@@ -10,8 +10,6 @@ alike there, while the forward's on-chip mixture costs K FMAs per staged kernel 
 
 from __future__ import annotations
 
-import importlib
-
 from cuconv.ops.dynamic_conv import (
     dynamic_conv2d,
     dynamic_conv2d_backward,
@@ -20,17 +18,17 @@ from cuconv.ops.dynamic_conv import (
     warehouse_conv2d,
     warehouse_conv2d_backward,
 )
+from cuconv.reference import dynamic_conv as reference
 
-from .harness import BenchCase, CheckRow, OpCheck, random_inputs, self_check_op
-
-reference = importlib.import_module("cuconv.reference.dynamic_conv")
+from .harness import FWD_BWD, BenchCase, CheckRow, OpCheck, random_inputs, self_check_op, timed_dtypes, timed_layers
 
 NAME = "dynamic_conv"
 
-# --- torch formulations (the self-check's fp16/bf16 anchor and the benchmark baseline) ---
+# --- torch formulations: the batch-folded grouped conv, autograd through the aggregation
+# (the self-check's fp16/bf16 anchor, the benchmark baseline and the tests' oracle) ---
 
 
-def _folded_conv(F, x, kernels, stride=1, padding=0, dilation=1, groups=1):
+def folded_conv(F, x, kernels, stride=1, padding=0, dilation=1, groups=1):
     """conv(x[b], kernels[b]) for every b as one grouped conv over the folded batch."""
     b, cin, h, w = x.shape
     cout = kernels.shape[1]
@@ -39,31 +37,32 @@ def _folded_conv(F, x, kernels, stride=1, padding=0, dilation=1, groups=1):
     return y.reshape(b, cout, *y.shape[2:])
 
 
-def _torch_dynamic(F, x, w, a, bias=None, **params):
+def torch_dynamic(F, x, w, a, bias=None, **params):
     import torch
 
-    y = _folded_conv(F, x, torch.einsum("bk,koiyx->boiyx", a, w), **params)
+    y = folded_conv(F, x, torch.einsum("bk,koiyx->boiyx", a, w), **params)
     return y if bias is None else y + (a @ bias)[:, :, None, None]
 
 
-def _torch_odconv(F, x, w, ka, sa=None, ca=None, fa=None, **params):
+def torch_odconv(F, x, w, ka, sa=None, ca=None, fa=None, **params):
     import torch
 
     kernels = torch.einsum("bk,koiyx->boiyx", ka, w)
     if sa is not None:
         kernels = kernels * sa[:, None, None]
-    y = _folded_conv(F, x if ca is None else x * ca[:, :, None, None], kernels, **params)
+    y = folded_conv(F, x if ca is None else x * ca[:, :, None, None], kernels, **params)
     return y if fa is None else y * fa[:, :, None, None]
 
 
-def _torch_warehouse(F, x, cells, att, kernel_shape=None, **params):
+def torch_warehouse(F, x, cells, att, kernel_shape=None, **params):
+    """The slots as a [B, so, sc, sy, sx] grid of cell mixtures, interleaved into the kernel."""
     import torch
 
     n, co, ci, ch, cw = cells.shape
     grid = [k // c for k, c in zip(kernel_shape, (co, ci, ch, cw))]
     blocks = torch.einsum("bsj,joiyx->bsoiyx", att, cells).reshape(att.shape[0], *grid, co, ci, ch, cw)
     kernels = blocks.permute(0, 1, 5, 2, 6, 3, 7, 4, 8).reshape(att.shape[0], *kernel_shape)
-    return _folded_conv(F, x, kernels, **params)
+    return folded_conv(F, x, kernels, **params)
 
 
 # --- self-check: small odd shapes that cover every parameter ---
@@ -86,11 +85,11 @@ WAREHOUSE_CHECK = [
 ]
 
 DYNAMIC = OpCheck(NAME, dynamic_conv2d, dynamic_conv2d_backward, reference.dynamic_conv2d,
-                  reference.dynamic_conv2d_backward, _torch_dynamic, ("input", "weight", "attention", "bias"))
-ODCONV = OpCheck(NAME, odconv2d, odconv2d_backward, reference.odconv2d, reference.odconv2d_backward, _torch_odconv,
+                  reference.dynamic_conv2d_backward, torch_dynamic, ("input", "weight", "attention", "bias"))
+ODCONV = OpCheck(NAME, odconv2d, odconv2d_backward, reference.odconv2d, reference.odconv2d_backward, torch_odconv,
                  ("input", "weight", "ka", "sa", "ca", "fa"))
 WAREHOUSE = OpCheck(NAME, warehouse_conv2d, warehouse_conv2d_backward, reference.warehouse_conv2d,
-                    reference.warehouse_conv2d_backward, _torch_warehouse, ("input", "cells", "attention"))
+                    reference.warehouse_conv2d_backward, torch_warehouse, ("input", "cells", "attention"))
 
 
 def self_check(dtypes, backends, rng, torch_module=None) -> list[CheckRow]:
@@ -124,12 +123,8 @@ def bench_cases(dtypes, quick, torch_module=None) -> list[BenchCase]:
     (every gradient) per layer and dtype; baselines need torch (CuPy arrays otherwise,
     no baselines)."""
     cases = []
-    for dtype in dtypes:
-        if torch_module is None and dtype == "bfloat16":
-            continue  # CuPy has no bfloat16
-        for label, cin, cout, size, k, stride, groups in LAYERS:
-            if quick and label not in QUICK:
-                continue
+    for dtype in timed_dtypes(dtypes, torch_module):
+        for label, cin, cout, size, k, stride, groups in timed_layers(LAYERS, quick, QUICK):
             pad = k // 2
             out = (size + 2 * pad - k) // stride + 1
             flops = 2.0 * BATCH * cout * (cin // groups) * k * k * out * out
@@ -140,15 +135,15 @@ def bench_cases(dtypes, quick, torch_module=None) -> list[BenchCase]:
                 if variant == "odconv":  # spatial, channel and filter attentions, near 1 like sigmoids
                     shapes += [(BATCH, k, k), (BATCH, cin), (BATCH, cout)]
                     scales += [0.5, 0.5, 0.5]
-                for pass_ in ("fwd", "fwd+bwd"):
+                for pass_ in FWD_BWD:
                     cases.append(_case(variant, f"{variant} {label}", dtype, pass_, shapes, scales,
                                        (BATCH, cout, out, out), params, flops, torch_module))
     return cases
 
 
 _VARIANTS = {  # the op, its backward, and the torch batch-folded baseline
-    "dynamic": (dynamic_conv2d, dynamic_conv2d_backward, _torch_dynamic),
-    "odconv": (odconv2d, odconv2d_backward, _torch_odconv),
+    "dynamic": (dynamic_conv2d, dynamic_conv2d_backward, torch_dynamic),
+    "odconv": (odconv2d, odconv2d_backward, torch_odconv),
 }
 
 

@@ -6,8 +6,8 @@ A suite (bench/<op>.py) provides
     NAME                                   the op family, e.g. "conv2d"
     self_check(dtypes, backends, rng, torch_module)  ->  list[CheckRow]
     bench_cases(dtypes, quick, torch_module)         ->  list[BenchCase]
-(torch_module: torch when it sees the GPU, else None: then CuPy arrays, no baselines)
-and is registered in bench/__init__.py:SUITES.
+(torch_module: torch when it sees the GPU, else None: then CuPy arrays, no baselines);
+bench/__init__.py finds it by these names (SUITES).
 """
 
 from __future__ import annotations
@@ -350,6 +350,22 @@ class BenchCase:
     # name -> (prepare(input_set) -> input_set, fn(*prepared_set)); e.g. to channels_last
     baselines: dict[str, tuple[Callable, Callable]] = field(default_factory=dict)
     bytes_moved: float = 0.0  # compulsory bytes read + written; rated against the copy ceiling
+
+
+# The passes most suites time: the forward alone, and the forward with every gradient.
+FWD_BWD = ("fwd", "fwd+bwd")
+
+
+def timed_dtypes(dtypes, torch_module) -> list[str]:
+    """The dtypes a suite times: all of them, less bfloat16 without torch (CuPy arrays then,
+    and CuPy has no bfloat16)."""
+    return [d for d in dtypes if torch_module is not None or d != "bfloat16"]
+
+
+def timed_layers(layers, quick: bool, quick_labels) -> list:
+    """The layers (tuples, label first) a suite times: every one, or with --quick those
+    whose label is in quick_labels."""
+    return [layer for layer in layers if not quick or layer[0] in quick_labels]
 
 
 def random_inputs(shapes, dtype: str, requires_grad: bool, scales, torch=None) -> Callable[[], tuple]:

@@ -7,14 +7,11 @@ price of the kernel being dynamic)."""
 
 from __future__ import annotations
 
-import importlib
-
 import cuconv
 from cuconv.ops.involution import involution2d, involution2d_backward
+from cuconv.reference import involution as reference
 
-from .harness import BenchCase, CheckRow, OpCheck, random_inputs, self_check_op
-
-reference = importlib.import_module("cuconv.reference.involution")
+from .harness import FWD_BWD, BenchCase, CheckRow, OpCheck, random_inputs, self_check_op, timed_dtypes, timed_layers
 
 NAME = "involution"
 
@@ -38,16 +35,18 @@ CHECK = [
 ]
 
 
-def _torch_unfold(F, x, k, stride=1, padding=0, dilation=1):
+def torch_unfold(F, x, k, stride=1, padding=0, dilation=1):
+    """The unfold formulation of d-li14/involution on torch tensors (the self-check's
+    fp16/bf16 anchor, a benchmark baseline and the tests' oracle)."""
     b, c = x.shape[:2]
     _, g, kh, kw, out_h, out_w = k.shape
-    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
+    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [B, C*kh*kw, Ho*Wo]
     cols = cols.view(b, g, c // g, kh * kw, out_h, out_w)
     return (cols * k.reshape(b, g, 1, kh * kw, out_h, out_w)).sum(dim=3).reshape(b, c, out_h, out_w)
 
 
 INVOLUTION = OpCheck(NAME, involution2d, involution2d_backward, reference.involution2d,
-                     reference.involution2d_backward, _torch_unfold, ("input", "kernel"))
+                     reference.involution2d_backward, torch_unfold, ("input", "kernel"))
 
 
 def self_check(dtypes, backends, rng, torch_module=None) -> list[CheckRow]:
@@ -59,33 +58,24 @@ def self_check(dtypes, backends, rng, torch_module=None) -> list[CheckRow]:
 BATCH = 32
 KERNEL = 7
 # RedNet-50's involution layers (the bottleneck's 3x3 conv replaced by a 7x7 involution,
-# G = channels / 16): (label, channels, input height = width, stride)
-REDNET50 = [
-    ("inv7x7 64 56", 64, 56, 1),
-    ("inv7x7 128 28", 128, 28, 1),
-    ("inv7x7 256 14", 256, 14, 1),
-    ("inv7x7 512 7", 512, 7, 1),
-    ("inv7x7/2 128 56", 128, 56, 2),
-    ("inv7x7/2 256 28", 256, 28, 2),
-    ("inv7x7/2 512 14", 512, 14, 2),
-]
+# G = channels / 16): (label, channels, input height = width, stride). Stride 1 in the four
+# stages (64 channels at 56x56, doubling as the size halves), stride 2 entering stages 2-4.
+_STAGES = [(64 << i, 56 >> i) for i in range(4)]
+REDNET50 = ([(f"inv7x7 {c} {size}", c, size, 1) for c, size in _STAGES]
+            + [(f"inv7x7/2 {2 * c} {size}", 2 * c, size, 2) for c, size in _STAGES[:3]])
 QUICK = ("inv7x7 64 56", "inv7x7 512 7", "inv7x7/2 128 56")
 
 
 def bench_cases(dtypes, quick, torch_module=None) -> list[BenchCase]:
     """Forward and forward+backward cases; baselines need torch (CuPy arrays otherwise)."""
     cases = []
-    for dtype in dtypes:
-        if torch_module is None and dtype == "bfloat16":
-            continue  # CuPy has no bfloat16
-        for label, channels, size, stride in REDNET50:
-            if quick and label not in QUICK:
-                continue
+    for dtype in timed_dtypes(dtypes, torch_module):
+        for label, channels, size, stride in timed_layers(REDNET50, quick, QUICK):
             x_shape, k_shape = _shapes((BATCH, channels, size, size), channels // 16, (KERNEL, KERNEL), stride,
                                        KERNEL // 2)
             out = k_shape[4]
             flops = 2.0 * BATCH * channels * out * out * KERNEL * KERNEL
-            for pass_ in ("fwd", "fwd+bwd"):
+            for pass_ in FWD_BWD:
                 cases.append(_case(label, dtype, pass_, x_shape, k_shape, stride, flops, torch_module))
     return cases
 
@@ -122,7 +112,7 @@ def _baselines(torch, stride, pad, backward) -> dict:
     F = torch.nn.functional
 
     def run_unfold(x, k, gy=None):
-        y = _torch_unfold(F, x, k, stride=stride, padding=pad)
+        y = torch_unfold(F, x, k, stride=stride, padding=pad)
         if backward:
             torch.autograd.grad(y, (x, k), gy)
 

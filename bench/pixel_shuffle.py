@@ -19,17 +19,14 @@ device-to-device copy ceiling (the cases carry `bytes_moved` and no FLOPs).
 
 from __future__ import annotations
 
-import importlib
 import math
 
 from cuconv.ops.pixel_shuffle import (pixel_shuffle, pixel_shuffle_backward, pixel_unshuffle,
                                       pixel_unshuffle_backward)
+from cuconv.reference import pixel_shuffle as reference
 
-from .harness import HOST_DTYPES, BenchCase, CheckRow, OpCheck, random_inputs, self_check_op
-
-# By full name: once cuconv.reference exports the functions, the attribute
-# cuconv.reference.pixel_shuffle is the function, not this module.
-reference = importlib.import_module("cuconv.reference.pixel_shuffle")
+from .harness import (FWD_BWD, HOST_DTYPES, BenchCase, CheckRow, OpCheck, random_inputs, self_check_op, timed_dtypes,
+                      timed_layers)
 
 NAME = "pixel_shuffle"
 
@@ -75,23 +72,17 @@ SR_SHAPES = [
 ]
 QUICK = ("ESPCN x3 RGB 360x640->1080p", "Real-ESRGAN unshuffle x2 1080p")
 
+
 def bench_cases(dtypes, quick, torch_module=None) -> list[BenchCase]:
     """Forward and forward+backward cases; the baseline needs torch (CuPy arrays otherwise)."""
-    cases = []
-    for label, direction, c, r, h, w in SR_SHAPES:
-        if quick and label not in QUICK:
-            continue
-        lo_shape, hi_shape = (BATCH, c * r * r, h, w), (BATCH, c, h * r, w * r)
-        in_shape, out_shape = (lo_shape, hi_shape) if direction == "shuffle" else (hi_shape, lo_shape)
-        for dtype in dtypes:
-            if torch_module is None and dtype == "bfloat16":
-                continue  # CuPy has no bfloat16
-            for pass_ in ("fwd", "fwd+bwd"):
-                cases.append(_case(label, direction, dtype, pass_, r, in_shape, out_shape, torch_module))
-    return cases
+    return [_case(layer, dtype, pass_, torch_module) for layer in timed_layers(SR_SHAPES, quick, QUICK)
+            for dtype in timed_dtypes(dtypes, torch_module) for pass_ in FWD_BWD]
 
 
-def _case(label, direction, dtype, pass_, r, in_shape, out_shape, torch) -> BenchCase:
+def _case(layer, dtype, pass_, torch) -> BenchCase:
+    label, direction, c, r, h, w = layer
+    lo_shape, hi_shape = (BATCH, c * r * r, h, w), (BATCH, c, h * r, w * r)
+    in_shape, out_shape = (lo_shape, hi_shape) if direction == "shuffle" else (hi_shape, lo_shape)
     backward = pass_ == "fwd+bwd"
     forward_op, backward_op = CHECKS[direction].forward, CHECKS[direction].backward
     shapes = (in_shape, out_shape) if backward else (in_shape,)

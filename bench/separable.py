@@ -5,8 +5,6 @@ against two torch / cuDNN convolutions (NCHW and channels_last)."""
 
 from __future__ import annotations
 
-import importlib
-
 import cuconv
 from cuconv.ops.separable import (
     depthwise_separable_conv2d,
@@ -15,10 +13,10 @@ from cuconv.ops.separable import (
     spatial_separable_conv2d_backward,
     spatial_stage_params,
 )
+from cuconv.reference import separable as reference
 
-from .harness import BenchCase, CheckRow, OpCheck, random_inputs, self_check_op, tensor_bytes, torch_baselines
-
-reference = importlib.import_module("cuconv.reference.separable")
+from .harness import (FWD_BWD, BenchCase, CheckRow, OpCheck, random_inputs, self_check_op, tensor_bytes, timed_dtypes,
+                      timed_layers, torch_baselines)
 
 NAME = "separable"
 
@@ -54,11 +52,11 @@ SPATIAL_CHECK = [
 ]
 
 
-def _torch_depthwise(F, x, dw, pw, dwb, pwb, **params):
+def _torch_depthwise(F, x, dw, pw, dwb=None, pwb=None, **params):
     return F.conv2d(F.conv2d(x, dw, dwb, groups=x.shape[1], **params), pw, pwb)
 
 
-def _torch_spatial(F, x, wv, wh, b, stride=1, padding=0, dilation=1, groups=1):
+def _torch_spatial(F, x, wv, wh, b=None, stride=1, padding=0, dilation=1, groups=1):
     vertical, horizontal = spatial_stage_params(NAME, stride, padding, dilation)
     return F.conv2d(F.conv2d(x, wv, None, groups=groups, **vertical), wh, b, groups=groups, **horizontal)
 
@@ -100,74 +98,43 @@ QUICK = ("dw3x3 144 56 -> 24", "dw3x3 960 7 -> 160", "dw3x3/2 144 56 -> 32", "7x
 def bench_cases(dtypes, quick, torch_module=None) -> list[BenchCase]:
     """Forward and forward+backward cases; baselines need torch (CuPy arrays otherwise)."""
     cases = []
-    for dtype in dtypes:
-        if torch_module is None and dtype == "bfloat16":
-            continue  # CuPy has no bfloat16
-        for label, channels, size, stride, cout in MOBILENET_V2:
-            if quick and label not in QUICK:
-                continue
+    for dtype in timed_dtypes(dtypes, torch_module):
+        for label, channels, size, stride, cout in timed_layers(MOBILENET_V2, quick, QUICK):
             out = cuconv.conv_output_size(size, 3, stride, 1)
             flops = 2.0 * BATCH * out * out * channels * (9 + cout)
             shapes = [(BATCH, channels, size, size), (channels, 1, 3, 3), (cout, channels, 1, 1)]
             scales = [1.0, 1 / 3, channels**-0.5]
-            for pass_ in ("fwd", "fwd+bwd"):
-                cases.append(_depthwise_case(label, dtype, pass_, shapes, scales, (BATCH, cout, out, out), stride,
-                                             flops, torch_module))
-        for label, cin, cmid, cout, size, k in INCEPTION:
-            if quick and label not in QUICK:
-                continue
+            cases += [_case(DW, label, dtype, pass_, shapes, scales, (BATCH, cout, out, out), flops, torch_module,
+                            ("input", "depthwise_weight", "pointwise_weight"), stride=stride, padding=1)
+                      for pass_ in FWD_BWD]
+        for label, cin, cmid, cout, size, k in timed_layers(INCEPTION, quick, QUICK):
             flops = 2.0 * BATCH * size * size * k * (cmid * cin + cout * cmid)
             shapes = [(BATCH, cin, size, size), (cmid, cin, k, 1), (cout, cmid, 1, k)]
             scales = [1.0, (cin * k) ** -0.5, (cmid * k) ** -0.5]
-            for pass_ in ("fwd", "fwd+bwd"):
-                cases.append(_spatial_case(label, dtype, pass_, shapes, scales, (BATCH, cout, size, size), k // 2,
-                                           flops, torch_module))
+            cases += [_case(SPATIAL, label, dtype, pass_, shapes, scales, (BATCH, cout, size, size), flops,
+                            torch_module, ("input", "weight_v", "weight_h"), padding=k // 2)
+                      for pass_ in FWD_BWD]
     return cases
 
 
-def _baselines(torch, two_convs, backward):
+def _case(spec: OpCheck, label, dtype, pass_, shapes, scales, y_shape, flops, torch, wrt, **params) -> BenchCase:
+    """The op of `spec` (input and its two weights, no biases) against its two torch convs
+    (spec.torch_forward), NCHW and channels_last."""
+    backward = pass_ == "fwd+bwd"
+    traffic = tensor_bytes(shapes + [y_shape], dtype) * (3 if backward else 1)  # the intermediate stays on chip
+    if backward:
+        shapes, scales = shapes + [y_shape], scales + [1.0]
+
+    def run_cuconv(x, w1, w2, gy=None):
+        spec.forward(x, w1, w2, **params)
+        if backward:
+            spec.backward(gy, x, w1, w2, **params, wrt=wrt)
+
     def run_torch(x, w1, w2, gy=None):
-        y = two_convs(torch.nn.functional, x, w1, w2)
+        y = spec.torch_forward(torch.nn.functional, x, w1, w2, **params)
         if backward:
             torch.autograd.grad(y, (x, w1, w2), gy)
 
-    return torch_baselines(torch, run_torch)
-
-
-def _depthwise_case(label, dtype, pass_, shapes, scales, y_shape, stride, flops, torch) -> BenchCase:
-    backward = pass_ == "fwd+bwd"
-    traffic = tensor_bytes(shapes + [y_shape], dtype) * (3 if backward else 1)  # the intermediate stays on chip
-    if backward:
-        shapes, scales = shapes + [y_shape], scales + [1.0]
-
-    def run_cuconv(x, dw, pw, gy=None):
-        depthwise_separable_conv2d(x, dw, pw, stride=stride, padding=1)
-        if backward:
-            depthwise_separable_conv2d_backward(gy, x, dw, pw, stride=stride, padding=1,
-                                                wrt=("input", "depthwise_weight", "pointwise_weight"))
-
-    def two_convs(F, x, dw, pw):
-        return F.conv2d(F.conv2d(x, dw, None, stride, 1, groups=x.shape[1]), pw)
-
     return BenchCase(NAME, label, dtype, pass_, flops * (3 if backward else 1),
                      random_inputs(shapes, dtype, backward, scales, torch), run_cuconv,
-                     _baselines(torch, two_convs, backward), bytes_moved=traffic)
-
-
-def _spatial_case(label, dtype, pass_, shapes, scales, y_shape, pad, flops, torch) -> BenchCase:
-    backward = pass_ == "fwd+bwd"
-    traffic = tensor_bytes(shapes + [y_shape], dtype) * (3 if backward else 1)  # the intermediate stays on chip
-    if backward:
-        shapes, scales = shapes + [y_shape], scales + [1.0]
-
-    def run_cuconv(x, wv, wh, gy=None):
-        spatial_separable_conv2d(x, wv, wh, padding=pad)
-        if backward:
-            spatial_separable_conv2d_backward(gy, x, wv, wh, padding=pad, wrt=("input", "weight_v", "weight_h"))
-
-    def two_convs(F, x, wv, wh):
-        return F.conv2d(F.conv2d(x, wv, None, 1, (pad, 0)), wh, None, 1, (0, pad))
-
-    return BenchCase(NAME, label, dtype, pass_, flops * (3 if backward else 1),
-                     random_inputs(shapes, dtype, backward, scales, torch), run_cuconv,
-                     _baselines(torch, two_convs, backward), bytes_moved=traffic)
+                     torch_baselines(torch, run_torch), bytes_moved=traffic)

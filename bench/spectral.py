@@ -12,17 +12,16 @@ with a complex64 filter; its anchor is torch.fft doing the same in float32 on th
 from __future__ import annotations
 
 import functools
-import importlib
 
 import numpy as np
 
 from cuconv.ops.conv2d import conv2d, conv2d_backward
 from cuconv.ops.spectral import spectral_filter2d, spectral_filter2d_backward
+from cuconv.reference import conv2d as conv_reference
+from cuconv.reference import spectral as reference
 
-from .harness import BenchCase, CheckRow, OpCheck, self_check_op, tensor_bytes, torch_baselines
-
-reference = importlib.import_module("cuconv.reference.spectral")
-conv_reference = importlib.import_module("cuconv.reference.conv2d")
+from .harness import (FWD_BWD, BenchCase, CheckRow, OpCheck, random_inputs, self_check_op, tensor_bytes, timed_dtypes,
+                      timed_layers, torch_baselines)
 
 NAME = "spectral"
 
@@ -40,9 +39,12 @@ def _complex_of(re, im):
 
         wide = torch.float64 if re.dtype == torch.float64 else torch.float32
         return torch.complex(re.to(wide), im.to(wide))
-    xp = np if isinstance(re, np.ndarray) else importlib.import_module("cupy")
     wide = np.float64 if re.dtype == np.float64 else np.float32
-    return xp.asarray(re, wide) + 1j * xp.asarray(im, wide)
+    if isinstance(re, np.ndarray):
+        return np.asarray(re, wide) + 1j * np.asarray(im, wide)
+    import cupy
+
+    return cupy.asarray(re, wide) + 1j * cupy.asarray(im, wide)
 
 
 def _filter_forward(x, f_re, f_im):
@@ -122,17 +124,11 @@ QUICK = ("AFF 64x96 56x56", "AFF 64x384 7x7", "dw 31x31 64 56", "dense 15x15 64 
 
 def bench_cases(dtypes, quick, torch_module=None) -> list[BenchCase]:
     cases = []
-    for dtype in dtypes:
-        if torch_module is None and dtype == "bfloat16":
-            continue  # CuPy has no bfloat16
-        for label, batch, channels, size in AFFNET:
-            if not quick or label in QUICK:
-                cases += [_filter_case(label, dtype, pass_, batch, channels, size, torch_module)
-                          for pass_ in ("fwd", "fwd+bwd")]
-        for label, batch, k, depthwise in LARGE_KERNELS:
-            if not quick or label in QUICK:
-                cases += [_conv_case(label, dtype, pass_, batch, k, depthwise, torch_module)
-                          for pass_ in ("fwd", "fwd+bwd")]
+    for dtype in timed_dtypes(dtypes, torch_module):
+        cases += [_filter_case(label, dtype, pass_, batch, channels, size, torch_module)
+                  for label, batch, channels, size in timed_layers(AFFNET, quick, QUICK) for pass_ in FWD_BWD]
+        cases += [_conv_case(label, dtype, pass_, batch, k, depthwise, torch_module)
+                  for label, batch, k, depthwise in timed_layers(LARGE_KERNELS, quick, QUICK) for pass_ in FWD_BWD]
     return cases
 
 
@@ -186,8 +182,6 @@ def _filter_case(label, dtype, pass_, batch, channels, size, torch) -> BenchCase
 
 
 def _conv_case(label, dtype, pass_, batch, k, depthwise, torch) -> BenchCase:
-    from .harness import random_inputs
-
     backward = pass_ == "fwd+bwd"
     channels, size = 64, 56
     groups = channels if depthwise else 1

@@ -5,10 +5,10 @@ against torch conv2d + pixel_shuffle."""
 from __future__ import annotations
 
 import cuconv
-import cuconv.reference
+from cuconv.reference import subpixel as reference
 
-from .harness import (BenchCase, CheckRow, OpCheck, random_inputs, self_check_op, tensor_bytes, tensor_core_rows,
-                      torch_baselines)
+from .harness import (FWD_BWD, BenchCase, CheckRow, OpCheck, random_inputs, self_check_op, tensor_bytes,
+                      tensor_core_rows, timed_dtypes, torch_baselines)
 
 NAME = "subpixel_conv2d"
 
@@ -23,8 +23,8 @@ def _torch_subpixel(F, x, w, b, upscale_factor, **params):
     return F.pixel_shuffle(F.conv2d(x, w, b, **params), upscale_factor)
 
 
-CHECK = OpCheck(NAME, cuconv.subpixel_conv2d, cuconv.subpixel_conv2d_backward, cuconv.reference.subpixel_conv2d,
-                cuconv.reference.subpixel_conv2d_backward, _torch_subpixel, ("input", "weight", "bias"))
+CHECK = OpCheck(NAME, cuconv.subpixel_conv2d, cuconv.subpixel_conv2d_backward, reference.subpixel_conv2d,
+                reference.subpixel_conv2d_backward, _torch_subpixel, ("input", "weight", "bias"))
 
 
 def self_check(dtypes, backends, rng, torch_module=None) -> list[CheckRow]:
@@ -42,10 +42,8 @@ def bench_cases(dtypes, quick, torch_module=None) -> list[BenchCase]:
         h, w = 1080 // r, 1920 // r
         shapes = ((BATCH, FEATURES, h, w), (3 * r * r, FEATURES, 3, 3), (BATCH, 3, h * r, w * r))
         flops = 2.0 * BATCH * 3 * r * r * h * w * FEATURES * 9
-        for dtype in dtypes:
-            if torch_module is None and dtype == "bfloat16":
-                continue
-            for pass_ in ("fwd", "fwd+bwd"):
+        for dtype in timed_dtypes(dtypes, torch_module):
+            for pass_ in FWD_BWD:
                 cases.append(_case(f"ESPCN x{r} 1080p", r, dtype, pass_, shapes, flops, torch_module))
     return cases
 

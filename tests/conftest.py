@@ -4,9 +4,17 @@ Every output cuconv allocates is filled with NaN before its kernel runs
 (CUCONV_POISON=1), so an element a kernel fails to write fails the comparison."""
 
 import os
+import sys
 import warnings
+from pathlib import Path
 
 os.environ["CUCONV_POISON"] = "1"
+
+# bench/ is a repo-root package (installed as cuconv.bench): tests import it, e.g. the
+# torch oracles its self-check shares with them.
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
@@ -184,6 +192,27 @@ def conv2d_backward_through(gradients, gy, x, w, b=None, stride=1, padding=0, di
                          stride, padding, dilation, groups)
     check_grad_output(op, call, geom.output_shape)
     return gradients(call, geom, parse_wrt(op, wrt, ("input", "weight", "bias")), b is not None, **options)
+
+
+def depthwise_through(forward, gradients):
+    """(conv2d, conv2d_backward) run by one depthwise algorithm's entry points, as conv2d() /
+    conv2d_backward() dispatch them; groups defaults to the input's channels."""
+    def conv(x, w, b=None, stride=1, padding=0, dilation=1, groups=None):
+        groups = x.shape[1] if groups is None else groups
+        return conv2d_through(forward, x, w, b, stride, padding, dilation, groups)
+
+    def conv_backward(gy, x, w, b=None, stride=1, padding=0, dilation=1, groups=None, wrt=None):
+        groups = x.shape[1] if groups is None else groups
+        return conv2d_backward_through(gradients, gy, x, w, b, stride, padding, dilation, groups, wrt)
+
+    return conv, conv_backward
+
+
+def depthwise_geometry(x_shape, w_shape, stride=1, padding=0, dilation=1):
+    """conv2d's geometry of a depthwise conv (groups = in_channels)."""
+    from cuconv.ops.conv2d import conv_geometry
+
+    return conv_geometry("conv2d", x_shape, w_shape, None, stride, padding, dilation, x_shape[1])
 
 
 def assert_wrt_subset(got, full, wrt) -> None:

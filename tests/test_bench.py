@@ -4,17 +4,13 @@ error / tolerance helper its verdicts rest on."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # bench/ is a repo-root package, not part of the installed cuconv
-    sys.path.insert(0, str(REPO))
-
-from bench import harness  # noqa: E402
-from bench.__main__ import NO_GPU, RESULTS_DIR  # noqa: E402
+from bench import harness  # the repo root is on sys.path: conftest.py
+from bench.__main__ import NO_GPU, RESULTS_DIR
+from conftest import REPO
 
 
 def _results_files():

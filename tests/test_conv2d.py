@@ -2,16 +2,15 @@
 (an independent oracle), finite differences, and the API contract (batch 0,
 non-contiguous inputs, dtypes, NaN propagation, determinism, bad inputs)."""
 
-import sys
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import cuconv
-from cuconv import reference
 from cuconv.ops import _common
+from cuconv.ops import conv2d as conv2d_module
+from cuconv.reference import conv2d as reference
 from conftest import (
     assert_gradients_match_finite_differences, assert_reduced_precision, rel_err, to_backend, to_numpy,
     torch_autograd)
@@ -297,7 +296,6 @@ def test_launch_counter_sees_launches(launches):
 def test_multi_chunk_staging_and_grid_stride_loops(backend, seed, monkeypatch):
     """Tiny shared-memory chunks (boundaries fall mid-filter) and a grid smaller than the
     work, so every block loops: the paths large layers take, at test sizes."""
-    conv2d_module = sys.modules["cuconv.ops.conv2d"]  # the name cuconv.ops.conv2d is the function
     monkeypatch.setattr(conv2d_module, "_WEIGHT_STAGE_BYTES", 40)  # 5 float64 weights per chunk
     monkeypatch.setattr(_common, "_MAX_GRID", 3)
     x, w, b, params = random_config(300 + seed)

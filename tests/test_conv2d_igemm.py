@@ -9,7 +9,6 @@ conv2d_implicit_gemm_gradients(call, geom, wanted, has_bias) directly, with the 
 geometry built as conv2d() / conv2d_backward() build them."""
 
 import dataclasses
-import importlib
 from pathlib import Path
 
 import ml_dtypes
@@ -24,13 +23,12 @@ from cuconv.ops.conv2d import conv_geometry
 from cuconv.ops.conv2d_igemm import (KERNELS, conv2d_implicit_gemm, conv2d_implicit_gemm_gradients,
                                      implicit_gemm_supported, launch_igemm_forward, launch_igemm_grad_input,
                                      launch_igemm_grad_weight, wgrad_split)
+from cuconv.reference import conv2d as reference
+from cuconv.reference import conv_transpose2d as reference_transpose
+from cuconv.reference import pixel_shuffle as shuffle_reference
+from cuconv.reference import subpixel as reference_subpixel
 from conftest import (DTYPES, assert_wrt_subset, conv2d_backward_through, conv2d_through, rel_err, to_backend,
                       to_numpy, torch_autograd, unit_roundoff, within_twice_anchor)
-
-reference = importlib.import_module("cuconv.reference.conv2d")
-reference_transpose = importlib.import_module("cuconv.reference.conv_transpose2d")
-reference_subpixel = importlib.import_module("cuconv.reference.subpixel")
-shuffle_reference = importlib.import_module("cuconv.reference.pixel_shuffle")
 
 HALF_DTYPES = ["float16", "bfloat16"]
 
@@ -800,8 +798,8 @@ def test_public_tf32_algorithm_and_auto_never_picks_it(launches, monkeypatch):
     kernels (bitwise what the launchers give); no 'auto' candidate list, tuned or not,
     holds it, because TF32 weakens the float32 contract."""
     import cuconv
+    from cuconv.ops.conv2d import CONV2D
 
-    ops = importlib.import_module("cuconv.ops.conv2d")
     rng = np.random.default_rng(11)
     x = rng.standard_normal((2, 3, 9, 8)).astype(np.float32)
     w = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
@@ -813,8 +811,9 @@ def test_public_tf32_algorithm_and_auto_never_picks_it(launches, monkeypatch):
     for mine, theirs in zip(grads, igemm_conv2d_backward(gy, x, w, padding=1, tf32=True)):
         np.testing.assert_array_equal(mine, theirs)
     geom = conv_geometry("conv2d", x.shape, w.shape, None, 1, 1, 1, 1)
-    assert "implicit_gemm_tf32" not in ops._candidates(geom, "float32")
-    assert "implicit_gemm" in ops._candidates(geom, "float16")
+    assert "implicit_gemm_tf32" not in CONV2D.candidates(geom, "float32")
+    assert "implicit_gemm_tf32" not in CONV2D.candidates(geom, "float32", passes=True)
+    assert "implicit_gemm" in CONV2D.candidates(geom, "float16")
     with pytest.raises(ValueError, match="implicit_gemm_tf32"):
         cuconv.conv2d(x.astype(np.float16), w.astype(np.float16), algorithm="implicit_gemm_tf32")
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import cuconv
 from cuconv import _arrays
 from cuconv.ops.conv_transpose2d import conv_transpose2d, conv_transpose2d_backward
-from cuconv import reference as ref  # its conv_transpose2d and conv_transpose2d_backward
+from cuconv.reference import conv_transpose2d as ref
 from conftest import assert_reduced_precision, rel_err, to_backend, to_numpy, torch_autograd
 
 

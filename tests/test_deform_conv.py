@@ -5,71 +5,30 @@ offsets), a hand-computed boundary case (a sample exactly on y = -1 / x = -1), a
 API contract (batch 0, non-contiguous, dtypes, bitwise determinism, wrt, bad inputs,
 no im2col allocation)."""
 
-import importlib
-import sys
+import functools
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from bench import deform_conv as deform_bench
+from bench.deform_conv import positional, positional_backward
 from cuconv import _arrays
 from cuconv.ops import _common
+from cuconv.ops import deform_conv as deform_module
+from cuconv.ops.conv2d import conv2d
 from cuconv.ops.deform_conv import deform_conv2d, deform_conv2d_backward
+from cuconv.reference import deform_conv as reference
 from conftest import (
     assert_all_match, assert_gradients_match_finite_differences, assert_reduced_precision, rel_err, to_backend,
     to_numpy, torch_autograd)
 
-reference = importlib.import_module("cuconv.reference.deform_conv")
-conv2d = importlib.import_module("cuconv.ops.conv2d").conv2d
-deform_module = sys.modules["cuconv.ops.deform_conv"]
-
 GRADS = ("input", "offset", "weight", "bias", "mask")
 
-
-def _positional(forward):
-    """forward with mask as its fifth positional argument (the shared checks pass every
-    array positionally; deform_conv2d takes mask by keyword after its parameters)."""
-    return lambda x, offset, weight, bias, mask, **params: forward(x, offset, weight, bias, mask=mask, **params)
-
-
-def _positional_backward(backward):
-    return lambda gy, x, offset, weight, bias, mask, **params: backward(gy, x, offset, weight, bias, mask=mask,
-                                                                        **params)
-
-
-def _pair(v):
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
-def torch_deform_conv2d(x, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None):
-    """An independent torch implementation: every tap samples the input with F.grid_sample
-    (zeros padding: corners outside the image count 0, and nothing is sampled unless
-    -1 < y < H, -1 < x < W), align_corners=False with pixel (y, x) normalised to
-    ((2x+1)/W - 1, (2y+1)/H - 1) so that it lands exactly on the sampling position."""
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
-    b, cin, h, w = x.shape
-    cout, cin_g, kh, kw = weight.shape
-    taps, (ho, wo) = kh * kw, offset.shape[2:]
-    go, gw = offset.shape[1] // (2 * taps), cin // cin_g
-    off = offset.reshape(b, go, taps, 2, ho, wo)
-    oy = (torch.arange(ho, dtype=x.dtype) * sh - ph)[:, None]
-    ox = (torch.arange(wo, dtype=x.dtype) * sw - pw)[None, :]
-    xg = x.reshape(b * go, cin // go, h, w)
-    cols = []
-    for t in range(taps):
-        i, j = divmod(t, kw)
-        y_pos = oy + i * dh + off[:, :, t, 0]  # [B, Go, Ho, Wo]
-        x_pos = ox + j * dw + off[:, :, t, 1]
-        grid = torch.stack(((2 * x_pos + 1) / w - 1, (2 * y_pos + 1) / h - 1), -1).reshape(b * go, ho, wo, 2)
-        s = F.grid_sample(xg, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        s = s.reshape(b, go, cin // go, ho, wo)
-        if mask is not None:
-            s = s * mask.reshape(b, go, taps, ho, wo)[:, :, t, None]
-        cols.append(s.reshape(b, cin, ho, wo))
-    cols = torch.stack(cols, 2).reshape(b, gw, cin_g * taps, ho, wo)
-    y = torch.einsum("bgkhw,gok->bgohw", cols, weight.reshape(gw, cout // gw, cin_g * taps)).reshape(b, cout, ho, wo)
-    return y if bias is None else y + bias[None, :, None, None]
+# The independent torch oracle (F.grid_sample per tap, autograd), shared with the bench's
+# self-check: torch_deform_conv2d(x, offset, weight, bias, mask=..., stride=..., ...).
+torch_deform_conv2d = functools.partial(deform_bench.torch_deform_conv2d, F)
 
 
 def torch_oracle(arrays, gy, params, dtype="float64"):
@@ -164,7 +123,7 @@ def test_finite_differences_of_the_reference():
     args = [x, offset, weight, bias, mask]
 
     assert_gradients_match_finite_differences(
-        _positional(reference.deform_conv2d), _positional_backward(reference.deform_conv2d_backward),
+        positional(reference.deform_conv2d), positional_backward(reference.deform_conv2d_backward),
         args, params, rng)
 
 
@@ -231,9 +190,9 @@ def test_reduced_precision_within_twice_torch_error(dtype):
     bias, mask = rng.standard_normal(6), rng.uniform(0, 1, (2, 2 * 9, 7, 6))
     params = dict(padding=1)
 
-    assert_reduced_precision(_positional(deform_conv2d), _positional_backward(deform_conv2d_backward),
-                             _positional(reference.deform_conv2d),
-                             _positional_backward(reference.deform_conv2d_backward),
+    assert_reduced_precision(positional(deform_conv2d), positional_backward(deform_conv2d_backward),
+                             positional(reference.deform_conv2d),
+                             positional_backward(reference.deform_conv2d_backward),
                              lambda tx, to, tw, tb, tm: torch_deform_conv2d(tx, to, tw, tb, mask=tm, **params),
                              (x, offset, weight, bias, mask), params, dtype)
 

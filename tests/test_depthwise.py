@@ -5,8 +5,6 @@ memory budget and the workspace, and unsupported geometry. The op is called thro
 depthwise_forward / depthwise_gradients directly, with the Call and geometry built as
 conv2d() / conv2d_backward() build them."""
 
-import importlib
-import sys
 from dataclasses import replace
 
 import numpy as np
@@ -15,29 +13,15 @@ import torch.nn.functional as F
 
 from cuconv import _arrays
 from cuconv.ops import _common
+from cuconv.ops import depthwise as depthwise_module
 from cuconv.ops.conv2d import conv_geometry
-from cuconv.ops.depthwise import (
-    check_depthwise, depthwise_forward, depthwise_gradients, depthwise_supported, wgrad_chunks)
-from conftest import assert_reduced_precision, conv2d_backward_through, conv2d_through, rel_err, to_backend, to_numpy
+from cuconv.ops.depthwise import DEPTHWISE, depthwise_forward, depthwise_gradients, depthwise_supported, wgrad_chunks
+from cuconv.reference import conv2d as reference
+from conftest import (assert_reduced_precision, depthwise_geometry as geometry, depthwise_through, rel_err,
+                      to_backend, to_numpy)
 
-reference = importlib.import_module("cuconv.reference.conv2d")
-depthwise_module = sys.modules["cuconv.ops.depthwise"]
-
-
-def dw_conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=None):
-    """conv2d(..., algorithm='depthwise') as conv2d() would dispatch it."""
-    groups = x.shape[1] if groups is None else groups
-    return conv2d_through(depthwise_forward, x, w, b, stride, padding, dilation, groups)
-
-
-def dw_conv2d_backward(gy, x, w, b=None, stride=1, padding=0, dilation=1, groups=None, wrt=None):
-    """conv2d_backward(..., algorithm='depthwise') as conv2d_backward() would dispatch it."""
-    groups = x.shape[1] if groups is None else groups
-    return conv2d_backward_through(depthwise_gradients, gy, x, w, b, stride, padding, dilation, groups, wrt)
-
-
-def geometry(x_shape, w_shape, stride=1, padding=0, dilation=1):
-    return conv_geometry("conv2d", x_shape, w_shape, None, stride, padding, dilation, x_shape[1])
+# conv2d(..., algorithm='depthwise') and conv2d_backward(...) as conv2d() would dispatch them
+dw_conv2d, dw_conv2d_backward = depthwise_through(depthwise_forward, depthwise_gradients)
 
 
 # (batch, channels, multiplier, H, W, k, params, bias): every kernel size the issue names,
@@ -215,7 +199,7 @@ def test_unsupported_geometry_reports_a_reason_and_launches_nothing(launches):
     why = depthwise_supported(huge, "float32")
     assert why is not None and "241x241" in why
     with pytest.raises(ValueError, match=r"algorithm='depthwise' supports only kernels whose halo tile fits"):
-        check_depthwise("conv2d", huge, "float32")
+        DEPTHWISE.check("conv2d", huge, "float32")
     x, w = np.ones((1, 4, 9, 9)), np.ones((4, 2, 3, 3))
     with pytest.raises(ValueError, match=r"conv2d: algorithm='depthwise' supports only depthwise"):
         dw_conv2d(x, w, groups=2)

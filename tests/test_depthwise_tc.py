@@ -7,8 +7,6 @@ paths, the workspace, the shared-memory plans and unsupported geometry. The op i
 through depthwise_tc_forward / depthwise_tc_gradients directly, with the Call and geometry
 built as conv2d() / conv2d_backward() build them."""
 
-import importlib
-import sys
 from dataclasses import replace
 
 import ml_dtypes
@@ -18,32 +16,19 @@ import torch.nn.functional as F
 
 from cuconv import _arrays
 from cuconv.ops import _common
+from cuconv.ops import depthwise_tc as tc_module
 from cuconv.ops._common import Call
 from cuconv.ops.conv2d import conv_geometry
 from cuconv.ops.depthwise_tc import (KERNELS, check_depthwise_tc, depthwise_tc_forward, depthwise_tc_gradients,
                                      depthwise_tc_supported, wgrad_chunks)
-from conftest import (DTYPES, assert_reduced_precision, assert_wrt_subset, conv2d_backward_through,
-                      conv2d_through, rel_err, to_backend, to_numpy, unit_roundoff)
+from cuconv.reference import conv2d as reference
+from conftest import (DTYPES, assert_reduced_precision, assert_wrt_subset, depthwise_geometry as geometry,
+                      depthwise_through, rel_err, to_backend, to_numpy, unit_roundoff)
 
-reference = importlib.import_module("cuconv.reference.conv2d")
-tc_module = sys.modules["cuconv.ops.depthwise_tc"]
 HALF_DTYPES = ["float16", "bfloat16"]
-
-
-def tc_conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=None):
-    """conv2d(..., algorithm='implicit_gemm') on depthwise geometry, as conv2d() would route it."""
-    groups = x.shape[1] if groups is None else groups
-    return conv2d_through(depthwise_tc_forward, x, w, b, stride, padding, dilation, groups)
-
-
-def tc_conv2d_backward(gy, x, w, b=None, stride=1, padding=0, dilation=1, groups=None, wrt=None):
-    """conv2d_backward(..., algorithm='implicit_gemm') on depthwise geometry."""
-    groups = x.shape[1] if groups is None else groups
-    return conv2d_backward_through(depthwise_tc_gradients, gy, x, w, b, stride, padding, dilation, groups, wrt)
-
-
-def geometry(x_shape, w_shape, padding=0, stride=1, dilation=1):
-    return conv_geometry("conv2d", x_shape, w_shape, None, stride, padding, dilation, x_shape[1])
+# conv2d(..., algorithm='implicit_gemm') and conv2d_backward(...) on depthwise geometry, as
+# conv2d() would route them
+tc_conv2d, tc_conv2d_backward = depthwise_through(depthwise_tc_forward, depthwise_tc_gradients)
 
 
 # (batch, channels, multiplier, H, W, k, params, bias): the issue's kernel sizes on small

@@ -49,7 +49,6 @@ def test_site_builds_without_warnings(tmp_path):
 
 
 def test_performance_page_matches_the_results():
-    sys.path.insert(0, str(ROOT))
     from bench import report
 
     assert report.PAGE.read_text() == report.render(images_dir=None), "run: python -m bench.report"

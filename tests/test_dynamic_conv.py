@@ -6,66 +6,31 @@ official CondConv/ODConv trick: x as [1, B*Cin, H, W], the per-sample kernels as
 warehouse == dynamic_conv2d) and the API contract (batch 0, non-contiguous, dtypes,
 determinism, bad inputs). Also proves no per-sample kernel tensor is ever allocated."""
 
-import importlib
-import sys
+import functools
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from bench import dynamic_conv as dynamic_bench
 from cuconv import _arrays
 from cuconv.ops import _common
+from cuconv.ops import dynamic_conv as dynamic_module
 from cuconv.ops.conv2d import conv2d, conv2d_backward
-from cuconv.ops.dynamic_conv import (
-    dynamic_conv2d,
-    dynamic_conv2d_backward,
-    odconv2d,
-    odconv2d_backward,
-    warehouse_conv2d,
-    warehouse_conv2d_backward,
-)
+from cuconv.ops.dynamic_conv import (dynamic_conv2d, dynamic_conv2d_backward, odconv2d, odconv2d_backward,
+                                     warehouse_conv2d, warehouse_conv2d_backward)
+from cuconv.reference import dynamic_conv as reference
 from conftest import (
     assert_all_match, assert_gradients_match_finite_differences, assert_reduced_precision, rel_err, to_backend,
     to_numpy, torch_autograd)
 
-reference = importlib.import_module("cuconv.reference.dynamic_conv")
-dynamic_module = sys.modules["cuconv.ops.dynamic_conv"]
+# --- torch oracles: the batch-folded grouped conv, autograd through the aggregation (shared
+# with the bench's self-check): torch_dynamic(x, w, a, bias, **params) and so on ---
 
-
-# --- torch oracles: the batch-folded grouped conv, autograd through the aggregation ---
-
-def _folded_conv(x, kernels, stride, padding, dilation, groups):
-    """conv(x[b], kernels[b]) for every b as ONE grouped F.conv2d over the folded batch."""
-    b, cin, h, w = x.shape
-    cout = kernels.shape[1]
-    y = F.conv2d(x.reshape(1, b * cin, h, w), kernels.reshape(b * cout, *kernels.shape[2:]), None,
-                 stride=stride, padding=padding, dilation=dilation, groups=b * groups)
-    return y.reshape(b, cout, *y.shape[2:])
-
-
-def torch_dynamic(x, w, a, bias, stride=1, padding=0, dilation=1, groups=1):
-    y = _folded_conv(x, torch.einsum("bk,koiyx->boiyx", a, w), stride, padding, dilation, groups)
-    return y if bias is None else y + (a @ bias)[:, :, None, None]
-
-
-def torch_odconv(x, w, ka, sa, ca, fa, stride=1, padding=0, dilation=1, groups=1):
-    kernels = torch.einsum("bk,koiyx->boiyx", ka, w)
-    if sa is not None:
-        kernels = kernels * sa[:, None, None]
-    if ca is not None:
-        x = x * ca[:, :, None, None]
-    y = _folded_conv(x, kernels, stride, padding, dilation, groups)
-    return y if fa is None else y * fa[:, :, None, None]
-
-
-def torch_warehouse(x, cells, att, stride=1, padding=0, dilation=1, groups=1, kernel_shape=None):
-    """The slots as a [B, so, sc, sy, sx] grid of cell mixtures, interleaved into the kernel."""
-    n, co, ci, ch, cw = cells.shape
-    grid = [k // c for k, c in zip(kernel_shape, (co, ci, ch, cw))]
-    blocks = torch.einsum("bsj,joiyx->bsoiyx", att, cells).reshape(att.shape[0], *grid, co, ci, ch, cw)
-    kernels = blocks.permute(0, 1, 5, 2, 6, 3, 7, 4, 8).reshape(att.shape[0], *kernel_shape)
-    return _folded_conv(x, kernels, stride, padding, dilation, groups)
+torch_dynamic = functools.partial(dynamic_bench.torch_dynamic, F)
+torch_odconv = functools.partial(dynamic_bench.torch_odconv, F)
+torch_warehouse = functools.partial(dynamic_bench.torch_warehouse, F)
 
 
 # --- random configurations ---

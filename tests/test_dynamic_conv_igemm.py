@@ -11,8 +11,6 @@ Also: agreement with algorithm='direct', the non-input gradients bitwise those o
 batch 0 / 1, determinism, no mixed-kernel-sized allocation, and bad arguments launching
 nothing."""
 
-import importlib
-
 import numpy as np
 import pytest
 import torch
@@ -24,9 +22,8 @@ from cuconv.ops.conv2d import conv_geometry
 from cuconv.ops.conv2d_igemm import (KERNELS, dynamic_implicit_gemm_supported, launch_igemm_dynamic_forward,
                                      launch_igemm_dynamic_grad_input)
 from cuconv.ops.dynamic_conv import dynamic_conv2d, dynamic_conv2d_backward, odconv2d
+from cuconv.reference import dynamic_conv as reference
 from conftest import DTYPES, rel_err, to_backend, to_numpy, unit_roundoff, within_twice_anchor
-
-reference = importlib.import_module("cuconv.reference.dynamic_conv")
 
 HALF_DTYPES = ["float16", "bfloat16"]
 IGEMM = dict(algorithm="implicit_gemm")

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import cuconv
-from cuconv import _arrays, reference
+from cuconv import _arrays
+from cuconv.reference import conv2d as reference
 from conftest import rel_err
 
 

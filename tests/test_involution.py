@@ -5,33 +5,27 @@ independent oracle), finite differences of the reference, the depthwise-conv ide
 dtypes, determinism, bad inputs). Also proves the forward allocates only its output and
 exercises small tiles, grid-stride loops and the direct fallback."""
 
-import importlib
-import sys
+import functools
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from bench import involution as involution_bench
 from cuconv import _arrays
 from cuconv.ops import _common
+from cuconv.ops import involution as involution_module
 from cuconv.ops.conv2d import conv2d, conv_output_size
 from cuconv.ops.involution import involution2d, involution2d_backward
+from cuconv.reference import involution as reference
 from conftest import (
     assert_all_match, assert_gradients_match_finite_differences, assert_reduced_precision, rel_err, to_backend,
     to_numpy, torch_autograd)
 
-reference = importlib.import_module("cuconv.reference.involution")
-involution_module = sys.modules["cuconv.ops.involution"]
-
-
-def torch_involution(x, k, stride=1, padding=0, dilation=1):
-    """The unfold formulation of d-li14/involution, on torch tensors."""
-    b, c, _, _ = x.shape
-    _, g, kh, kw, ho, wo = k.shape
-    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [B, C*kh*kw, Ho*Wo]
-    cols = cols.view(b, g, c // g, kh * kw, ho, wo)
-    return (cols * k.reshape(b, g, 1, kh * kw, ho, wo)).sum(dim=3).reshape(b, c, ho, wo)
+# The unfold formulation of d-li14/involution (shared with the bench's self-check):
+# torch_involution(x, k, stride=1, padding=0, dilation=1) on torch tensors.
+torch_involution = functools.partial(involution_bench.torch_unfold, F)
 
 
 def _pair(v):

@@ -4,8 +4,6 @@ all four dtypes (a permutation rounds nothing), the identities that tie the two 
 together (inverse, adjoint), and the API contract (leading dims, batch 0,
 non-contiguous inputs, NaN/Inf, bad inputs with nothing launched)."""
 
-import importlib
-
 import ml_dtypes
 import numpy as np
 import pytest
@@ -15,11 +13,8 @@ import torch.nn.functional as F
 from cuconv.ops import _common
 from cuconv.ops.pixel_shuffle import (pixel_shuffle, pixel_shuffle_backward, pixel_unshuffle,
                                       pixel_unshuffle_backward)
+from cuconv.reference import pixel_shuffle as reference
 from conftest import DTYPES, to_backend, to_numpy
-
-# The module, looked up by its full name: once cuconv.reference exports the functions,
-# the attribute cuconv.reference.pixel_shuffle is the function, not this module.
-reference = importlib.import_module("cuconv.reference.pixel_shuffle")
 
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,

@@ -4,8 +4,6 @@ independent oracle), finite differences of the reference, and the API contract (
 0, non-contiguous inputs, dtypes, determinism, bad inputs). Also proves the forward is
 fused (no intermediate allocated) and that the unfused fallback is correct."""
 
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -13,6 +11,7 @@ import torch.nn.functional as F
 
 from cuconv import _arrays
 from cuconv.ops import _common
+from cuconv.ops import separable as separable_module
 from cuconv.ops.separable import (
     depthwise_separable_conv2d,
     depthwise_separable_conv2d_backward,
@@ -23,8 +22,6 @@ from cuconv.reference import separable as reference
 from conftest import (
     assert_all_match, assert_gradients_match_finite_differences, assert_reduced_precision, rel_err, to_backend,
     to_numpy, torch_autograd)
-
-separable_module = sys.modules["cuconv.ops.separable"]
 
 DW_GRADS = ("input", "depthwise_weight", "pointwise_weight", "depthwise_bias", "pointwise_bias")
 SPATIAL_GRADS = ("input", "weight_v", "weight_h", "bias")

@@ -6,7 +6,6 @@ rejected elsewhere); and conv2d(algorithm='fft') against the direct convolution,
 unsupported cases and the 'auto' rule."""
 
 import functools
-import importlib
 
 import numpy as np
 import pytest
@@ -21,6 +20,8 @@ from cuconv.ops.spectral import (
     spectral_filter2d,
     spectral_filter2d_backward,
 )
+from cuconv.reference import conv2d as conv_reference
+from cuconv.reference import spectral as reference
 from conftest import (
     DTYPES,
     assert_reduced_precision,
@@ -29,9 +30,6 @@ from conftest import (
     to_numpy,
     unit_roundoff,
 )
-
-reference = importlib.import_module("cuconv.reference.spectral")
-conv_reference = importlib.import_module("cuconv.reference.conv2d")
 
 
 def _complex(rng, shape):

@@ -486,32 +486,18 @@ class ODConv2d(nn.Module):
                            self.groups)
 
 
-class PixelShuffle(nn.Module):
-    """torch.nn.PixelShuffle on cuconv.pixel_shuffle."""
-
-    def __init__(self, upscale_factor):
-        super().__init__()
-        self.upscale_factor = upscale_factor
+class PixelShuffle(nn.PixelShuffle):
+    """torch.nn.PixelShuffle (same argument and repr) on cuconv.pixel_shuffle."""
 
     def forward(self, x):
         return pixel_shuffle(x, self.upscale_factor)
 
-    def extra_repr(self):
-        return f"upscale_factor={self.upscale_factor}"
 
-
-class PixelUnshuffle(nn.Module):
-    """torch.nn.PixelUnshuffle on cuconv.pixel_unshuffle."""
-
-    def __init__(self, downscale_factor):
-        super().__init__()
-        self.downscale_factor = downscale_factor
+class PixelUnshuffle(nn.PixelUnshuffle):
+    """torch.nn.PixelUnshuffle (same argument and repr) on cuconv.pixel_unshuffle."""
 
     def forward(self, x):
         return pixel_unshuffle(x, self.downscale_factor)
-
-    def extra_repr(self):
-        return f"downscale_factor={self.downscale_factor}"
 
 
 class SubPixelConv2d(nn.Module):

@@ -148,6 +148,25 @@ def describe_shapes(call, names) -> str:
     return ", ".join(f"{n} {call.shape(n)}" for n in names if call.shape(n) is not None)
 
 
+def check_rank(op: str, name: str, shape, rank: int, layout: str) -> tuple[int, ...]:
+    """`shape` as a tuple when it has `rank` dimensions; else ValueError naming `name`
+    and its expected layout, e.g. "[batch, in_channels, height, width]"."""
+    if len(shape) != rank:
+        raise ValueError(f"{op}: {name} must be {rank}-D {layout}, got shape {shape}")
+    return tuple(shape)
+
+
+def check_grouped_channels(op: str, weight: str, cin: int, cin_g: int, cout: int, groups: int, out_name: str,
+                           shapes: str) -> None:
+    """A grouped conv's channel rules (torch's): the input's channels are `weight`'s
+    in_channels/groups times groups, and its `out_name` channels divide into groups."""
+    if cin != cin_g * groups:
+        raise ValueError(f"{op}: input has {cin} channels but {weight} expects in_channels/groups={cin_g} "
+                         f"x groups={groups} = {cin_g * groups} {shapes}")
+    if cout % groups:
+        raise ValueError(f"{op}: {weight}'s {out_name}={cout} is not divisible by groups={groups} {shapes}")
+
+
 def check_grad_output(op: str, call: Call, expected) -> None:
     """grad_output must have the forward output's shape (ValueError naming the shapes)."""
     got = call.shape("grad_output")

@@ -32,7 +32,8 @@ from .. import _autotune
 from .._kernels import KernelModule
 from .._registry import Example, OpDef, register_op
 from ._algorithms import Algorithm, AlgorithmTable, Passes
-from ._common import Call, check_grad_output, int_pair, parse_wrt, positive_int, threads_for
+from ._common import (Call, check_grad_output, check_grouped_channels, check_rank, int_pair, parse_wrt, positive_int,
+                      threads_for)
 
 KERNELS = KernelModule(
     "conv2d.cu",
@@ -96,11 +97,8 @@ class ConvGeometry:
 def conv_geometry(op: str, input_shape, weight_shape, bias_shape, stride, padding, dilation, groups) -> ConvGeometry:
     """Checks a conv2d call's shapes and parameters (torch's rules); ValueError/TypeError
     naming the argument and the shapes."""
-    if len(input_shape) != 4:
-        raise ValueError(f"{op}: input must be 4-D [batch, in_channels, height, width], got shape {input_shape}")
-    if len(weight_shape) != 4:
-        raise ValueError(f"{op}: weight must be 4-D [out_channels, in_channels/groups, kh, kw], "
-                         f"got shape {weight_shape}")
+    check_rank(op, "input", input_shape, 4, "[batch, in_channels, height, width]")
+    check_rank(op, "weight", weight_shape, 4, "[out_channels, in_channels/groups, kh, kw]")
     groups = positive_int(op, "groups", groups)
     stride = int_pair(op, "stride", stride, 1)
     dilation = int_pair(op, "dilation", dilation, 1)
@@ -109,11 +107,7 @@ def conv_geometry(op: str, input_shape, weight_shape, bias_shape, stride, paddin
     shapes = f"(input {tuple(input_shape)}, weight {tuple(weight_shape)})"
     if min(cout, cin_g, kh, kw) < 1:
         raise ValueError(f"{op}: weight has an empty dimension {shapes}")
-    if cin != cin_g * groups:
-        raise ValueError(f"{op}: input has {cin} channels but weight expects in_channels/groups={cin_g} "
-                         f"x groups={groups} = {cin_g * groups} {shapes}")
-    if cout % groups:
-        raise ValueError(f"{op}: weight's out_channels={cout} is not divisible by groups={groups} {shapes}")
+    check_grouped_channels(op, "weight", cin, cin_g, cout, groups, "out_channels", shapes)
     if bias_shape is not None and tuple(bias_shape) != (cout,):
         raise ValueError(f"{op}: bias must have shape ({cout},) to match weight {tuple(weight_shape)}, "
                          f"got {tuple(bias_shape)}")
@@ -198,6 +192,18 @@ def run_passes(call: Call, op: str, stage: str, geom: ConvGeometry, algorithm: s
     return run(CONV2D.resolve(call, key, geom, algorithm, run, passes=True))
 
 
+def run_pass(call: Call, op: str, stage: str, geom: ConvGeometry, algorithm: str, which: str, out_shape, *operands):
+    """One conv pass into a new array of `out_shape`, exported: `which` is 'forward',
+    'grad_input' or 'grad_weight' of the algorithm's Passes, the operands kernel-side
+    arrays (call.operand); the algorithm is a checked pass algorithm or 'auto' (run_passes)."""
+    def run(algorithm):
+        out = call.empty(out_shape)
+        getattr(CONV2D[algorithm].passes, which)(call, geom, *operands, out)
+        return call.export(out)
+
+    return run_passes(call, op, stage, geom, algorithm, run)
+
+
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto"):
     """y = conv2d(input [B, Cin, H, W], weight [Cout, Cin/groups, kh, kw], bias [Cout])
     -> [B, Cout, Ho, Wo], as torch.nn.functional.conv2d."""
@@ -249,19 +255,13 @@ def conv_gradients(call: Call, geom: ConvGeometry, wanted, has_bias: bool, algor
     the caller's arrays, by a checked pass algorithm or 'auto' (each gradient then chosen
     on its own: run_passes); `call` holds grad_output, input and weight."""
     gy = call.operand("grad_output")
-
-    def grad_input(algorithm):
-        out = call.empty((geom.batch, geom.in_channels, geom.in_h, geom.in_w))
-        CONV2D[algorithm].passes.grad_input(call, geom, gy, call.operand("weight"), None, out)
-        return call.export(out)
-
-    def grad_weight(algorithm):
-        out = call.empty(call.shape("weight"))
-        CONV2D[algorithm].passes.grad_weight(call, geom, gy, call.operand("input"), out)
-        return call.export(out)
-
-    gx = run_passes(call, call.op, "grad_input", geom, algorithm, grad_input) if "input" in wanted else None
-    gw = run_passes(call, call.op, "grad_weight", geom, algorithm, grad_weight) if "weight" in wanted else None
+    gx = gw = None
+    if "input" in wanted:
+        gx = run_pass(call, call.op, "grad_input", geom, algorithm, "grad_input",
+                      (geom.batch, geom.in_channels, geom.in_h, geom.in_w), gy, call.operand("weight"), None)
+    if "weight" in wanted:
+        gw = run_pass(call, call.op, "grad_weight", geom, algorithm, "grad_weight", call.shape("weight"), gy,
+                      call.operand("input"))
     grad_bias = None
     if "bias" in wanted and has_bias:
         grad_bias = call.empty((geom.out_channels,))

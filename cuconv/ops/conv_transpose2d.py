@@ -21,19 +21,16 @@ from __future__ import annotations
 import dataclasses
 
 from .._registry import Example, OpDef, register_op
-from ._common import Call, check_grad_output, int_pair, parse_wrt, positive_int
-from .conv2d import CONV2D, ConvGeometry, launch_grad_bias, run_passes
+from ._common import Call, check_grad_output, check_rank, int_pair, parse_wrt, positive_int
+from .conv2d import CONV2D, ConvGeometry, launch_grad_bias, run_pass
 
 
 def transposed_geometry(op: str, input_shape, weight_shape, bias_shape, stride, padding, output_padding,
                         groups, dilation) -> ConvGeometry:
     """The adjoint conv of a conv_transpose2d call (its input is the transposed output),
     after torch's checks; ValueError/TypeError naming the argument and the shapes."""
-    if len(input_shape) != 4:
-        raise ValueError(f"{op}: input must be 4-D [batch, in_channels, height, width], got shape {input_shape}")
-    if len(weight_shape) != 4:
-        raise ValueError(f"{op}: weight must be 4-D [in_channels, out_channels/groups, kh, kw], "
-                         f"got shape {weight_shape}")
+    check_rank(op, "input", input_shape, 4, "[batch, in_channels, height, width]")
+    check_rank(op, "weight", weight_shape, 4, "[in_channels, out_channels/groups, kh, kw]")
     groups = positive_int(op, "groups", groups)
     stride = int_pair(op, "stride", stride, 1)
     padding = int_pair(op, "padding", padding, 0)
@@ -78,14 +75,8 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     adjoint = transposed_geometry(op, call.shape("input"), call.shape("weight"), call.shape("bias"),
                                   stride, padding, output_padding, groups, dilation)
     chosen = CONV2D.check(op, algorithm, adjoint, call.dtype, passes=True)
-
-    def run(algorithm):
-        y = call.empty(_output_shape(adjoint))
-        CONV2D[algorithm].passes.grad_input(call, adjoint, call.operand("input"), call.operand("weight"),
-                                             call.operand("bias"), y)
-        return call.export(y)
-
-    return run_passes(call, op, "forward", adjoint, chosen, run)
+    return run_pass(call, op, "forward", adjoint, chosen, "grad_input", _output_shape(adjoint), call.operand("input"),
+                    call.operand("weight"), call.operand("bias"))
 
 
 def conv_transpose2d_backward(grad_output, input, weight, bias=None, stride=1, padding=0, output_padding=0,
@@ -99,20 +90,14 @@ def conv_transpose2d_backward(grad_output, input, weight, bias=None, stride=1, p
     chosen = CONV2D.check(op, algorithm, adjoint, call.dtype, passes=True)
     check_grad_output(op, call, _output_shape(adjoint))
     wanted = parse_wrt(op, wrt, ("input", "weight", "bias"))
-    gy, x = call.operand("grad_output"), call.operand("input")
-
-    def grad_input(algorithm):
-        out = call.empty(call.shape("input"))
-        CONV2D[algorithm].passes.forward(call, adjoint, gy, call.operand("weight"), None, out)
-        return call.export(out)
-
-    def grad_weight(algorithm):
-        out = call.empty(call.shape("weight"))
-        CONV2D[algorithm].passes.grad_weight(call, adjoint, x, gy, out)
-        return call.export(out)
-
-    gx = run_passes(call, op, "grad_input", adjoint, chosen, grad_input) if "input" in wanted else None
-    gw = run_passes(call, op, "grad_weight", adjoint, chosen, grad_weight) if "weight" in wanted else None
+    gy = call.operand("grad_output")
+    gx = gw = None
+    if "input" in wanted:
+        gx = run_pass(call, op, "grad_input", adjoint, chosen, "forward", call.shape("input"), gy,
+                      call.operand("weight"), None)
+    if "weight" in wanted:
+        gw = run_pass(call, op, "grad_weight", adjoint, chosen, "grad_weight", call.shape("weight"),
+                      call.operand("input"), gy)
     grad_bias = None
     if "bias" in wanted and bias is not None:
         grad_bias = call.empty((adjoint.in_channels,))

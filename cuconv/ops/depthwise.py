@@ -27,6 +27,7 @@ chunks * Cout * KH*KW * (4 or 8) bytes <= (_WGRAD_TARGET_BLOCKS + Cout) * KH*KW 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from .._kernels import KernelModule
 from ._algorithms import Algorithm
@@ -141,62 +142,91 @@ def _tiles(rows: int, cols: int, plan: _Plan) -> int:
     return -(-rows // plan.tile_h) * -(-cols // plan.tile_w)
 
 
-def wgrad_chunks(geom: ConvGeometry, plan: _Plan) -> tuple[int, int]:
-    """(chunks, bands_per_chunk) of the weight gradient's band range: a function of the
-    shape only (the summation order must not depend on the device)."""
-    bands = geom.batch * -(-geom.out_h // plan.tile_h)
-    if bands == 0:
+def split_chunks(units: int, out_channels: int, target_blocks: int) -> tuple[int, int]:
+    """(chunks, units_per_chunk) that cut `units` of weight-gradient work per channel into
+    about target_blocks / out_channels chunks: a function of the shape only (the summation
+    order must not depend on the device)."""
+    if units == 0:
         return 0, 1
-    target = min(bands, max(1, -(-_WGRAD_TARGET_BLOCKS // geom.out_channels)))
-    per_chunk = -(-bands // target)
-    return -(-bands // per_chunk), per_chunk
+    target = min(units, max(1, -(-target_blocks // out_channels)))
+    per_chunk = -(-units // target)
+    return -(-units // per_chunk), per_chunk
 
 
-def depthwise_forward(call: Call, geom: ConvGeometry):
-    """conv2d's forward by the tiled depthwise kernel; `call` holds input, weight and
-    (optional) bias, `geom` comes from conv_geometry. ValueError (before any launch)
-    when unsupported."""
-    DEPTHWISE.check(call.op, geom, call.dtype)
-    plan = _planned(call, geom, "fwd")
-    y = call.empty(geom.output_shape)
-    items = geom.batch * geom.out_channels * _tiles(geom.out_h, geom.out_w, plan)
-    call.launch(KERNELS, "depthwise_fwd", items, plan.threads, _params(geom, plan), call.operand("input"),
-                call.operand("weight"), call.operand("bias"), y,
-                shared_bytes=plan.shared_entries * call.accumulator_bytes)
-    return call.export(y)
+def wgrad_chunks(geom: ConvGeometry, plan: _Plan) -> tuple[int, int]:
+    """(chunks, bands_per_chunk) of the weight gradient's (b, band of tile_h rows) range."""
+    return split_chunks(geom.batch * -(-geom.out_h // plan.tile_h), geom.out_channels, _WGRAD_TARGET_BLOCKS)
 
 
-def depthwise_gradients(call: Call, geom: ConvGeometry, wanted, has_bias: bool):
-    """(grad_input, grad_weight, grad_bias) as the caller's arrays (None where not wanted),
-    conv2d.conv_gradients' contract; `call` holds grad_output, input and weight."""
-    DEPTHWISE.check(call.op, geom, call.dtype)
-    plans = {kind: _planned(call, geom, kind) for kind in ("bwd_input", "bwd_weight") if kind[4:] in wanted}
-    gy = call.operand("grad_output")
-    grad_input = grad_weight = grad_bias = None
-    if "input" in wanted:
-        plan = plans["bwd_input"]
-        grad_input = call.empty((geom.batch, geom.in_channels, geom.in_h, geom.in_w))
-        items = geom.batch * geom.in_channels * _tiles(geom.in_h, geom.in_w, plan)
-        call.launch(KERNELS, "depthwise_bwd_input", items, plan.threads, _params(geom, plan), gy,
-                    call.operand("weight"), grad_input, shared_bytes=plan.shared_entries * call.accumulator_bytes)
-    if "weight" in wanted:
-        plan = plans["bwd_weight"]
-        taps = geom.kernel_h * geom.kernel_w
-        chunks, per_chunk = wgrad_chunks(geom, plan)
-        tap_threads = min(taps, _WGRAD_THREADS)
-        params = _params(geom, plan, chunks, per_chunk, tap_threads, _WGRAD_THREADS // tap_threads)
-        acc_dtype = "float64" if call.dtype == "float64" else "float32"
-        workspace = call.empty((chunks, geom.out_channels, taps), acc_dtype)
-        call.launch(KERNELS, "depthwise_bwd_weight", geom.out_channels * chunks, plan.threads, params, gy,
-                    call.operand("input"), workspace, shared_bytes=plan.shared_entries * call.accumulator_bytes)
-        grad_weight = call.empty(call.shape("weight"))
-        call.launch(KERNELS, "depthwise_reduce_chunks", -(-geom.out_channels * taps // _REDUCE_THREADS),
-                    _REDUCE_THREADS, params, workspace, grad_weight)
-    if "bias" in wanted and has_bias:
-        grad_bias = call.empty((geom.out_channels,))
-        launch_grad_bias(call, geom, gy, grad_bias)
-    return call.export(grad_input), call.export(grad_weight), call.export(grad_bias)
+@dataclass(frozen=True)
+class TiledKernels:
+    """The launch sequence the CUDA-core kernels here and the tensor-core ones of
+    depthwise_tc.py share: forward; input gradient; weight gradient into a per-chunk
+    workspace then a fixed-order reduction; conv2d's bias gradient. What differs is
+    named here."""
 
+    module: KernelModule
+    prefix: str              # kernels PREFIX_fwd, _bwd_input, _bwd_weight, _reduce_chunks
+    check: Callable          # (op, geom, dtype): ValueError before any launch when unsupported
+    planned: Callable        # (call, geom, kind) -> a plan with tile_h, tile_w, threads
+    params: Callable         # (geom, plan) -> the params struct (forward, input gradient)
+    wgrad_params: Callable   # (geom, plan, chunks, per_chunk) -> the params struct (weight gradient)
+    wgrad_chunks: Callable   # (geom, plan) -> (chunks, per_chunk)
+    shared_bytes: Callable   # (call, plan) -> dynamic shared memory per block
+    workspace_dtype: Callable  # (call) -> the weight-gradient workspace's dtype
+
+    def forward(self, call: Call, geom: ConvGeometry):
+        """conv2d's forward; `call` holds input, weight and (optional) bias."""
+        self.check(call.op, geom, call.dtype)
+        plan = self.planned(call, geom, "fwd")
+        y = call.empty(geom.output_shape)
+        items = geom.batch * geom.out_channels * _tiles(geom.out_h, geom.out_w, plan)
+        call.launch(self.module, self.prefix + "_fwd", items, plan.threads, self.params(geom, plan),
+                    call.operand("input"), call.operand("weight"), call.operand("bias"), y,
+                    shared_bytes=self.shared_bytes(call, plan))
+        return call.export(y)
+
+    def gradients(self, call: Call, geom: ConvGeometry, wanted, has_bias: bool):
+        """(grad_input, grad_weight, grad_bias) as the caller's arrays (None where not
+        wanted), conv2d.conv_gradients' contract; `call` holds grad_output, input, weight."""
+        self.check(call.op, geom, call.dtype)
+        plans = {kind: self.planned(call, geom, kind) for kind in ("bwd_input", "bwd_weight") if kind[4:] in wanted}
+        gy = call.operand("grad_output")
+        grad_input = grad_weight = grad_bias = None
+        if "input" in wanted:
+            plan = plans["bwd_input"]
+            grad_input = call.empty((geom.batch, geom.in_channels, geom.in_h, geom.in_w))
+            items = geom.batch * geom.in_channels * _tiles(geom.in_h, geom.in_w, plan)
+            call.launch(self.module, self.prefix + "_bwd_input", items, plan.threads, self.params(geom, plan), gy,
+                        call.operand("weight"), grad_input, shared_bytes=self.shared_bytes(call, plan))
+        if "weight" in wanted:
+            plan = plans["bwd_weight"]
+            taps = geom.kernel_h * geom.kernel_w
+            chunks, per_chunk = self.wgrad_chunks(geom, plan)
+            params = self.wgrad_params(geom, plan, chunks, per_chunk)
+            workspace = call.empty((chunks, geom.out_channels, taps), self.workspace_dtype(call))
+            call.launch(self.module, self.prefix + "_bwd_weight", geom.out_channels * chunks, plan.threads, params,
+                        gy, call.operand("input"), workspace, shared_bytes=self.shared_bytes(call, plan))
+            grad_weight = call.empty(call.shape("weight"))
+            call.launch(self.module, self.prefix + "_reduce_chunks", -(-geom.out_channels * taps // _REDUCE_THREADS),
+                        _REDUCE_THREADS, params, workspace, grad_weight)
+        if "bias" in wanted and has_bias:
+            grad_bias = call.empty((geom.out_channels,))
+            launch_grad_bias(call, geom, gy, grad_bias)
+        return call.export(grad_input), call.export(grad_weight), call.export(grad_bias)
+
+
+def _wgrad_params(geom: ConvGeometry, plan: _Plan, chunks: int, per_chunk: int) -> dict:
+    tap_threads = min(geom.kernel_h * geom.kernel_w, _WGRAD_THREADS)
+    return _params(geom, plan, chunks, per_chunk, tap_threads, _WGRAD_THREADS // tap_threads)
+
+
+KERNEL_PATH = TiledKernels(KERNELS, "depthwise", lambda op, geom, dtype: DEPTHWISE.check(op, geom, dtype), _planned,
+                           _params, _wgrad_params, wgrad_chunks,
+                           lambda call, plan: plan.shared_entries * call.accumulator_bytes,
+                           lambda call: "float64" if call.dtype == "float64" else "float32")
+depthwise_forward = KERNEL_PATH.forward
+depthwise_gradients = KERNEL_PATH.gradients
 
 DEPTHWISE = CONV2D.register(Algorithm("depthwise", depthwise_supported, forward=depthwise_forward,
                                       gradients=depthwise_gradients, rank=1))

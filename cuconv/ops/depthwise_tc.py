@@ -35,7 +35,7 @@ from .._kernels import KernelModule
 from ._algorithms import refuse_unsupported
 from ._common import Call
 from .conv2d import ConvGeometry, launch_grad_bias
-from .depthwise import _is_depthwise, _tiles  # the same geometry test and tile count as the CUDA-core kernels
+from .depthwise import TiledKernels, _is_depthwise, _tiles, split_chunks  # shared with the CUDA-core kernels
 
 KERNELS = KernelModule(
     "depthwise_tc.cu",
@@ -153,56 +153,14 @@ def _params(geom: ConvGeometry, plan: _Plan, chunks: int = 0, tiles_per_chunk: i
 def wgrad_chunks(geom: ConvGeometry, plan: _Plan) -> tuple[int, int]:
     """(chunks, tiles_per_chunk) of the weight gradient's tile range: a function of the
     shape only (the summation order must not depend on the device)."""
-    tiles = geom.batch * _tiles(geom.out_h, geom.out_w, plan)
-    if tiles == 0:
-        return 0, 1
-    target = min(tiles, max(1, -(-_WGRAD_TARGET_BLOCKS // geom.out_channels)))
-    per_chunk = -(-tiles // target)
-    return -(-tiles // per_chunk), per_chunk
+    return split_chunks(geom.batch * _tiles(geom.out_h, geom.out_w, plan), geom.out_channels, _WGRAD_TARGET_BLOCKS)
 
 
-def depthwise_tc_forward(call: Call, geom: ConvGeometry):
-    """conv2d's forward on the tensor cores; `call` holds input, weight and (optional)
-    bias, `geom` comes from conv_geometry. ValueError (before any launch) when unsupported."""
-    check_depthwise_tc(call.op, geom, call.dtype)
-    plan = _planned(call, geom, "fwd")
-    y = call.empty(geom.output_shape)
-    items = geom.batch * geom.out_channels * _tiles(geom.out_h, geom.out_w, plan)
-    call.launch(KERNELS, "depthwise_tc_fwd", items, plan.threads, _params(geom, plan), call.operand("input"),
-                call.operand("weight"), call.operand("bias"), y, shared_bytes=plan.shared_bytes)
-    return call.export(y)
-
-
-def depthwise_tc_gradients(call: Call, geom: ConvGeometry, wanted, has_bias: bool):
-    """(grad_input, grad_weight, grad_bias) as the caller's arrays (None where not wanted),
-    conv2d.conv_gradients' contract; `call` holds grad_output, input and weight.
-
-    grad_input: depthwise_tc_bwd_input, no workspace. grad_weight: depthwise_tc_bwd_weight
-    into a float32 workspace [chunks, Cout, KH*KW] (wgrad_chunks), then
-    depthwise_tc_reduce_chunks in chunk order (bitwise reproducible). grad_bias: conv2d's
-    direct reduction kernel."""
-    check_depthwise_tc(call.op, geom, call.dtype)
-    plans = {kind: _planned(call, geom, kind) for kind in ("bwd_input", "bwd_weight") if kind[4:] in wanted}
-    gy = call.operand("grad_output")
-    grad_input = grad_weight = grad_bias = None
-    if "input" in wanted:
-        plan = plans["bwd_input"]
-        grad_input = call.empty((geom.batch, geom.in_channels, geom.in_h, geom.in_w))
-        items = geom.batch * geom.in_channels * _tiles(geom.in_h, geom.in_w, plan)
-        call.launch(KERNELS, "depthwise_tc_bwd_input", items, plan.threads, _params(geom, plan), gy,
-                    call.operand("weight"), grad_input, shared_bytes=plan.shared_bytes)
-    if "weight" in wanted:
-        plan = plans["bwd_weight"]
-        taps = geom.kernel_h * geom.kernel_w
-        chunks, per_chunk = wgrad_chunks(geom, plan)
-        params = _params(geom, plan, chunks, per_chunk)
-        workspace = call.empty((chunks, geom.out_channels, taps), "float32")
-        call.launch(KERNELS, "depthwise_tc_bwd_weight", geom.out_channels * chunks, plan.threads, params, gy,
-                    call.operand("input"), workspace, shared_bytes=plan.shared_bytes)
-        grad_weight = call.empty(call.shape("weight"))
-        call.launch(KERNELS, "depthwise_tc_reduce_chunks", -(-geom.out_channels * taps // _REDUCE_THREADS),
-                    _REDUCE_THREADS, params, workspace, grad_weight)
-    if "bias" in wanted and has_bias:
-        grad_bias = call.empty((geom.out_channels,))
-        launch_grad_bias(call, geom, gy, grad_bias)
-    return call.export(grad_input), call.export(grad_weight), call.export(grad_bias)
+# grad_input: depthwise_tc_bwd_input, no workspace. grad_weight: depthwise_tc_bwd_weight
+# into a float32 workspace [chunks, Cout, KH*KW] (wgrad_chunks), then
+# depthwise_tc_reduce_chunks in chunk order (bitwise reproducible). grad_bias: conv2d's
+# direct reduction kernel.
+TENSOR_CORE_PATH = TiledKernels(KERNELS, "depthwise_tc", check_depthwise_tc, _planned, _params, _params, wgrad_chunks,
+                                lambda call, plan: plan.shared_bytes, lambda call: "float32")
+depthwise_tc_forward = TENSOR_CORE_PATH.forward
+depthwise_tc_gradients = TENSOR_CORE_PATH.gradients

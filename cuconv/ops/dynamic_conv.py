@@ -41,7 +41,7 @@ from .. import _arrays, _autotune
 from .._kernels import KernelModule
 from .._registry import Example, OpDef, register_op
 from ._algorithms import Algorithm, AlgorithmTable
-from ._common import Call, check_grad_output, describe_shapes, parse_wrt, positive_int, threads_for
+from ._common import Call, check_grad_output, check_rank, describe_shapes, parse_wrt, positive_int, threads_for
 from .conv2d import ConvGeometry, conv_geometry
 from .conv2d_igemm import (dynamic_implicit_gemm_supported, launch_igemm_dynamic_forward,
                            launch_igemm_dynamic_grad_input)
@@ -85,10 +85,7 @@ def _params(geom: ConvGeometry, mix: Mixture, chunk: int = 1, rows: int = 0, col
 # --- validation ---
 
 def _check_rank(op: str, call: Call, name: str, rank: int, layout: str) -> tuple[int, ...]:
-    shape = call.shape(name)
-    if len(shape) != rank:
-        raise ValueError(f"{op}: {name} must be {rank}-D {layout}, got shape {shape}")
-    return shape
+    return check_rank(op, name, call.shape(name), rank, layout)
 
 
 def _check_shape(op: str, call: Call, name: str, expected, names) -> None:

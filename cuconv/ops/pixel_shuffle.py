@@ -85,26 +85,26 @@ def pixel_unshuffle(input, downscale_factor):
 def pixel_shuffle_backward(grad_output, input, upscale_factor, wrt=None):
     """Gradient of pixel_shuffle: (grad_input,) = (pixel_unshuffle(grad_output, r),);
     (None,) when `wrt` excludes "input"."""
-    op = "pixel_shuffle_backward"
-    call = Call(op, input=input, grad_output=grad_output)
-    params, out_shape = _shuffle_geometry(op, call.shape("input"), upscale_factor, "upscale_factor")
-    check_grad_output(op, call, out_shape)
-    if "input" not in parse_wrt(op, wrt, ("input",)):
-        return (None,)
-    # grad_input has input's shape; the unshuffle kernel maps hi -> lo with the same params
-    return (call.export(_run(call, "pixel_unshuffle_fwd", params, call.shape("input"), "grad_output")),)
+    return _inverse("pixel_shuffle_backward", grad_output, input, upscale_factor, "upscale_factor", _shuffle_geometry,
+                    "pixel_unshuffle_fwd", wrt)
 
 
 def pixel_unshuffle_backward(grad_output, input, downscale_factor, wrt=None):
     """Gradient of pixel_unshuffle: (grad_input,) = (pixel_shuffle(grad_output, r),);
     (None,) when `wrt` excludes "input"."""
-    op = "pixel_unshuffle_backward"
+    return _inverse("pixel_unshuffle_backward", grad_output, input, downscale_factor, "downscale_factor",
+                    _unshuffle_geometry, "pixel_shuffle_fwd", wrt)
+
+
+def _inverse(op: str, grad_output, input, factor, name: str, geometry, inverse_kernel: str, wrt):
+    """(grad_input,) of a permutation: its inverse applied to grad_output. The inverse
+    kernel maps the other way with the same params, so grad_input gets input's shape."""
     call = Call(op, input=input, grad_output=grad_output)
-    params, out_shape = _unshuffle_geometry(op, call.shape("input"), downscale_factor, "downscale_factor")
+    params, out_shape = geometry(op, call.shape("input"), factor, name)
     check_grad_output(op, call, out_shape)
     if "input" not in parse_wrt(op, wrt, ("input",)):
         return (None,)
-    return (call.export(_run(call, "pixel_shuffle_fwd", params, call.shape("input"), "grad_output")),)
+    return (call.export(_run(call, inverse_kernel, params, call.shape("input"), "grad_output")),)
 
 
 def _shuffle_output_shape(op, s, upscale_factor):

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 from .._kernels import KernelModule
 from .._registry import Example, OpDef, register_op
-from ._common import Call, check_grad_output, describe_shapes, int_pair, parse_wrt, positive_int, threads_for
+from ._common import (Call, check_grad_output, check_grouped_channels, check_rank, describe_shapes, int_pair, parse_wrt,
+                      positive_int, threads_for)
 from .conv2d import conv2d, conv2d_backward, conv_geometry
 
 KERNELS = KernelModule(
@@ -50,10 +51,7 @@ SPATIAL_NAMES = ("input", "weight_v", "weight_h", "bias")
 # --- validation ---
 
 def _check_4d(op: str, call: Call, name: str, layout: str) -> tuple[int, int, int, int]:
-    shape = call.shape(name)
-    if len(shape) != 4:
-        raise ValueError(f"{op}: {name} must be 4-D {layout}, got shape {shape}")
-    return shape
+    return check_rank(op, name, call.shape(name), 4, layout)
 
 
 def _depthwise_geometry(op: str, call: Call, stride, padding, dilation):
@@ -121,11 +119,7 @@ def _spatial_geometry(op: str, call: Call, stride, padding, dilation, groups):
                          f"got {call.shape('weight_h')} ({shapes})")
     if min(cmid, cin_g, kh, cout, cmid_g, kw) < 1:
         raise ValueError(f"{op}: weight_v or weight_h has an empty dimension ({shapes})")
-    if cin != cin_g * groups:
-        raise ValueError(f"{op}: input has {cin} channels but weight_v expects in_channels/groups={cin_g} "
-                         f"x groups={groups} = {cin_g * groups} ({shapes})")
-    if cmid % groups:
-        raise ValueError(f"{op}: weight_v's mid_channels={cmid} is not divisible by groups={groups} ({shapes})")
+    check_grouped_channels(op, "weight_v", cin, cin_g, cmid, groups, "mid_channels", f"({shapes})")
     if cmid_g * groups != cmid:
         raise ValueError(f"{op}: weight_h expects mid_channels/groups={cmid_g}, but weight_v gives "
                          f"{cmid} / groups={groups} = {cmid // groups} ({shapes})")

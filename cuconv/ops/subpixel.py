@@ -11,7 +11,7 @@ import dataclasses
 
 from .._registry import Example, OpDef, ShapeArgs, register_op
 from ._common import Call, check_grad_output, parse_wrt, positive_int
-from .conv2d import CONV2D, conv_geometry, conv_gradients, run_passes
+from .conv2d import CONV2D, conv_geometry, conv_gradients, run_pass
 
 
 def _geometry(op: str, call: Call | ShapeArgs, upscale_factor, stride, padding, dilation, groups):
@@ -34,14 +34,8 @@ def subpixel_conv2d(input, weight, bias=None, upscale_factor=2, stride=1, paddin
     call = Call(op, input=input, weight=weight, bias=bias, optional=("bias",))
     geom = _geometry(op, call, upscale_factor, stride, padding, dilation, groups)
     chosen = CONV2D.check(op, algorithm, geom, call.dtype, passes=True)
-
-    def run(algorithm):
-        y = call.empty(geom.output_shape)
-        CONV2D[algorithm].passes.forward(call, geom, call.operand("input"), call.operand("weight"),
-                                          call.operand("bias"), y)
-        return call.export(y)
-
-    return run_passes(call, op, "forward", geom, chosen, run)
+    return run_pass(call, op, "forward", geom, chosen, "forward", geom.output_shape, call.operand("input"),
+                    call.operand("weight"), call.operand("bias"))
 
 
 def subpixel_conv2d_backward(grad_output, input, weight, bias=None, upscale_factor=2, stride=1, padding=0,

@@ -67,19 +67,20 @@ def _run(call: Call, kernel: str, params: dict, out_shape, source: str):
 def pixel_shuffle(input, upscale_factor):
     """input [*, C*r*r, H, W] -> [*, C, H*r, W*r] (r = upscale_factor), as
     torch.nn.functional.pixel_shuffle."""
-    op = "pixel_shuffle"
-    call = Call(op, input=input)
-    params, out_shape = _shuffle_geometry(op, call.shape("input"), upscale_factor, "upscale_factor")
-    return call.export(_run(call, "pixel_shuffle_fwd", params, out_shape, "input"))
+    return _permute("pixel_shuffle", input, upscale_factor, "upscale_factor", _shuffle_geometry, "pixel_shuffle_fwd")
 
 
 def pixel_unshuffle(input, downscale_factor):
     """input [*, C, H*r, W*r] -> [*, C*r*r, H, W] (r = downscale_factor), as
     torch.nn.functional.pixel_unshuffle."""
-    op = "pixel_unshuffle"
+    return _permute("pixel_unshuffle", input, downscale_factor, "downscale_factor", _unshuffle_geometry,
+                    "pixel_unshuffle_fwd")
+
+
+def _permute(op: str, input, factor, name: str, geometry, kernel: str):
     call = Call(op, input=input)
-    params, out_shape = _unshuffle_geometry(op, call.shape("input"), downscale_factor, "downscale_factor")
-    return call.export(_run(call, "pixel_unshuffle_fwd", params, out_shape, "input"))
+    params, out_shape = geometry(op, call.shape("input"), factor, name)
+    return call.export(_run(call, kernel, params, out_shape, "input"))
 
 
 def pixel_shuffle_backward(grad_output, input, upscale_factor, wrt=None):

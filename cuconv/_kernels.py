@@ -59,6 +59,31 @@ def _expand(path: Path, seen: set[Path]) -> str:
     return "".join(out)
 
 
+def _strip_comments(text: str) -> str:
+    return re.sub(r"//[^\n]*|/\*.*?\*/", "", text, flags=re.S)
+
+
+def _struct_fields(text: str, name: str, filename: str, _derived: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The `long long` fields of struct `name` in `text`, its single public base's first."""
+    if name in _derived:
+        raise ValueError(f"{filename}: struct {name} derives from itself")
+    matches = re.findall(r"\bstruct\s+" + re.escape(name) + r"\s*(?::\s*(?:public\s+)?(\w+)\s*)?\{(.*?)\};",
+                         _strip_comments(text), re.S)
+    if not matches:
+        raise ValueError(f"{filename}: struct {name} not found")
+    if len(matches) > 1:
+        raise ValueError(f"{filename}: struct {name} is defined {len(matches)} times")
+    base, body = matches[0]
+    fields = list(_struct_fields(text, base, filename, _derived + (name,))) if base else []
+    for decl in filter(None, (d.strip() for d in body.split(";"))):
+        if not decl.startswith("long long "):
+            raise ValueError(f"{filename}: {name} fields must all be 'long long', got {decl!r}")
+        fields += [f.strip() for f in decl[len("long long ") :].split(",")]
+    if len(set(fields)) != len(fields):
+        raise ValueError(f"{filename}: {_derived[0] if _derived else name} repeats a field: {fields}")
+    return tuple(fields)
+
+
 class KernelModule:
     """One .cu file and the kernel instantiations launched from it."""
 
@@ -103,17 +128,10 @@ class KernelModule:
 
     @functools.cached_property
     def param_fields(self) -> tuple[str, ...]:
-        text = self.path.read_text()
-        m = re.search(r"struct\s+" + self.params_struct + r"\s*\{(.*?)\};", text, re.S)
-        if m is None:
-            raise ValueError(f"{self.filename}: struct {self.params_struct} not found")
-        body = re.sub(r"//[^\n]*", "", m.group(1))
-        fields = []
-        for decl in filter(None, (d.strip() for d in body.split(";"))):
-            if not decl.startswith("long long "):
-                raise ValueError(f"{self.filename}: {self.params_struct} fields must all be 'long long', got {decl!r}")
-            fields += [f.strip() for f in decl[len("long long ") :].split(",")]
-        return tuple(fields)
+        """The params struct's field names in memory order: those of its base struct first
+        (`struct Conv2dParams : ConvGeometryParams {...}`, looked up in the text with the
+        project headers inlined), then its own."""
+        return _struct_fields(self.source(), self.params_struct, self.filename)
 
     def params(self, **values: int) -> np.ndarray:
         """The params struct as a C-ordered int64 array (its bytes are the struct)."""

@@ -41,16 +41,15 @@ struct ConvOutLayout {
   I image;  // Cout*Ho*Wo: one sample
   I row;    // r^2*Wo: one conv output row
   I col;    // r: one conv output column
-  I digit;  // r*Wo: one unit of (o / r) % r
   __device__ ConvOutLayout(I upscale, I out_channels, I out_h, I out_w)
       : r(upscale), plane(out_h * out_w), image(out_channels * out_h * out_w), row(upscale * upscale * out_w),
-        col(upscale), digit(upscale * out_w) {}
+        col(upscale) {}
   template <typename Dims>
   __device__ explicit ConvOutLayout(const Dims& p) : ConvOutLayout(I(p.upscale), I(p.out_channels), I(p.out_h), I(p.out_w)) {}
 
   __device__ I channel(I o) const {
     if (r == 1) return o * plane;
-    return (o / (r * r)) * (r * r) * plane + ((o / r) % r) * digit + o % r;
+    return (o / (r * r)) * (r * r) * plane + ((o / r) % r) * (row / r) + o % r;  // row / r = r*Wo
   }
   __device__ I pixel(I oy, I ox) const { return oy * row + ox * col; }
   __device__ I at(I b, I o, I oy, I ox) const { return b * image + channel(o) + pixel(oy, ox); }
@@ -72,10 +71,10 @@ struct ConvOutLayout {
     w.off += d;  // o % r contributes 1 per unit
     if (w.j >= r) {
       w.j -= r;
-      w.off += digit - r;  // (o / r) % r contributes r*Wo per unit
+      w.off += row / r - r;  // (o / r) % r contributes r*Wo per unit
       if (++w.i >= r) {
         w.i -= r;
-        w.off += r * r * plane - r * digit;  // o / r^2 contributes r^2*Ho*Wo per unit
+        w.off += r * r * plane - r * (row / r);  // o / r^2 contributes r^2*Ho*Wo per unit
       }
     }
   }

@@ -84,6 +84,34 @@ def _struct_fields(text: str, name: str, filename: str, _derived: tuple[str, ...
     return tuple(fields)
 
 
+_CONSTEXPR_INT = re.compile(r"\bconstexpr\s+int\s+([^;{}]*);")
+_INT_LITERAL = re.compile(r"([-+]?(?:0[xX][0-9a-fA-F]+|[1-9][0-9]*|0))[uUlL]*")
+
+
+def _split_top_level(text: str) -> list[str]:
+    """`text` split at the commas outside parentheses, brackets and braces."""
+    parts, depth, last = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            parts.append(text[last:i])
+            last = i + 1
+    return parts + [text[last:]]
+
+
+def _constexpr_ints(text: str) -> dict[str, list[str]]:
+    """name -> the value text of every `constexpr int name = value` declarator in `text`
+    (`constexpr int A = 1, B = 2;` declares two)."""
+    found: dict[str, list[str]] = {}
+    for m in _CONSTEXPR_INT.finditer(_strip_comments(text)):
+        for declarator in _split_top_level(m.group(1)):
+            name, eq, value = declarator.partition("=")
+            if eq and re.fullmatch(r"\s*\w+\s*", name):
+                found.setdefault(name.strip(), []).append(value.strip())
+    return found
+
+
 class KernelModule:
     """One .cu file and the kernel instantiations launched from it."""
 
@@ -132,6 +160,25 @@ class KernelModule:
         (`struct Conv2dParams : ConvGeometryParams {...}`, looked up in the text with the
         project headers inlined), then its own."""
         return _struct_fields(self.source(), self.params_struct, self.filename)
+
+    @functools.cached_property
+    def _constants(self) -> dict[str, list[str]]:
+        return _constexpr_ints(self.source())
+
+    def constant(self, name: str) -> int:
+        """The value of `constexpr int NAME = <integer literal>;` in the .cu text (project
+        headers inlined), so the host reads a kernel constant instead of mirroring it.
+        KeyError naming the file if there is no such declaration; ValueError if it is
+        declared more than once or its value is not an integer literal."""
+        values = self._constants.get(name)
+        if not values:
+            raise KeyError(f"{self.filename}: no 'constexpr int {name} = ...;'")
+        if len(values) > 1:
+            raise ValueError(f"{self.filename}: constexpr int {name} is declared {len(values)} times")
+        literal = _INT_LITERAL.fullmatch(values[0])
+        if literal is None:
+            raise ValueError(f"{self.filename}: constexpr int {name} = {values[0]!r} is not an integer literal")
+        return int(literal.group(1), 0)
 
     def params(self, **values: int) -> np.ndarray:
         """The params struct as a C-ordered int64 array (its bytes are the struct)."""

@@ -74,9 +74,11 @@
 #include "common/conv_geometry.cuh"
 
 // Output channels one thread accumulates (forward) / one block item reduces (weight grad).
-#define DEFORM_OUT_PER_THREAD 4
+constexpr int DEFORM_OUT_PER_THREAD = 4;
 // Largest block deform_conv2d_bwd_input_bin is launched with (its static shared arrays).
-#define DEFORM_BIN_THREADS 256
+constexpr int DEFORM_BIN_THREADS = 256;
+// Block size the host launches deform_conv2d_bwd_input_atomic with (the kernel takes any).
+constexpr int DEFORM_ATOMIC_THREADS = 256;
 
 // Every field is a 64-bit integer so the host can pack it as a flat int64 array.
 struct DeformParams : ConvGeometryParams {

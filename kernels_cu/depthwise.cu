@@ -63,9 +63,9 @@
 #include "common/conv_geometry.cuh"
 
 // Adjacent outputs (along x) one thread computes: must match _OUT_PER_THREAD on the host.
-#define DEPTHWISE_OUT_PER_THREAD 8
+constexpr int DEPTHWISE_OUT_PER_THREAD = 8;
 // Taps one weight-gradient thread accumulates per pass: must match _TAPS_PER_THREAD.
-#define DEPTHWISE_TAPS_PER_THREAD 4
+constexpr int DEPTHWISE_TAPS_PER_THREAD = 4;
 
 // One struct for all kernels; every field is a 64-bit integer so the host can pack it
 // as a flat int64 array.

@@ -67,7 +67,7 @@
 
 // Accumulators one thread keeps in registers in the multi-output reductions (cells j or
 // taps handled per pass); n cells cost ceil(n / DYN_ACC) passes, so n is unbounded.
-#define DYN_ACC 8
+constexpr int DYN_ACC = 8;
 
 // Every field is a 64-bit integer so the host can pack it as a flat int64 array.
 struct DynamicConvParams : ConvGeometryParams {

@@ -88,12 +88,14 @@ _CONSTEXPR_INT = re.compile(r"\bconstexpr\s+int\s+([^;{}]*);")
 _INT_LITERAL = re.compile(r"([-+]?(?:0[xX][0-9a-fA-F]+|[1-9][0-9]*|0))[uUlL]*")
 
 
-def _split_top_level(text: str) -> list[str]:
-    """`text` split at the commas outside parentheses, brackets and braces."""
+def _split_top_level(text: str, angles: bool = False) -> list[str]:
+    """`text` split at the commas outside parentheses, brackets and braces (and template
+    argument lists, with `angles`: for declarations, which hold no comparisons)."""
+    opening, closing = "([{<" if angles else "([{", ")]}>" if angles else ")]}"
     parts, depth, last = [], 0, 0
     for i, ch in enumerate(text):
-        depth += ch in "([{"
-        depth -= ch in ")]}"
+        depth += ch in opening
+        depth -= ch in closing
         if ch == "," and depth == 0:
             parts.append(text[last:i])
             last = i + 1
@@ -110,6 +112,28 @@ def _constexpr_ints(text: str) -> dict[str, list[str]]:
             if eq and re.fullmatch(r"\s*\w+\s*", name):
                 found.setdefault(name.strip(), []).append(value.strip())
     return found
+
+
+_GLOBAL = re.compile(r"\b__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(")
+
+
+def _kernel_parameters(text: str) -> dict[str, list[tuple[str, ...]]]:
+    """kernel name -> the parameter declarations of each `__global__ void name(...)` in `text`."""
+    text = _strip_comments(text)
+    found: dict[str, list[tuple[str, ...]]] = {}
+    for m in _GLOBAL.finditer(text):
+        depth, end = 1, m.end()
+        while depth and end < len(text):
+            depth += {"(": 1, ")": -1}.get(text[end], 0)
+            end += 1
+        params = [d.strip() for d in _split_top_level(text[m.end() : end - 1], angles=True)]
+        found.setdefault(m.group(1), []).append(tuple(d for d in params if d and d != "void"))
+    return found
+
+
+def arity_error(module: "KernelModule", kernel: str, expected: int, given: int) -> TypeError:
+    return TypeError(f"{kernel} ({module.filename}) takes the params struct and {expected} array argument"
+                     f"{'' if expected == 1 else 's'}, got {given}")
 
 
 class KernelModule:
@@ -179,6 +203,33 @@ class KernelModule:
         if literal is None:
             raise ValueError(f"{self.filename}: constexpr int {name} = {values[0]!r} is not an integer literal")
         return int(literal.group(1), 0)
+
+    @functools.cached_property
+    def _kernel_parameters(self) -> dict[str, list[tuple[str, ...]]]:
+        return _kernel_parameters(self.source())
+
+    def kernel_parameters(self, kernel: str) -> tuple[str, ...]:
+        """The parameter declarations of `__global__ void kernel(...)`, read from the .cu
+        text once per module: the params struct, then the arrays a launch passes."""
+        if kernel not in self.kernels:
+            raise KeyError(f"{self.filename} has no kernel {kernel!r}")
+        found = self._kernel_parameters.get(kernel, [])
+        if len(found) != 1:
+            raise ValueError(f"{self.filename}: expected one definition of __global__ void {kernel}(...), "
+                             f"found {len(found)}")
+        params = found[0]
+        if not params or not re.search(r"\b" + re.escape(self.params_struct) + r"\b", params[0]):
+            raise ValueError(f"{self.filename}: {kernel}'s first parameter must be the {self.params_struct}, "
+                             f"got {params[:1]}")
+        return params
+
+    def check_arity(self, kernel: str, arrays: int) -> None:
+        """TypeError (naming the kernel, the expected and the given count) unless a launch
+        of `kernel` with `arrays` array arguments after the params struct matches its
+        parameter list. Both backends call it before anything runs."""
+        expected = len(self.kernel_parameters(kernel)) - 1
+        if arrays != expected:
+            raise arity_error(self, kernel, expected, arrays)
 
     def params(self, **values: int) -> np.ndarray:
         """The params struct as a C-ordered int64 array (its bytes are the struct)."""

@@ -86,3 +86,52 @@ def test_the_constants_the_host_reads_exist():
         m = kernels_of(op_module)
         for name in constants:
             assert m.constant(name) > 0, (m.filename, name)
+
+
+# --- launch arity --------------------------------------------------------------------
+
+ARITY_SOURCE = """struct P { long long n; };
+template <typename T>
+__global__ void __launch_bounds__(64, 2)
+k(const P p, const T* __restrict__ x, T* __restrict__ y) {  // (comma, in a comment)
+  if (threadIdx.x == 0 && blockIdx.x == 0) y[0] = x[0] + T(p.n);
+}
+"""
+
+
+def test_kernel_parameters_are_read_from_the_source(tmp_path):
+    m = module(tmp_path, ARITY_SOURCE)
+    assert m.kernel_parameters("k") == ("const P p", "const T* __restrict__ x", "T* __restrict__ y")
+
+
+@pytest.mark.parametrize("given", [[], [np.ones(1, np.float32)], [np.ones(1, np.float32)] * 3])
+def test_interpret_launch_with_the_wrong_array_count_is_refused(tmp_path, given):
+    m = module(tmp_path, ARITY_SOURCE)
+    with pytest.raises(TypeError, match=rf"^k \(k\.cu\) takes the params struct and 2 array arguments, got {len(given)}$"):
+        _interpret.launch(m, "k", "float32", (1, 1, 1), (32, 1, 1), 0, m.params(n=1), given)
+    y = np.zeros(1, np.float32)
+    _interpret.launch(m, "k", "float32", (1, 1, 1), (32, 1, 1), 0, m.params(n=1), [np.full(1, 2, np.float32), y])
+    assert y[0] == 3
+
+
+def test_cuda_launch_with_the_wrong_array_count_is_refused_before_cupy(tmp_path, monkeypatch):
+    from cuconv import _cuda
+
+    def no_cupy():
+        raise AssertionError("the arity check must come first")
+
+    monkeypatch.setattr(_cuda, "_cupy", no_cupy)
+    m = module(tmp_path, ARITY_SOURCE)
+    with pytest.raises(TypeError, match=r"k \(k\.cu\) takes the params struct and 2 array arguments, got 1"):
+        _cuda.launch(m, "k", "float32", (1, 1, 1), (32, 1, 1), 0, m.params(n=1), [None], 0, None)
+
+
+def test_parsed_parameter_counts_match_the_compiled_kernels():
+    """The cuda backend's check reads each kernel's parameter list from the text; the
+    interpret backend's comes from the compiler: they agree for every registered kernel."""
+    import cuconv.ops  # noqa: F401  (registers the modules)
+    from cuconv.check import all_modules
+
+    for m in all_modules():
+        for kernel in m.kernels:
+            assert len(m.kernel_parameters(kernel)) == _interpret.kernel_arity(m, kernel, m.dtypes[0]), kernel

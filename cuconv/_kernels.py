@@ -243,8 +243,7 @@ class KernelModule:
 _REGISTRY: dict[str, KernelModule] = {}
 
 
-def all_modules() -> list[KernelModule]:
-    """Every KernelModule the ops define (importing cuconv.ops registers them)."""
-    import cuconv.ops  # noqa: F401  (registers the modules)
-
+def registered_modules() -> list[KernelModule]:
+    """Every kernels_cu/ KernelModule created so far, by filename (each op module creates
+    its own when imported; this loader imports none of them)."""
     return [_REGISTRY[name] for name in sorted(_REGISTRY)]

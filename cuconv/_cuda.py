@@ -55,6 +55,9 @@ def max_shared_bytes(device_id: int) -> int:
 def launch(module: KernelModule, kernel: str, dtype: str, grid, block, shared_bytes: int,
            params: np.ndarray, arrays: list, device_id: int, stream) -> None:
     """Runs one kernel on `stream`: `arrays` are CuPy arrays on `device_id` (or None)."""
+    # cuLaunchKernel takes the argument count on trust: check it against the kernel's
+    # parameter list (read from the .cu text) before anything is compiled or launched.
+    module.check_arity(kernel, len(arrays))
     cupy = _cupy()
     from cupy.cuda.function import CPointer
 

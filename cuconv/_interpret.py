@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._kernels import KernelModule
+from ._kernels import KernelModule, arity_error
 
 EMULATION_HEADER = Path(__file__).resolve().parent / "interpret" / "cuda_emulation.h"
 # The shared memory a block may use, as on every NVIDIA GPU without an opt-in.
@@ -53,6 +53,7 @@ def _wrapper_source(module: KernelModule) -> str:
         f'extern "C" int cuconv_launch_{i}(const unsigned* grid, const unsigned* block, '
         f"unsigned long long shared_bytes, void** args, char* error, int error_bytes) {{\n"
         f"  return cuconv_emu::launch(&{name}, grid, block, shared_bytes, args, error, error_bytes);\n}}\n"
+        f'extern "C" int cuconv_arity_{i}() {{ return cuconv_emu::kernel_arity(&{name}); }}\n'
         for i, name in enumerate(module.name_expressions)
     ]
     return module.source() + "\n" + "".join(launchers)
@@ -82,14 +83,22 @@ def _build(module: KernelModule) -> Path:
 @functools.cache
 def _library(module: KernelModule):
     lib = ctypes.CDLL(str(_build(module)))
-    launchers = {}
+    launchers, arities = {}, {}
     for i, name in enumerate(module.name_expressions):
         fn = getattr(lib, f"cuconv_launch_{i}")
         fn.argtypes = [ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint), ctypes.c_ulonglong,
                        ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p, ctypes.c_int]
         fn.restype = ctypes.c_int
         launchers[name] = fn
-    return lib, launchers
+        arity = getattr(lib, f"cuconv_arity_{i}")
+        arity.argtypes, arity.restype = [], ctypes.c_int
+        arities[name] = arity()
+    return lib, launchers, arities
+
+
+def kernel_arity(module: KernelModule, kernel: str, dtype: str) -> int:
+    """The parameter count of the compiled instantiation (params struct included)."""
+    return _library(module)[2][module.name_expression(kernel, dtype)]
 
 
 def launch(module: KernelModule, kernel: str, dtype: str, grid, block, shared_bytes: int,
@@ -97,8 +106,13 @@ def launch(module: KernelModule, kernel: str, dtype: str, grid, block, shared_by
     """Runs one kernel: `arrays` are host NumPy arrays (or None for a null pointer)."""
     if shared_bytes > MAX_SHARED_BYTES:
         raise RuntimeError(f"{kernel}: {shared_bytes} bytes of shared memory exceed {MAX_SHARED_BYTES}")
-    _, launchers = _library(module)
-    fn = launchers[module.name_expression(kernel, dtype)]
+    _, launchers, arities = _library(module)
+    name = module.name_expression(kernel, dtype)
+    # The launcher reads one pointer per kernel parameter from args: a wrong count would
+    # read past the array or leave a parameter unset, so it is refused here.
+    if len(arrays) != arities[name] - 1:
+        raise arity_error(module, kernel, arities[name] - 1, len(arrays))
+    fn = launchers[name]
     params = np.ascontiguousarray(params)
     pointers = [ctypes.c_void_p(params.ctypes.data)]
     pointers += [ctypes.c_void_p(None if a is None else a.ctypes.data) for a in arrays]

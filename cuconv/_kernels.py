@@ -59,6 +59,83 @@ def _expand(path: Path, seen: set[Path]) -> str:
     return "".join(out)
 
 
+def _strip_comments(text: str) -> str:
+    return re.sub(r"//[^\n]*|/\*.*?\*/", "", text, flags=re.S)
+
+
+def _struct_fields(text: str, name: str, filename: str, _derived: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The `long long` fields of struct `name` in `text`, its single public base's first."""
+    if name in _derived:
+        raise ValueError(f"{filename}: struct {name} derives from itself")
+    matches = re.findall(r"\bstruct\s+" + re.escape(name) + r"\s*(?::\s*(?:public\s+)?(\w+)\s*)?\{(.*?)\};",
+                         _strip_comments(text), re.S)
+    if not matches:
+        raise ValueError(f"{filename}: struct {name} not found")
+    if len(matches) > 1:
+        raise ValueError(f"{filename}: struct {name} is defined {len(matches)} times")
+    base, body = matches[0]
+    fields = list(_struct_fields(text, base, filename, _derived + (name,))) if base else []
+    for decl in filter(None, (d.strip() for d in body.split(";"))):
+        if not decl.startswith("long long "):
+            raise ValueError(f"{filename}: {name} fields must all be 'long long', got {decl!r}")
+        fields += [f.strip() for f in decl[len("long long ") :].split(",")]
+    if len(set(fields)) != len(fields):
+        raise ValueError(f"{filename}: {_derived[0] if _derived else name} repeats a field: {fields}")
+    return tuple(fields)
+
+
+_CONSTEXPR_INT = re.compile(r"\bconstexpr\s+int\s+([^;{}]*);")
+_INT_LITERAL = re.compile(r"([-+]?(?:0[xX][0-9a-fA-F]+|[1-9][0-9]*|0))[uUlL]*")
+
+
+def _split_top_level(text: str, angles: bool = False) -> list[str]:
+    """`text` split at the commas outside parentheses, brackets and braces (and template
+    argument lists, with `angles`: for declarations, which hold no comparisons)."""
+    opening, closing = "([{<" if angles else "([{", ")]}>" if angles else ")]}"
+    parts, depth, last = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch in opening
+        depth -= ch in closing
+        if ch == "," and depth == 0:
+            parts.append(text[last:i])
+            last = i + 1
+    return parts + [text[last:]]
+
+
+def _constexpr_ints(text: str) -> dict[str, list[str]]:
+    """name -> the value text of every `constexpr int name = value` declarator in `text`
+    (`constexpr int A = 1, B = 2;` declares two)."""
+    found: dict[str, list[str]] = {}
+    for m in _CONSTEXPR_INT.finditer(_strip_comments(text)):
+        for declarator in _split_top_level(m.group(1)):
+            name, eq, value = declarator.partition("=")
+            if eq and re.fullmatch(r"\s*\w+\s*", name):
+                found.setdefault(name.strip(), []).append(value.strip())
+    return found
+
+
+_GLOBAL = re.compile(r"\b__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(")
+
+
+def _kernel_parameters(text: str) -> dict[str, list[tuple[str, ...]]]:
+    """kernel name -> the parameter declarations of each `__global__ void name(...)` in `text`."""
+    text = _strip_comments(text)
+    found: dict[str, list[tuple[str, ...]]] = {}
+    for m in _GLOBAL.finditer(text):
+        depth, end = 1, m.end()
+        while depth and end < len(text):
+            depth += {"(": 1, ")": -1}.get(text[end], 0)
+            end += 1
+        params = [d.strip() for d in _split_top_level(text[m.end() : end - 1], angles=True)]
+        found.setdefault(m.group(1), []).append(tuple(d for d in params if d and d != "void"))
+    return found
+
+
+def arity_error(module: "KernelModule", kernel: str, expected: int, given: int) -> TypeError:
+    return TypeError(f"{kernel} ({module.filename}) takes the params struct and {expected} array argument"
+                     f"{'' if expected == 1 else 's'}, got {given}")
+
+
 class KernelModule:
     """One .cu file and the kernel instantiations launched from it."""
 
@@ -103,17 +180,56 @@ class KernelModule:
 
     @functools.cached_property
     def param_fields(self) -> tuple[str, ...]:
-        text = self.path.read_text()
-        m = re.search(r"struct\s+" + self.params_struct + r"\s*\{(.*?)\};", text, re.S)
-        if m is None:
-            raise ValueError(f"{self.filename}: struct {self.params_struct} not found")
-        body = re.sub(r"//[^\n]*", "", m.group(1))
-        fields = []
-        for decl in filter(None, (d.strip() for d in body.split(";"))):
-            if not decl.startswith("long long "):
-                raise ValueError(f"{self.filename}: {self.params_struct} fields must all be 'long long', got {decl!r}")
-            fields += [f.strip() for f in decl[len("long long ") :].split(",")]
-        return tuple(fields)
+        """The params struct's field names in memory order: those of its base struct first
+        (`struct Conv2dParams : ConvGeometryParams {...}`, looked up in the text with the
+        project headers inlined), then its own."""
+        return _struct_fields(self.source(), self.params_struct, self.filename)
+
+    @functools.cached_property
+    def _constants(self) -> dict[str, list[str]]:
+        return _constexpr_ints(self.source())
+
+    def constant(self, name: str) -> int:
+        """The value of `constexpr int NAME = <integer literal>;` in the .cu text (project
+        headers inlined), so the host reads a kernel constant instead of mirroring it.
+        KeyError naming the file if there is no such declaration; ValueError if it is
+        declared more than once or its value is not an integer literal."""
+        values = self._constants.get(name)
+        if not values:
+            raise KeyError(f"{self.filename}: no 'constexpr int {name} = ...;'")
+        if len(values) > 1:
+            raise ValueError(f"{self.filename}: constexpr int {name} is declared {len(values)} times")
+        literal = _INT_LITERAL.fullmatch(values[0])
+        if literal is None:
+            raise ValueError(f"{self.filename}: constexpr int {name} = {values[0]!r} is not an integer literal")
+        return int(literal.group(1), 0)
+
+    @functools.cached_property
+    def _kernel_parameters(self) -> dict[str, list[tuple[str, ...]]]:
+        return _kernel_parameters(self.source())
+
+    def kernel_parameters(self, kernel: str) -> tuple[str, ...]:
+        """The parameter declarations of `__global__ void kernel(...)`, read from the .cu
+        text once per module: the params struct, then the arrays a launch passes."""
+        if kernel not in self.kernels:
+            raise KeyError(f"{self.filename} has no kernel {kernel!r}")
+        found = self._kernel_parameters.get(kernel, [])
+        if len(found) != 1:
+            raise ValueError(f"{self.filename}: expected one definition of __global__ void {kernel}(...), "
+                             f"found {len(found)}")
+        params = found[0]
+        if not params or not re.search(r"\b" + re.escape(self.params_struct) + r"\b", params[0]):
+            raise ValueError(f"{self.filename}: {kernel}'s first parameter must be the {self.params_struct}, "
+                             f"got {params[:1]}")
+        return params
+
+    def check_arity(self, kernel: str, arrays: int) -> None:
+        """TypeError (naming the kernel, the expected and the given count) unless a launch
+        of `kernel` with `arrays` array arguments after the params struct matches its
+        parameter list. Both backends call it before anything runs."""
+        expected = len(self.kernel_parameters(kernel)) - 1
+        if arrays != expected:
+            raise arity_error(self, kernel, expected, arrays)
 
     def params(self, **values: int) -> np.ndarray:
         """The params struct as a C-ordered int64 array (its bytes are the struct)."""
@@ -127,8 +243,7 @@ class KernelModule:
 _REGISTRY: dict[str, KernelModule] = {}
 
 
-def all_modules() -> list[KernelModule]:
-    """Every KernelModule the ops define (importing cuconv.ops registers them)."""
-    import cuconv.ops  # noqa: F401  (registers the modules)
-
+def registered_modules() -> list[KernelModule]:
+    """Every kernels_cu/ KernelModule created so far, by filename (each op module creates
+    its own when imported; this loader imports none of them)."""
     return [_REGISTRY[name] for name in sorted(_REGISTRY)]

@@ -6,10 +6,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._kernels import all_modules
+from ._kernels import KernelModule, registered_modules
 from ._nvrtc import KernelResources, NvrtcError, compile_to_cubin
 
 ARCHS = ("sm_80", "sm_90")
+
+
+def all_modules() -> list[KernelModule]:
+    """Every KernelModule the ops define, by filename (importing cuconv.ops creates them)."""
+    import cuconv.ops  # noqa: F401  (the op modules register their kernel modules)
+
+    return registered_modules()
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@
 //     reproducible.
 // Blocks walk their work items with a grid-stride loop, so any grid size is valid.
 #include "common/cuconv.cuh"
+#include "common/conv_geometry.cuh"
 
 // Walks the flattened (channel, ky, kx) index of a filter one entry at a time, so the
 // inner loops decode it with increments instead of a 64-bit division per term.
@@ -60,28 +61,10 @@ struct TapCursor {
 };
 
 // Every field is a 64-bit integer so the host can pack it as a flat int64 array.
-struct Conv2dParams {
-  long long batch, in_channels, in_h, in_w;
-  long long out_channels, out_h, out_w;
-  long long kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+struct Conv2dParams : ConvGeometryParams {
   long long groups;
   long long chunk;    // (channel, tap) weight entries staged in shared memory at a time
   long long upscale;  // 1, or the pixel-shuffle factor r of y / dL/dy (subpixel_conv2d)
-};
-
-// Where the conv output plane (b, o) lives in y (or dL/dy): element (oy, ox) is at
-// base + oy * row_stride + ox * col_stride. Plain NCHW for upscale 1; the pixel-shuffled
-// position for upscale r (see the layout note above).
-struct OutputPlane {
-  index_t base, row_stride, col_stride;
-  __device__ OutputPlane(const Conv2dParams& p, index_t b, index_t o) {
-    const index_t r = p.upscale, rr = r * r;
-    const index_t c = o / rr, i = (o / r) % r, j = o % r;
-    col_stride = r;
-    row_stride = r * p.out_w * r;
-    base = ((b * (p.out_channels / rr) + c) * p.out_h * r + i) * (p.out_w * r) + j;
-  }
-  __device__ index_t at(index_t oy, index_t ox) const { return base + oy * row_stride + ox * col_stride; }
 };
 
 template <typename T>
@@ -93,6 +76,7 @@ __global__ void conv2d_fwd(const Conv2dParams p, const T* __restrict__ x, const 
   const index_t taps = p.kernel_h * p.kernel_w, filter = cin_g * taps;
   const index_t pixels = p.out_h * p.out_w, tiles = ceil_div(pixels, blockDim.x);
   const index_t items = p.batch * p.out_channels * tiles;
+  const ConvOutLayout<index_t> out(p);  // y may be pixel-shuffled (upscale > 1)
   for (index_t item = blockIdx.x; item < items; item += gridDim.x) {
     const index_t tile = item % tiles, plane = item / tiles;  // plane = b*Cout + o
     const index_t o = plane % p.out_channels, b = plane / p.out_channels;
@@ -117,7 +101,7 @@ __global__ void conv2d_fwd(const Conv2dParams p, const T* __restrict__ x, const 
         acc += w_chunk[k] * to_acc(x_group[(t.channel * p.in_h + iy) * p.in_w + ix]);
       }
     }
-    if (active) y[OutputPlane(p, b, o).at(oy, ox)] = from_acc<T>(acc);
+    if (active) y[out.at(b, o, oy, ox)] = from_acc<T>(acc);
   }
 }
 
@@ -132,6 +116,7 @@ __global__ void conv2d_bwd_input(const Conv2dParams p, const T* __restrict__ gra
   const index_t taps = p.kernel_h * p.kernel_w, slice = cout_g * taps;  // (o, tap) pairs reaching one input channel
   const index_t pixels = p.in_h * p.in_w, tiles = ceil_div(pixels, blockDim.x);
   const index_t items = p.batch * p.in_channels * tiles;
+  const ConvOutLayout<index_t> gy(p);  // dL/dy may be pixel-shuffled (upscale > 1)
   for (index_t item = blockIdx.x; item < items; item += gridDim.x) {
     const index_t tile = item % tiles, plane = item / tiles;  // plane = b*Cin + i
     const index_t i = plane % p.in_channels, b = plane / p.in_channels;
@@ -150,7 +135,7 @@ __global__ void conv2d_bwd_input(const Conv2dParams p, const T* __restrict__ gra
       __syncthreads();
       if (!active) continue;
       TapCursor t(k0, p.kernel_h, p.kernel_w);  // t.channel is the output channel within the group
-      OutputPlane gy_plane(p, b, g * cout_g + t.channel);
+      index_t gy_plane = b * gy.image + gy.channel(g * cout_g + t.channel);
       index_t gy_channel = t.channel;
       for (index_t k = 0; k < n; ++k, t.advance()) {
         const index_t ty = iy + p.pad_h - t.ky * p.dilation_h;
@@ -159,10 +144,10 @@ __global__ void conv2d_bwd_input(const Conv2dParams p, const T* __restrict__ gra
         const index_t oy = ty / p.stride_h, ox = tx / p.stride_w;
         if (oy >= p.out_h || ox >= p.out_w) continue;
         if (t.channel != gy_channel) {  // the cursor moved to the next output channel
-          gy_plane = OutputPlane(p, b, g * cout_g + t.channel);
+          gy_plane = b * gy.image + gy.channel(g * cout_g + t.channel);
           gy_channel = t.channel;
         }
-        acc += w_chunk[k] * to_acc(grad_y[gy_plane.at(oy, ox)]);
+        acc += w_chunk[k] * to_acc(grad_y[gy_plane + gy.pixel(oy, ox)]);
       }
     }
     if (active) grad_x[plane * pixels + pix] = from_acc<T>(acc);
@@ -177,17 +162,19 @@ __global__ void conv2d_bwd_weight(const Conv2dParams p, const T* __restrict__ gr
   const index_t taps = p.kernel_h * p.kernel_w, out_pixels = p.out_h * p.out_w;
   const index_t n = p.batch * out_pixels;
   const index_t items = p.out_channels * cin_g * taps;
+  const ConvOutLayout<index_t> gy(p);  // dL/dy may be pixel-shuffled (upscale > 1)
   for (index_t item = blockIdx.x; item < items; item += gridDim.x) {
     const index_t tap = item % taps, c = (item / taps) % cin_g, o = item / (taps * cin_g);
     const index_t ky = tap / p.kernel_w, kx = tap % p.kernel_w;
     const index_t i = (o / cout_g) * cin_g + c;
+    const index_t gy_channel = gy.channel(o);
     Acc acc = Acc(0);
     for (index_t e = threadIdx.x; e < n; e += blockDim.x) {
       const index_t b = e / out_pixels, pix = e % out_pixels;
       const index_t iy = (pix / p.out_w) * p.stride_h - p.pad_h + ky * p.dilation_h;
       const index_t ix = (pix % p.out_w) * p.stride_w - p.pad_w + kx * p.dilation_w;
       if (iy < 0 || iy >= p.in_h || ix < 0 || ix >= p.in_w) continue;
-      acc += to_acc(grad_y[OutputPlane(p, b, o).at(pix / p.out_w, pix % p.out_w)]) *
+      acc += to_acc(grad_y[b * gy.image + gy_channel + gy.pixel(pix / p.out_w, pix % p.out_w)]) *
              to_acc(x[((b * p.in_channels + i) * p.in_h + iy) * p.in_w + ix]);
     }
     acc = block_reduce_sum(acc);
@@ -199,11 +186,13 @@ template <typename T>
 __global__ void conv2d_bwd_bias(const Conv2dParams p, const T* __restrict__ grad_y, T* __restrict__ grad_bias) {
   typedef typename Accumulator<T>::type Acc;
   const index_t out_pixels = p.out_h * p.out_w, n = p.batch * out_pixels;
+  const ConvOutLayout<index_t> gy(p);  // dL/dy may be pixel-shuffled (upscale > 1)
   for (index_t o = blockIdx.x; o < p.out_channels; o += gridDim.x) {
+    const index_t gy_channel = gy.channel(o);
     Acc acc = Acc(0);
     for (index_t e = threadIdx.x; e < n; e += blockDim.x) {
       const index_t pix = e % out_pixels;
-      acc += to_acc(grad_y[OutputPlane(p, e / out_pixels, o).at(pix / p.out_w, pix % p.out_w)]);
+      acc += to_acc(grad_y[(e / out_pixels) * gy.image + gy_channel + gy.pixel(pix / p.out_w, pix % p.out_w)]);
     }
     acc = block_reduce_sum(acc);
     if (threadIdx.x == 0) grad_bias[o] = from_acc<T>(acc);

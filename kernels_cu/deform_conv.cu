@@ -71,17 +71,17 @@
 //     deform_conv2d_cast. Faster, not bitwise reproducible.
 // Blocks walk their work items with grid-stride loops, so any grid size is valid.
 #include "common/cuconv.cuh"
+#include "common/conv_geometry.cuh"
 
 // Output channels one thread accumulates (forward) / one block item reduces (weight grad).
-#define DEFORM_OUT_PER_THREAD 4
+constexpr int DEFORM_OUT_PER_THREAD = 4;
 // Largest block deform_conv2d_bwd_input_bin is launched with (its static shared arrays).
-#define DEFORM_BIN_THREADS 256
+constexpr int DEFORM_BIN_THREADS = 256;
+// Block size the host launches deform_conv2d_bwd_input_atomic with (the kernel takes any).
+constexpr int DEFORM_ATOMIC_THREADS = 256;
 
 // Every field is a 64-bit integer so the host can pack it as a flat int64 array.
-struct DeformParams {
-  long long batch, in_channels, in_h, in_w;
-  long long out_channels, out_h, out_w;
-  long long kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+struct DeformParams : ConvGeometryParams {
   long long weight_groups, offset_groups;
   long long tile;           // forward: output pixels per block item
   long long channel_chunk;  // forward: input channels per shared-memory stage

@@ -60,18 +60,16 @@
 // into global tensors are 64-bit; offsets inside a tile are 32-bit (tiles are bounded by
 // the shared-memory budget).
 #include "common/cuconv.cuh"
+#include "common/conv_geometry.cuh"
 
 // Adjacent outputs (along x) one thread computes: must match _OUT_PER_THREAD on the host.
-#define DEPTHWISE_OUT_PER_THREAD 8
+constexpr int DEPTHWISE_OUT_PER_THREAD = 8;
 // Taps one weight-gradient thread accumulates per pass: must match _TAPS_PER_THREAD.
-#define DEPTHWISE_TAPS_PER_THREAD 4
+constexpr int DEPTHWISE_TAPS_PER_THREAD = 4;
 
 // One struct for all kernels; every field is a 64-bit integer so the host can pack it
 // as a flat int64 array.
-struct DepthwiseParams {
-  long long batch, in_channels, in_h, in_w;
-  long long out_channels, out_h, out_w;
-  long long kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+struct DepthwiseParams : ConvGeometryParams {
   long long multiplier;        // Cout / C
   long long tile_h, tile_w;    // pixels of the tile a block item covers (output, or input for bwd_input)
   long long halo_h, halo_w;    // the staged halo tile (x for fwd / bwd_weight, gy for bwd_input)

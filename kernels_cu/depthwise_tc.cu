@@ -77,9 +77,9 @@
 #include "common/mma.cuh"
 
 // Zero columns staged left of a weight row / gy tile row (see the header): even, >= 15.
-#define DWTC_MARGIN 16
+constexpr int DWTC_MARGIN = 16;
 // (ky block, kx block) accumulator tiles one weight-gradient warp holds per pass.
-#define DWTC_WGRAD_PAIRS 8
+constexpr int DWTC_WGRAD_PAIRS = 8;
 
 // One struct for all kernels; every field is a 64-bit integer (the host packs it).
 struct DepthwiseTcParams {

@@ -63,16 +63,14 @@
 //   dynamic_conv2d_bwd_bias: a block owns one output channel, DYN_ACC cells at a time.
 // Blocks walk their work items with a grid-stride loop, so any grid size is valid.
 #include "common/cuconv.cuh"
+#include "common/conv_geometry.cuh"
 
 // Accumulators one thread keeps in registers in the multi-output reductions (cells j or
 // taps handled per pass); n cells cost ceil(n / DYN_ACC) passes, so n is unbounded.
-#define DYN_ACC 8
+constexpr int DYN_ACC = 8;
 
 // Every field is a 64-bit integer so the host can pack it as a flat int64 array.
-struct DynamicConvParams {
-  long long batch, in_channels, in_h, in_w;
-  long long out_channels, out_h, out_w;
-  long long kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+struct DynamicConvParams : ConvGeometryParams {
   long long groups;
   long long cells, cell_out, cell_in, cell_h, cell_w;  // n, co, ci, ckh, ckw
   long long slots;                                     // S

@@ -46,9 +46,9 @@
 #include "common/cuconv.cuh"
 
 // Channels one forward / grad-input thread computes: each kernel value feeds this many FMAs.
-#define INVOLUTION_CHANNELS_PER_THREAD 4
+constexpr int INVOLUTION_CHANNELS_PER_THREAD = 4;
 // Kernel taps one grad-kernel thread reduces: each gy value feeds this many FMAs.
-#define INVOLUTION_TAPS_PER_THREAD 4
+constexpr int INVOLUTION_TAPS_PER_THREAD = 4;
 
 // One struct for every kernel of the file; every field is a 64-bit integer so the host
 // can pack it as a flat int64 array.

@@ -66,7 +66,7 @@
 
 // Output channels one phase-2 item computes: each mid value read from shared memory
 // feeds this many FMAs.
-#define SEPARABLE_OUT_PER_THREAD 4
+constexpr int SEPARABLE_OUT_PER_THREAD = 4;
 
 // One struct for both kernels (a module has one params struct); every field is a 64-bit
 // integer so the host can pack it as a flat int64 array.

@@ -6,7 +6,7 @@ import pytest
 pytest.importorskip("nvidia.cuda_nvrtc", reason="nvidia-cuda-nvrtc-cu12 not installed (pip install '.[check]')")
 
 from cuconv import check  # noqa: E402
-from cuconv._kernels import all_modules  # noqa: E402
+from cuconv.check import all_modules  # noqa: E402
 
 
 def test_every_instantiation_compiles_for_sm80_and_sm90():

@@ -314,6 +314,12 @@ struct KernelCall {
   static void run(void* self) { static_cast<KernelCall*>(self)->call(std::index_sequence_for<Args...>{}); }
 };
 
+// The parameter count of a kernel: the launcher's args array must hold exactly this many.
+template <typename... Args>
+constexpr int kernel_arity(void (*)(Args...)) {
+  return int(sizeof...(Args));
+}
+
 template <typename... Args>
 inline int launch(void (*kernel)(Args...), const unsigned* grid, const unsigned* block,
                   unsigned long long shared_bytes, void** args, char* error, int error_bytes) {

@@ -27,9 +27,9 @@ KERNELS = KernelModule(
     params_struct="DeformParams",
 )
 NAMES = ("input", "offset", "weight", "bias", "mask")
-# Kernel constants DEFORM_OUT_PER_THREAD and DEFORM_BIN_THREADS.
-_OUT_PER_THREAD = 4
-_BIN_THREADS = 256
+_OUT_PER_THREAD = KERNELS.constant("DEFORM_OUT_PER_THREAD")
+_BIN_THREADS = KERNELS.constant("DEFORM_BIN_THREADS")
+_ATOMIC_THREADS = KERNELS.constant("DEFORM_ATOMIC_THREADS")
 # Forward: output pixels per block item, threads per block, and the shared memory one
 # block stages samples in (the device's own per-block limit is read; the smaller is used).
 _MAX_TILE = 64
@@ -237,7 +237,7 @@ def _grad_input_atomic(call: Call, geom: DeformGeometry, gy, off, m, w, grad_x) 
     block = threads_for(elements)
     call.launch(KERNELS, "deform_conv2d_fill_zero", -(-elements // block), block, params, buffer)
     points = geom.batch * geom.in_channels * geom.taps * geom.pixels
-    call.launch(KERNELS, "deform_conv2d_bwd_input_atomic", -(-points // 256), 256, params, gy, off, m, w, buffer)
+    call.launch(KERNELS, "deform_conv2d_bwd_input_atomic", -(-points // _ATOMIC_THREADS), _ATOMIC_THREADS, params, gy, off, m, w, buffer)
     call.launch(KERNELS, "deform_conv2d_cast", -(-elements // block), block, params, buffer, grad_x)
 
 

@@ -46,9 +46,8 @@ _SHARED_BUDGET_BYTES = 48 * 1024
 # Tile shapes (rows, columns) tried in order; columns are a multiple of _OUT_PER_THREAD.
 # The last one is the smallest tile worth running: below it the direct kernel remains.
 _TILES = ((32, 32), (16, 32), (16, 16), (8, 16), (8, 8))
-# Kernel constants DEPTHWISE_OUT_PER_THREAD / DEPTHWISE_TAPS_PER_THREAD.
-_OUT_PER_THREAD = 8
-_TAPS_PER_THREAD = 4
+_OUT_PER_THREAD = KERNELS.constant("DEPTHWISE_OUT_PER_THREAD")
+_TAPS_PER_THREAD = KERNELS.constant("DEPTHWISE_TAPS_PER_THREAD")
 _WGRAD_THREADS = 256
 # Weight gradient: stage-1 blocks (Cout * chunks) to aim for; decides the chunk count
 # from the shape alone (never from the device), so the result is device-independent.

@@ -56,10 +56,8 @@ _WGRAD_WARPS = 4
 # Stage-1 blocks (Cout * chunks) to aim for: fixes the chunk count from the shape alone.
 _WGRAD_TARGET_BLOCKS = 1024
 _REDUCE_THREADS = 256
-# Kernel constants: DWTC_MARGIN (zero columns left of a staged weight / gy row) and
-# DWTC_WGRAD_PAIRS (accumulator tiles per weight-gradient warp and pass).
-_MARGIN = 16
-_WGRAD_PAIRS = 8
+_MARGIN = KERNELS.constant("DWTC_MARGIN")  # zero columns left of a staged weight / gy row
+_WGRAD_PAIRS = KERNELS.constant("DWTC_WGRAD_PAIRS")  # accumulator tiles per weight-gradient warp and pass
 _ELEMENT_BYTES = 2  # float16 / bfloat16 tiles in shared memory
 
 

@@ -40,8 +40,7 @@ _SHARED_BUDGET_BYTES = 48 * 1024
 # Largest tile: output pixels (depthwise-separable) or output columns (spatial) one
 # block item covers; more buys no reuse, only fewer and fatter blocks.
 _MAX_TILE = 128
-# Kernel constant SEPARABLE_OUT_PER_THREAD: output channels per phase-2 item.
-_OUT_PER_THREAD = 4
+_OUT_PER_THREAD = KERNELS.constant("SEPARABLE_OUT_PER_THREAD")  # output channels per phase-2 item
 _MAX_THREADS = 256
 
 DW_NAMES = ("input", "depthwise_weight", "pointwise_weight", "depthwise_bias", "pointwise_bias")

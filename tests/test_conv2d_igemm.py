@@ -269,7 +269,7 @@ def test_matches_reference_within_twice_torch(backend, dtype, case):
     got = to_numpy(y)
     assert got.dtype == DTYPES[dtype] and got.shape == ref.shape
     assert not np.isnan(got.astype(np.float64)).any()  # CUCONV_POISON: every element written
-    # DESIGN §5: within twice the anchor's error (torch CPU conv2d in the same dtype)
+    # design §2: within twice the anchor's error (torch CPU conv2d in the same dtype)
     assert rel_err(got, ref) <= 2 * rel_err(anchor, ref) + 2 * unit_roundoff(dtype)
 
 
@@ -439,7 +439,7 @@ def test_gradients_match_reference_within_twice_torch(backend, dtype, case):
         got = to_numpy(got)
         assert got.dtype == DTYPES[dtype] and got.shape == ref.shape, name
         assert not np.isnan(got.astype(np.float64)).any(), name  # CUCONV_POISON: every element written
-        # DESIGN §5: within twice the anchor's error (torch CPU autograd in the same dtype)
+        # design §2: within twice the anchor's error (torch CPU autograd in the same dtype)
         assert within_twice_anchor(got, anchor, ref, dtype), (name, rel_err(got, ref), rel_err(anchor, ref))
 
 
@@ -596,7 +596,7 @@ def test_dgrad_bias_matches_direct_kernel_and_reference(backend, dtype, case):
     as64 = lambda a: a.astype(np.float64)  # noqa: E731
     x0 = np.zeros(x_shape)
     ref = reference.conv2d_backward(as64(gy), x0, as64(w), None, **params)[0] + as64(bias)[None, :, None, None]
-    # DESIGN §5 anchor: torch's conv_transpose2d (the same dgrad + bias) in the same dtype
+    # design §2 anchor: torch's conv_transpose2d (the same dgrad + bias) in the same dtype
     stride, pad, dil = geom.stride, geom.pad, geom.dilation
     output_padding = tuple(n - ((o - 1) * s - 2 * p + d * (k - 1) + 1) for n, o, s, p, d, k in
                            zip(x_shape[2:], gy_shape[2:], stride, pad, dil, w_shape[2:]))
@@ -822,7 +822,7 @@ def test_public_tf32_algorithm_and_auto_never_picks_it(launches, monkeypatch):
 def test_conv_transpose2d_and_subpixel_by_implicit_gemm(dtype, launches):
     """conv_transpose2d's forward is the igemm dgrad (with its bias), its gradients the
     igemm forward and wgrad; subpixel_conv2d runs the pixel-shuffled igemm passes. Both
-    within the DESIGN §5 rule of torch in the same dtype."""
+    within the design §2 rule of torch in the same dtype."""
     import functools
 
     import torch.nn.functional as F

@@ -1,5 +1,5 @@
 """conv2d's algorithm='depthwise' (cuconv/ops/depthwise.py, kernels_cu/depthwise.cu):
-forward, input and weight gradients against the float64 reference, the DESIGN §5
+forward, input and weight gradients against the float64 reference, the design §2
 reduced-precision rule, determinism, the multi-tile / multi-chunk paths, the shared
 memory budget and the workspace, and unsupported geometry. The op is called through
 depthwise_forward / depthwise_gradients directly, with the Call and geometry built as

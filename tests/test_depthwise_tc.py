@@ -1,5 +1,5 @@
 """The tensor-core depthwise path (cuconv/ops/depthwise_tc.py, kernels_cu/depthwise_tc.cu):
-forward, input and weight gradients in float16 / bfloat16 under the DESIGN §5 rule
+forward, input and weight gradients in float16 / bfloat16 under the design §2 rule
 (float64 reference on the rounded inputs, torch CPU autograd in the same dtype as the
 anchor), k in {1, 3, 9, 13, 31} and rectangular / even kernels, batch 0/1/2, bias or
 not, wrt subsets, determinism, the multi-tile / multi-chunk / multi-pass / grid-stride
@@ -67,7 +67,7 @@ def half(a, dtype):
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("index", range(len(CASES)), ids=lambda i: f"k{CASES[i][5]}-m{CASES[i][2]}")
 def test_within_twice_torch_error(dtype, index):
-    """DESIGN §5 for the output and every gradient (input, weight, bias)."""
+    """design §2 for the output and every gradient (input, weight, bias)."""
     x, w, b, params = case_arrays(CASES[index], index)
     params = dict(params, groups=x.shape[1])
     assert_reduced_precision(tc_conv2d, tc_conv2d_backward, reference.conv2d, reference.conv2d_backward,

@@ -3,7 +3,7 @@ tensor-core implicit GEMM with sample b's kernel mixed in the B-tile loader
 (kernels_cu/conv2d_igemm.cu, conv2d_igemm_dynamic_fwd / _bwd_input; launchers in
 cuconv/ops/conv2d_igemm.py).
 
-Accuracy (DESIGN §5): against the float64 reference, within twice the error of an anchor
+Accuracy (design §2): against the float64 reference, within twice the error of an anchor
 that is torch CPU in the same dtype computing the batch-folded grouped conv with the mixed
 kernel rounded to the dtype (mixed = einsum(att, W) in float64, then .to(dtype)): the
 kernels round the mixture once to the storage type, as a user materialising it would.

@@ -327,7 +327,7 @@ def test_conv2d_fft_torch_tensors_batch_zero_non_contiguous():
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_conv2d_fft_reduced_precision_within_twice_torch_error(dtype):
-    """DESIGN §5 (error at most 2x torch F.conv2d's in that dtype) for a 9x9 depthwise and a
+    """design §2 (error at most 2x torch F.conv2d's in that dtype) for a 9x9 depthwise and a
     7x7 dense conv computed by FFT in float32."""
     rng = np.random.default_rng(1)
     for x, w, params in [(rng.standard_normal((2, 3, 17, 19)), rng.standard_normal((3, 1, 9, 9)),

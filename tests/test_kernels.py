@@ -2,12 +2,10 @@
 fields, named constants, each kernel's parameter count) and the launch-time checks
 built on it, under both backends."""
 
-import importlib
-
 import numpy as np
 import pytest
 
-from cuconv import _interpret
+from cuconv import _interpret, ops
 from cuconv._kernels import KernelModule
 
 
@@ -21,7 +19,7 @@ def module(tmp_path, text, params_struct="P", kernels=("k",), header=None):
 
 def kernels_of(op_module):
     """The KernelModule of cuconv/ops/<op_module>.py."""
-    return importlib.import_module(f"cuconv.ops.{op_module}").KERNELS
+    return getattr(ops, op_module).KERNELS
 
 
 # --- params struct -------------------------------------------------------------------
@@ -129,7 +127,6 @@ def test_cuda_launch_with_the_wrong_array_count_is_refused_before_cupy(tmp_path,
 def test_parsed_parameter_counts_match_the_compiled_kernels():
     """The cuda backend's check reads each kernel's parameter list from the text; the
     interpret backend's comes from the compiler: they agree for every registered kernel."""
-    import cuconv.ops  # noqa: F401  (registers the modules)
     from cuconv.check import all_modules
 
     for m in all_modules():

@@ -78,18 +78,12 @@ def self_check(dtypes, backends, rng, torch_module=None) -> list[CheckRow]:
 
 BATCH = 32
 # MobileNetV2 inverted residuals: the 3x3 depthwise conv on the expanded channels, then
-# the 1x1 projection. (label, channels, input height = width, stride, out channels)
-MOBILENET_V2 = [
-    ("dw3x3 144 56 -> 24", 144, 56, 1, 24),
-    ("dw3x3 192 28 -> 32", 192, 28, 1, 32),
-    ("dw3x3 384 14 -> 64", 384, 14, 1, 64),
-    ("dw3x3 576 14 -> 96", 576, 14, 1, 96),
-    ("dw3x3 960 7 -> 160", 960, 7, 1, 160),
-    ("dw3x3/2 96 112 -> 24", 96, 112, 2, 24),
-    ("dw3x3/2 144 56 -> 32", 144, 56, 2, 32),
-    ("dw3x3/2 192 28 -> 64", 192, 28, 2, 64),
-    ("dw3x3/2 576 14 -> 160", 576, 14, 2, 160),
-]
+# the 1x1 projection. (label, channels, input height = width, stride, out channels), the
+# label "dw3x3[/2] channels size -> out channels" written from the numbers.
+MOBILENET_V2 = [(f"dw3x3{'/2' if stride == 2 else ''} {c} {size} -> {cout}", c, size, stride, cout)
+                for c, size, stride, cout in ((144, 56, 1, 24), (192, 28, 1, 32), (384, 14, 1, 64), (576, 14, 1, 96),
+                                              (960, 7, 1, 160), (96, 112, 2, 24), (144, 56, 2, 32), (192, 28, 2, 64),
+                                              (576, 14, 2, 160))]
 # Inception-v3's 17x17 factorised 7x7: (label, in, mid, out channels, size, k)
 INCEPTION = [("7x1,1x7 192 17 -> 192", 192, 192, 192, 17, 7)]
 QUICK = ("dw3x3 144 56 -> 24", "dw3x3 960 7 -> 160", "dw3x3/2 144 56 -> 32", "7x1,1x7 192 17 -> 192")

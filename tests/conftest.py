@@ -208,6 +208,18 @@ def depthwise_through(forward, gradients):
     return conv, conv_backward
 
 
+def depthwise_case_arrays(case, seed):
+    """(x, w, b, params) of a depthwise test case (batch, channels, multiplier, H, W, k,
+    params, bias); k an int or (kh, kw)."""
+    batch, c, m, h, w_, k, params, with_bias = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, c, h, w_))
+    w = rng.standard_normal((c * m, 1, kh, kw))
+    b = rng.standard_normal(c * m) if with_bias else None
+    return x, w, b, params
+
+
 def depthwise_geometry(x_shape, w_shape, stride=1, padding=0, dilation=1):
     """conv2d's geometry of a depthwise conv (groups = in_channels)."""
     from cuconv.ops.conv2d import conv_geometry

@@ -17,8 +17,8 @@ from cuconv.ops import depthwise as depthwise_module
 from cuconv.ops.conv2d import conv_geometry
 from cuconv.ops.depthwise import DEPTHWISE, depthwise_forward, depthwise_gradients, depthwise_supported, wgrad_chunks
 from cuconv.reference import conv2d as reference
-from conftest import (assert_reduced_precision, depthwise_geometry as geometry, depthwise_through, rel_err,
-                      to_backend, to_numpy)
+from conftest import (assert_reduced_precision, depthwise_case_arrays as case_arrays, depthwise_geometry as geometry,
+                      depthwise_through, rel_err, to_backend, to_numpy)
 
 # conv2d(..., algorithm='depthwise') and conv2d_backward(...) as conv2d() would dispatch them
 dw_conv2d, dw_conv2d_backward = depthwise_through(depthwise_forward, depthwise_gradients)
@@ -43,16 +43,6 @@ CASES = [
     (1, 1, 2, 31, 36, 31, dict(padding="valid", stride=(1, 2)), False),
     (1, 2, 1, 5, 6, (3, 5), dict(padding=(1, 2)), True),                 # rectangular kernel, tiny plane
 ]
-
-
-def case_arrays(case, seed):
-    batch, c, m, h, w_, k, params, with_bias = case
-    kh, kw = (k, k) if isinstance(k, int) else k
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, c, h, w_))
-    w = rng.standard_normal((c * m, 1, kh, kw))
-    b = rng.standard_normal(c * m) if with_bias else None
-    return x, w, b, params
 
 
 def assert_matches_reference(backend, x, w, b, params, seed=0):

@@ -22,8 +22,8 @@ from cuconv.ops.conv2d import conv_geometry
 from cuconv.ops.depthwise_tc import (KERNELS, check_depthwise_tc, depthwise_tc_forward, depthwise_tc_gradients,
                                      depthwise_tc_supported, wgrad_chunks)
 from cuconv.reference import conv2d as reference
-from conftest import (DTYPES, assert_reduced_precision, assert_wrt_subset, depthwise_geometry as geometry,
-                      depthwise_through, rel_err, to_backend, to_numpy, unit_roundoff)
+from conftest import (DTYPES, assert_reduced_precision, assert_wrt_subset, depthwise_case_arrays as case_arrays,
+                      depthwise_geometry as geometry, depthwise_through, rel_err, to_backend, to_numpy, unit_roundoff)
 
 HALF_DTYPES = ["float16", "bfloat16"]
 # conv2d(..., algorithm='implicit_gemm') and conv2d_backward(...) on depthwise geometry, as
@@ -48,16 +48,6 @@ CASES = [
     (1, 2, 1, 9, 21, (7, 10), dict(padding=(3, 5)), True),
     (1, 1, 1, 12, 30, (5, 26), dict(padding="same"), False),
 ]
-
-
-def case_arrays(case, seed):
-    batch, c, m, h, w_, k, params, with_bias = case
-    kh, kw = (k, k) if isinstance(k, int) else k
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, c, h, w_))
-    w = rng.standard_normal((c * m, 1, kh, kw))
-    b = rng.standard_normal(c * m) if with_bias else None
-    return x, w, b, params
 
 
 def half(a, dtype):

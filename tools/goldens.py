@@ -83,10 +83,17 @@ def _bytes(value) -> np.ndarray:
     return np.frombuffer(np.ascontiguousarray(np.asarray(value)).tobytes(), dtype=np.uint8)
 
 
+def _cases() -> dict:
+    """CASES, and the registered examples of any op CASES does not name."""
+    extra = {op: [(f"example{i}", e.shapes, e.params) for i, e in enumerate(opdef.examples)]
+             for op, opdef in _registry.OPS.items() if op not in CASES}
+    return {**CASES, **extra}
+
+
 def outputs() -> dict[str, np.ndarray]:
     """name -> the raw bytes of one output, for every op, case, dtype and algorithm."""
     result = {}
-    for op, cases in CASES.items():
+    for op, cases in _cases().items():
         forward, backward = getattr(cuconv, op), getattr(cuconv, op + "_backward")
         algorithms = ALGORITHMS if "algorithm" in inspect.signature(forward).parameters else (None,)
         for label, shapes, params in cases:

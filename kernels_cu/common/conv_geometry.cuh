@@ -52,6 +52,8 @@ struct ConvOutLayout {
     return (o / (r * r)) * (r * r) * plane + ((o / r) % r) * (row / r) + o % r;  // row / r = r*Wo
   }
   __device__ I pixel(I oy, I ox) const { return oy * row + ox * col; }
+  // pixel(pix / out_w, pix % out_w) of a flat conv output pixel pix = oy*Wo + ox (r == 1: pix).
+  __device__ I flat_pixel(I pix, I out_w) const { return r == 1 ? pix : pixel(pix / out_w, pix % out_w); }
   __device__ I at(I b, I o, I oy, I ox) const { return b * image + channel(o) + pixel(oy, ox); }
 
   // channel(o) for a walk of o by small steps, without division: off = channel(o), and for

@@ -45,7 +45,8 @@ struct ConvOutLayout {
       : r(upscale), plane(out_h * out_w), image(out_channels * out_h * out_w), row(upscale * upscale * out_w),
         col(upscale) {}
   template <typename Dims>
-  __device__ explicit ConvOutLayout(const Dims& p) : ConvOutLayout(I(p.upscale), I(p.out_channels), I(p.out_h), I(p.out_w)) {}
+  __device__ explicit ConvOutLayout(const Dims& p)
+      : ConvOutLayout(I(p.upscale), I(p.out_channels), I(p.out_h), I(p.out_w)) {}
 
   __device__ I channel(I o) const {
     if (r == 1) return o * plane;

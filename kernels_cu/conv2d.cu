@@ -34,7 +34,9 @@
 //     (b, channel) plane of the tensor it writes; one thread per pixel. The weights
 //     the block needs (one output channel's filter, or one input channel's slice of
 //     its group's filters) are the same for every thread, so they are staged through
-//     shared memory in chunks of p.chunk (channel, tap) entries.
+//     shared memory in chunks of p.chunk (channel, tap) entries. Both run the skeletons
+//     of common/direct_conv.cuh (direct_conv_fwd / direct_conv_bwd_input), which
+//     dynamic_conv.cu shares; conv2d_bwd_bias is its conv_bias_gradient.
 //   conv2d_bwd_weight / conv2d_bwd_bias: a block owns one weight (bias) element and
 //     reduces over B*Ho*Wo with block_reduce_sum: fixed order, no atomics, bitwise
 //     reproducible.

@@ -49,7 +49,8 @@
 //     the weights. Shared memory: channel_chunk * tap_chunk * tile * sizeof(Acc) bytes.
 //   deform_conv2d_bwd_weight: a block item is (gw, OUT_PER_THREAD output channels, c, t);
 //     the block reduces over B*P with block_reduce_sum (one sample feeds OUT_PER_THREAD sums).
-//   deform_conv2d_bwd_bias: a block per output channel, block_reduce_sum over B*P.
+//   deform_conv2d_bwd_bias: a block per output channel, block_reduce_sum over B*P
+//     (conv_bias_gradient, common/direct_conv.cuh, as conv2d_bwd_bias).
 //   deform_conv2d_bwd_offset: one thread per sample point (b, g, t, p) reduces over the Cpo
 //     channels of g (and their weight groups' Cout_g output channels): writes dy, dx and
 //     the mask gradient. Fixed order, no workspace.

@@ -41,7 +41,8 @@
 //
 // Thread mapping (every reduction is a fixed-order block_reduce_sum or a fixed-order
 // loop, never an atomic: bitwise reproducible for a fixed launch shape):
-//   dynamic_conv2d_fwd / _bwd_input: as conv2d_fwd / conv2d_bwd_input: a block owns
+//   dynamic_conv2d_fwd / _bwd_input: conv2d_fwd / conv2d_bwd_input's skeletons
+//     (common/direct_conv.cuh) with their own staging and epilogue: a block owns
 //     blockDim.x consecutive pixels of one (b, channel) plane, one thread per pixel; the
 //     block's per-sample kernel entries are COMPUTED into shared memory (p.chunk (channel,
 //     tap) entries at a time: the mixture over the n cells, times sa, times fa in the

@@ -34,31 +34,14 @@
 //     (b, channel) plane of the tensor it writes; one thread per pixel. The weights
 //     the block needs (one output channel's filter, or one input channel's slice of
 //     its group's filters) are the same for every thread, so they are staged through
-//     shared memory in chunks of p.chunk (channel, tap) entries.
+//     shared memory in chunks of p.chunk (channel, tap) entries. Both run the skeletons
+//     of common/direct_conv.cuh (direct_conv_fwd / direct_conv_bwd_input), which
+//     dynamic_conv.cu shares; conv2d_bwd_bias is its conv_bias_gradient.
 //   conv2d_bwd_weight / conv2d_bwd_bias: a block owns one weight (bias) element and
 //     reduces over B*Ho*Wo with block_reduce_sum: fixed order, no atomics, bitwise
 //     reproducible.
 // Blocks walk their work items with a grid-stride loop, so any grid size is valid.
-#include "common/cuconv.cuh"
-#include "common/conv_geometry.cuh"
-
-// Walks the flattened (channel, ky, kx) index of a filter one entry at a time, so the
-// inner loops decode it with increments instead of a 64-bit division per term.
-struct TapCursor {
-  index_t channel, ky, kx, kernel_h, kernel_w;
-  __device__ TapCursor(index_t flat, index_t kh, index_t kw) : kernel_h(kh), kernel_w(kw) {
-    channel = flat / (kh * kw);
-    ky = (flat / kw) % kh;
-    kx = flat % kw;
-  }
-  __device__ void advance() {
-    if (++kx < kernel_w) return;
-    kx = 0;
-    if (++ky < kernel_h) return;
-    ky = 0;
-    ++channel;
-  }
-};
+#include "common/direct_conv.cuh"
 
 // Every field is a 64-bit integer so the host can pack it as a flat int64 array.
 struct Conv2dParams : ConvGeometryParams {
@@ -72,37 +55,19 @@ __global__ void conv2d_fwd(const Conv2dParams p, const T* __restrict__ x, const 
                            const T* __restrict__ bias, T* __restrict__ y) {
   typedef typename Accumulator<T>::type Acc;
   CUCONV_DYNAMIC_SHARED(Acc, w_chunk);
-  const index_t cin_g = p.in_channels / p.groups, cout_g = p.out_channels / p.groups;
-  const index_t taps = p.kernel_h * p.kernel_w, filter = cin_g * taps;
-  const index_t pixels = p.out_h * p.out_w, tiles = ceil_div(pixels, blockDim.x);
-  const index_t items = p.batch * p.out_channels * tiles;
+  const index_t filter = (p.in_channels / p.groups) * (p.kernel_h * p.kernel_w);
   const ConvOutLayout<index_t> out(p);  // y may be pixel-shuffled (upscale > 1)
-  for (index_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const index_t tile = item % tiles, plane = item / tiles;  // plane = b*Cout + o
-    const index_t o = plane % p.out_channels, b = plane / p.out_channels;
-    const index_t pix = tile * blockDim.x + threadIdx.x;
-    const bool active = pix < pixels;
-    const index_t oy = pix / p.out_w, ox = pix % p.out_w;
-    const T* x_group = x + (b * p.in_channels + (o / cout_g) * cin_g) * p.in_h * p.in_w;
-    const T* w_filter = w + o * filter;
-    Acc acc = bias != nullptr ? to_acc(bias[o]) : Acc(0);
-    for (index_t k0 = 0; k0 < filter; k0 += p.chunk) {
-      const index_t n = min_index(p.chunk, filter - k0);
-      __syncthreads();  // the previous chunk has been consumed by every thread
-      for (index_t k = threadIdx.x; k < n; k += blockDim.x) w_chunk[k] = to_acc(w_filter[k0 + k]);
-      __syncthreads();
-      if (!active) continue;
-      // (c, ky, kx) of entry k0 + k, advanced with the loop: no division per term
-      TapCursor t(k0, p.kernel_h, p.kernel_w);
-      for (index_t k = 0; k < n; ++k, t.advance()) {
-        const index_t iy = oy * p.stride_h - p.pad_h + t.ky * p.dilation_h;
-        const index_t ix = ox * p.stride_w - p.pad_w + t.kx * p.dilation_w;
-        if (iy < 0 || iy >= p.in_h || ix < 0 || ix >= p.in_w) continue;
-        acc += w_chunk[k] * to_acc(x_group[(t.channel * p.in_h + iy) * p.in_w + ix]);
-      }
-    }
-    if (active) y[out.at(b, o, oy, ox)] = from_acc<T>(acc);
-  }
+  direct_conv_fwd(
+      p, p.groups, p.chunk, w_chunk,
+      [&](const PlanePixel& q) { return bias != nullptr ? to_acc(bias[q.channel]) : Acc(0); },
+      [&](const PlanePixel& q, index_t k) { return to_acc(w[q.channel * filter + k]); },
+      [&](Acc& acc, Acc wk, const PlanePixel& q, index_t i, index_t iy, index_t ix) {
+        if (iy < 0 || iy >= p.in_h || ix < 0 || ix >= p.in_w) return;  // the padding: no term
+        acc += wk * to_acc(x[((q.b * p.in_channels + i) * p.in_h + iy) * p.in_w + ix]);
+      },
+      [&](const PlanePixel& q, index_t, Acc acc) {
+        if (q.active) y[out.at(q.b, q.channel, q.y, q.x)] = from_acc<T>(acc);
+      });
 }
 
 // bias (nullable, [Cin]) is added to every element: zero for conv2d's backward, the
@@ -112,46 +77,14 @@ __global__ void conv2d_bwd_input(const Conv2dParams p, const T* __restrict__ gra
                                  const T* __restrict__ bias, T* __restrict__ grad_x) {
   typedef typename Accumulator<T>::type Acc;
   CUCONV_DYNAMIC_SHARED(Acc, w_chunk);
-  const index_t cin_g = p.in_channels / p.groups, cout_g = p.out_channels / p.groups;
-  const index_t taps = p.kernel_h * p.kernel_w, slice = cout_g * taps;  // (o, tap) pairs reaching one input channel
-  const index_t pixels = p.in_h * p.in_w, tiles = ceil_div(pixels, blockDim.x);
-  const index_t items = p.batch * p.in_channels * tiles;
-  const ConvOutLayout<index_t> gy(p);  // dL/dy may be pixel-shuffled (upscale > 1)
-  for (index_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const index_t tile = item % tiles, plane = item / tiles;  // plane = b*Cin + i
-    const index_t i = plane % p.in_channels, b = plane / p.in_channels;
-    const index_t g = i / cin_g, c = i % cin_g;
-    const index_t pix = tile * blockDim.x + threadIdx.x;
-    const bool active = pix < pixels;
-    const index_t iy = pix / p.in_w, ix = pix % p.in_w;
-    Acc acc = bias != nullptr ? to_acc(bias[i]) : Acc(0);
-    for (index_t k0 = 0; k0 < slice; k0 += p.chunk) {
-      const index_t n = min_index(p.chunk, slice - k0);
-      __syncthreads();
-      for (index_t k = threadIdx.x; k < n; k += blockDim.x) {
-        const index_t o = (k0 + k) / taps, tap = (k0 + k) % taps;
-        w_chunk[k] = to_acc(w[((g * cout_g + o) * cin_g + c) * taps + tap]);
-      }
-      __syncthreads();
-      if (!active) continue;
-      TapCursor t(k0, p.kernel_h, p.kernel_w);  // t.channel is the output channel within the group
-      index_t gy_plane = b * gy.image + gy.channel(g * cout_g + t.channel);
-      index_t gy_channel = t.channel;
-      for (index_t k = 0; k < n; ++k, t.advance()) {
-        const index_t ty = iy + p.pad_h - t.ky * p.dilation_h;
-        const index_t tx = ix + p.pad_w - t.kx * p.dilation_w;
-        if (ty < 0 || tx < 0 || ty % p.stride_h != 0 || tx % p.stride_w != 0) continue;
-        const index_t oy = ty / p.stride_h, ox = tx / p.stride_w;
-        if (oy >= p.out_h || ox >= p.out_w) continue;
-        if (t.channel != gy_channel) {  // the cursor moved to the next output channel
-          gy_plane = b * gy.image + gy.channel(g * cout_g + t.channel);
-          gy_channel = t.channel;
-        }
-        acc += w_chunk[k] * to_acc(grad_y[gy_plane + gy.pixel(oy, ox)]);
-      }
-    }
-    if (active) grad_x[plane * pixels + pix] = from_acc<T>(acc);
-  }
+  const index_t cin_g = p.in_channels / p.groups, taps = p.kernel_h * p.kernel_w, pixels = p.in_h * p.in_w;
+  direct_conv_bwd_input(
+      p, p.groups, p.chunk, ConvOutLayout<index_t>(p), grad_y, w_chunk,  // dL/dy may be pixel-shuffled
+      [&](const PlanePixel& q) { return bias != nullptr ? to_acc(bias[q.channel]) : Acc(0); },
+      [&](const PlanePixel&, index_t o, index_t c, index_t tap) { return to_acc(w[(o * cin_g + c) * taps + tap]); },
+      [&](const PlanePixel& q, index_t, Acc acc) {
+        if (q.active) grad_x[q.plane * pixels + q.pix] = from_acc<T>(acc);
+      });
 }
 
 template <typename T>
@@ -184,17 +117,5 @@ __global__ void conv2d_bwd_weight(const Conv2dParams p, const T* __restrict__ gr
 
 template <typename T>
 __global__ void conv2d_bwd_bias(const Conv2dParams p, const T* __restrict__ grad_y, T* __restrict__ grad_bias) {
-  typedef typename Accumulator<T>::type Acc;
-  const index_t out_pixels = p.out_h * p.out_w, n = p.batch * out_pixels;
-  const ConvOutLayout<index_t> gy(p);  // dL/dy may be pixel-shuffled (upscale > 1)
-  for (index_t o = blockIdx.x; o < p.out_channels; o += gridDim.x) {
-    const index_t gy_channel = gy.channel(o);
-    Acc acc = Acc(0);
-    for (index_t e = threadIdx.x; e < n; e += blockDim.x) {
-      const index_t pix = e % out_pixels;
-      acc += to_acc(grad_y[(e / out_pixels) * gy.image + gy_channel + gy.pixel(pix / p.out_w, pix % p.out_w)]);
-    }
-    acc = block_reduce_sum(acc);
-    if (threadIdx.x == 0) grad_bias[o] = from_acc<T>(acc);
-  }
+  conv_bias_gradient(p, ConvOutLayout<index_t>(p), grad_y, grad_bias);  // dL/dy may be pixel-shuffled
 }

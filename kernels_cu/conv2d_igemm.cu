@@ -252,6 +252,22 @@ __device__ __forceinline__ I igemm_ceil_div(I a, I b) { return (a + b - 1) / b; 
 template <typename I>
 __device__ __forceinline__ I igemm_min(I a, I b) { return a < b ? a : b; }
 
+// One step of a mixed-radix walk (hi, mid, lo) with radices (-, r_mid, r_lo) whose step digits have
+// just been added: each step digit is below its radix and a carry-in is at most 1, so one
+// compare-and-subtract per digit restores lo < r_lo and mid < r_mid; returns the carry into hi.
+template <typename I>
+__device__ __forceinline__ bool igemm_carry(I& mid, I& lo, I r_mid, I r_lo) {
+  if (lo >= r_lo) {
+    lo -= r_lo;
+    ++mid;
+  }
+  if (mid >= r_mid) {
+    mid -= r_mid;
+    return true;
+  }
+  return false;
+}
+
 // Where the conv output element (b, o, oy, ox) lives in y (fwd writes it) or dL/dy (dgrad,
 // wgrad read it): b*image + channel(o) + oy*row + ox*col. Plain NCHW for upscale 1; for
 // upscale r the pixel-shuffled position [b, o / r^2, oy*r + (o / r) % r, ox*r + o % r] of a
@@ -299,6 +315,11 @@ constexpr int kIgemmBM = 64, kIgemmBN = 64, kIgemmBK = 32;
 // fwd / dgrad A gather: a thread's staged k advance by this much per element (kIgemmBK / it
 // elements per BK step), and the k-column loaders' (fwd / dgrad B, wgrad) k by kIgemmBK per step.
 constexpr int kIgemmAStep = kIgemmThreads / kIgemmBM;
+// Elements of each tile a thread stages per BK step, and the row distance of the k-column loaders.
+constexpr int kIgemmElems = kIgemmBM * kIgemmBK / kIgemmThreads;
+constexpr int kIgemmColStep = kIgemmThreads / kIgemmBK;
+static_assert(kIgemmBM == kIgemmBN && kIgemmBN * kIgemmBK / kIgemmThreads == kIgemmElems,
+              "one tile shape and one element count for A and B");
 // A staged tile row: BK elements padded by 16 bytes (8 halves, 4 floats), so that the
 // fragment loads of a warp hit 32 distinct banks (rows g = 0..7 x columns t = 0..3).
 template <typename T>
@@ -407,6 +428,142 @@ __device__ __forceinline__ void igemm_mma_step(IgemmAcc& acc, const float* a_til
   }
 }
 
+// The thread's roles in a block of kIgemmThreads (the mapping in the header).
+struct IgemmThread {
+  int gid, tid4;       // mma fragment coordinates: lane = 4*gid + tid4
+  int warp_m, warp_n;  // the warp's 32 x 32 sub-tile of the block tile
+  int row_m, row_k;    // row loaders (fwd / dgrad A): tile row row_m, k = row_k + kIgemmAStep*i
+  int col_k, col_row;  // k-column loaders (every B, wgrad's A): tile column col_k, rows col_row + 4i
+  __device__ IgemmThread() {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    gid = lane >> 2;
+    tid4 = lane & 3;
+    warp_m = 32 * (warp & 1);
+    warp_n = 32 * (warp >> 1);
+    row_m = tid % kIgemmBM;
+    row_k = tid / kIgemmBM;
+    col_k = tid % kIgemmBK;
+    col_row = tid / kIgemmBK;
+  }
+};
+
+// The K loop of one work item, the same for every pass: acc = the sum over the BK steps from k_first
+// to k_end, in order, of the staged A tile (64 x BK) times the staged B tile (BK x 64). The pass
+// supplies the staged values through four callables (lambdas over its per-item state; everything is
+// inlined, so each pass compiles as if the loop were written out in it):
+//   begin(k0)    the step's decode before its A elements (k0 = the step's first k)
+//   a(i, k)      the thread's A element i < kIgemmElems of the step, at GEMM k (the pass's A walk
+//                advances by one element)
+//   b_begin(k0)  the step's decode for B, after the A elements
+//   b(i)         the thread's B element i of the step begun last
+// kARows: a thread owns a GEMM row (fwd, dgrad): A element i is at tile row row_m, column kk = row_k +
+// kIgemmAStep*i, k = k0 + kk. Otherwise it owns a k column (wgrad): A element i is at row col_row + 4i,
+// column col_k, k = k0 + col_k. B element i is always at row col_row + 4i, column col_k. Out-of-range
+// elements must be staged as zero (no mma is masked).
+//
+// kPipelined (header: PIPELINE): two shared buffers per tile, register prefetch, one __syncthreads
+// per step, ldmatrix fragments. kPrefetchB: B is gathered into registers with A; otherwise (a
+// per-sample weight mixture: Kn loads and FMAs per element, too many registers to hold across the
+// mma) b(i) is evaluated at store time, after the mma. buf is the buffer the next step is staged in;
+// it runs on across work items (the caller keeps it), so an item's first store goes to the buffer
+// the previous item's last mma did not read.
+// !kPipelined (the 64-bit dgrad twins, whose registers do not fit the prefetch): one buffer per tile,
+// a barrier before and after staging, 4-byte fragment loads.
+// Both stage the same values and run the same mma in the same order: bitwise-identical results.
+template <typename T, bool kPipelined, bool kARows, bool kPrefetchB, typename I, typename Begin, typename A,
+          typename BBegin, typename B>
+__device__ __forceinline__ void igemm_mainloop(IgemmAcc& acc, int& buf, const IgemmThread& th, I k_first, I k_end,
+                                               Begin begin, A a, BBegin b_begin, B b) {
+  constexpr int ld = IgemmTile<T>::ld, kTileElems = kIgemmBM * ld, kBuffers = kPipelined ? 2 : 1;
+  __align__(16) __shared__ T a_tile[kBuffers * kTileElems];
+  __align__(16) __shared__ T b_tile[kBuffers * kTileElems];
+  auto b_at = [&](int i) { return (th.col_row + kIgemmColStep * i) * ld + th.col_k; };
+  igemm_zero(acc);
+  I k0 = k_first;  // the first k of the step being staged
+  if constexpr (kPipelined) {
+    // Iteration s: (1) s < steps: gather step s into registers (the loads are issued, nothing waits
+    // on them yet); (2) s > 0: the mma of step s - 1 from buffer buf ^ 1, overlapping those loads;
+    // (3) s < steps: store step s into buffer buf, __syncthreads, buf ^= 1.
+    const I steps = k_end > k_first ? igemm_ceil_div<I>(k_end - k_first, I(kIgemmBK)) : 0;
+    T a_reg[kIgemmElems], b_reg[kIgemmElems];
+    for (I s = 0; s <= steps && steps > 0; ++s) {
+      if (s < steps) {
+        begin(k0);
+#pragma unroll
+        for (int i = 0; i < kIgemmElems; ++i) a_reg[i] = a(i, kARows ? k0 + th.row_k + kIgemmAStep * i : k0 + th.col_k);
+        b_begin(k0);
+        if (kPrefetchB) {
+#pragma unroll
+          for (int i = 0; i < kIgemmElems; ++i) b_reg[i] = b(i);
+        }
+        k0 += kIgemmBK;
+      }
+      if (s > 0)  // step s - 1, staged in buffer buf ^ 1
+        igemm_mma_step(acc, a_tile + (buf ^ 1) * kTileElems, b_tile + (buf ^ 1) * kTileElems, th.warp_m, th.warp_n,
+                       th.gid, th.tid4);
+      if (s < steps) {
+        T* a_dst = a_tile + buf * kTileElems;
+        T* b_dst = b_tile + buf * kTileElems;
+#pragma unroll
+        for (int i = 0; i < kIgemmElems; ++i)
+          a_dst[kARows ? th.row_m * ld + th.row_k + kIgemmAStep * i : b_at(i)] = a_reg[i];
+        if (kPrefetchB) {
+#pragma unroll
+          for (int i = 0; i < kIgemmElems; ++i) b_dst[b_at(i)] = b_reg[i];
+        } else {
+#pragma unroll 4
+          for (int i = 0; i < kIgemmElems; ++i) b_dst[b_at(i)] = b(i);
+        }
+        __syncthreads();  // step s is staged; every warp's mma of step s - 1 (buffer buf ^ 1) is done
+        buf ^= 1;
+      }
+    }
+  } else {
+    static_assert(kARows, "the unpipelined loop stages A by rows (dgrad)");
+    while (k0 < k_end) {
+      __syncthreads();  // the previous step's tiles have been consumed by every warp
+      begin(k0);
+#pragma unroll 4
+      for (int i = 0; i < kIgemmElems; ++i) {
+        const int kk = th.row_k + kIgemmAStep * i;
+        a_tile[th.row_m * ld + kk] = a(i, k0 + kk);
+      }
+      b_begin(k0);
+#pragma unroll 4
+      for (int i = 0; i < kIgemmElems; ++i) b_tile[b_at(i)] = b(i);
+      __syncthreads();
+      igemm_mma_step(acc, a_tile, b_tile, th.warp_m, th.warp_n, th.gid, th.tid4, /*use_ldmatrix=*/false);
+      k0 += kIgemmBK;
+    }
+  }
+}
+
+// The epilogue's walk over the thread's accumulators: acc[mi][ni][2h + j] is the item's GEMM element
+// (m0 + warp_m + 16mi + gid + 8h, n0 + warp_n + 8ni + 2tid4 + j). For each of the thread's rows
+// m < M, row(m) decodes what the row's stores share and returns store(n, v), which is called for each
+// of the row's columns n < N with the fp32 accumulator v.
+template <typename I, typename Row>
+__device__ __forceinline__ void igemm_epilogue(const IgemmAcc& acc, const IgemmThread& th, I m0, I n0, I M, I N,
+                                               Row row) {
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const I m = m0 + th.warp_m + 16 * mi + th.gid + 8 * h;
+      if (m >= M) continue;
+      const auto store = row(m);
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const I n = n0 + th.warp_n + 8 * ni + 2 * th.tid4 + j;
+          if (n < N) store(n, acc[mi][ni][2 * h + j]);
+        }
+      }
+    }
+  }
+}
+
 // Where the forward's and dgrad's B operand (the conv weight, in its [Cout, Cin_g, KH, KW]
 // flattened order e) and the bias come from. IgemmWeights: conv2d's own, one GEMM over the
 // whole batch. IgemmMixedWeights: dynamic_conv2d's per-sample mixture of p.kernels expert
@@ -457,11 +614,8 @@ template <typename T, typename Weights, typename I>
 __device__ __forceinline__ void igemm_fwd_body(const Conv2dIgemmParams& params, const T* __restrict__ x,
                                                const Weights& weights, T* __restrict__ y) {
   const IgemmDims<I> p(params);  // the shape in the index type I (INDEX32)
-  constexpr int kIgemmLd = IgemmTile<T>::ld, kIgemmTileElems = kIgemmBM * kIgemmLd;
-  static_assert(kIgemmBM == kIgemmBN, "one tile size for both double-buffered tiles");
-  __align__(16) __shared__ T a_tile[2 * kIgemmTileElems];  // two buffers (PIPELINE)
-  __align__(16) __shared__ T b_tile[2 * kIgemmTileElems];
-  int buf = 0;  // the buffer the next staged step goes to; runs on across work items (PIPELINE)
+  const IgemmThread th;
+  int buf = 0;  // igemm_mainloop's next staging buffer, kept across work items
   const I cin_g = p.in_channels / p.groups, cout_g = p.out_channels / p.groups;
   const I taps = p.kernel_h * p.kernel_w, K = cin_g * taps;
   // per_sample: p.batch GEMMs of one image each; else one GEMM over the p.batch images
@@ -469,13 +623,8 @@ __device__ __forceinline__ void igemm_fwd_body(const Conv2dIgemmParams& params, 
   const I pixels = p.out_h * p.out_w, M = images * pixels;
   const I m_tiles = igemm_ceil_div<I>(M, kIgemmBM), n_tiles = igemm_ceil_div<I>(cout_g, kIgemmBN);
   const I items = samples * p.groups * m_tiles * n_tiles;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int gid = lane >> 2, tid4 = lane & 3;
-  const int warp_m = 32 * (warp & 1), warp_n = 32 * (warp >> 1);
-  const int a_row = tid % kIgemmBM, a_k = tid / kIgemmBM;  // A gather: one pixel row per thread
-  const int b_k = tid % kIgemmBK, b_row = tid / kIgemmBK;  // B load: one k column per thread
   const T zero = from_acc<T>(0.0f);
-  // The A gather's k walk (k = a_k + kIgemmAStep*j over the whole K, j counting every staged element
+  // The A gather's k walk (k = row_k + kIgemmAStep*j over the whole K, j counting every staged element
   // of every BK step) in the mixed radix (c, ky, kx): each element adds the constant digits
   // (kIgemmAStep / taps, (kIgemmAStep / KW) % KH, kIgemmAStep % KW), carried by compare-and-subtract
   // (each step digit is below its radix, so one carry per digit suffices): no division per element.
@@ -490,115 +639,53 @@ __device__ __forceinline__ void igemm_fwd_body(const Conv2dIgemmParams& params, 
     const I m0 = m_tile * kIgemmBM, n0 = n_tile * kIgemmBN;
     const Weights wb = weights.for_sample(sample);
 
-    // This thread's gather pixel: decoded once per tile.
-    const I am = m0 + a_row;
+    // A[m, k] = x at output pixel m's tap k (0 outside the image): the thread's pixel is decoded once
+    // per tile, and its k's digits kx, ky and c*H*W from k = row_k, then walked.
+    const I am = m0 + th.row_m;
     const bool a_valid = am < M;
     const I a_img = sample + (a_valid ? am / pixels : 0), a_pix = a_valid ? am % pixels : 0;
     const I iy0 = (a_pix / p.out_w) * p.stride_h - p.pad_h;
     const I ix0 = (a_pix % p.out_w) * p.stride_w - p.pad_w;
     const T* x_group = x + (a_img * p.in_channels + group * cin_g) * p.in_h * p.in_w;
-    const I w_group = group * cout_g * K;  // weight offset e of the group's first row
-    // The k walk's digits at k = a_k (decoded once per tile): kx, ky and c*H*W.
-    I a_kx = a_k % p.kernel_w, a_ky = (a_k / p.kernel_w) % p.kernel_h, a_c = (a_k / taps) * in_pixels;
-
-    IgemmAcc acc;
-    igemm_zero(acc);
-
-    // Software pipeline (header: PIPELINE): iteration s gathers step s into registers, runs the mma of
-    // step s - 1 from shared memory while those loads are in flight, then stores step s into the other
-    // buffer; one __syncthreads per step. The staged values and the mma order are those of the
-    // unpipelined loop (bitwise-identical results).
-    // The B element of row b_row + 4i for the step at k0; row i is inside the GEMM iff 4i < b_rows_left
-    // (one compare with a constant per row, instead of 16 row predicates / offsets kept live).
-    // The dynamic kernels' mixture (Kn loads and FMAs per element) is not prefetched (kPrefetchB): held
-    // across the mma it needs 208 registers; it is built at store time, as before.
-    constexpr bool kPrefetchB = !Weights::per_sample;
-    const I b_rows_left = cout_g - n0 - b_row, b_e0 = w_group + (n0 + b_row) * K + b_k;
-    auto b_value = [&](int i, I k0_step) -> T {
-      return (k0_step + b_k < K && (kIgemmThreads / kIgemmBK) * i < b_rows_left)
-                 ? wb.weight(b_e0 + k0_step + i * ((kIgemmThreads / kIgemmBK) * K))
+    I a_kx = th.row_k % p.kernel_w, a_ky = (th.row_k / p.kernel_w) % p.kernel_h, a_c = (th.row_k / taps) * in_pixels;
+    auto a_next = [&](int, I k) -> T {  // k = (a_c / (H*W) * KH + a_ky) * KW + a_kx
+      T v = zero;
+      if (a_valid && k < K) {
+        const I iy = iy0 + a_ky * p.dilation_h;
+        const I ix = ix0 + a_kx * p.dilation_w;
+        if (iy >= 0 && iy < p.in_h && ix >= 0 && ix < p.in_w) v = x_group[a_c + iy * p.in_w + ix];
+      }
+      a_kx += step_kx;  // k += kIgemmAStep
+      a_ky += step_ky;
+      a_c += step_c;
+      if (igemm_carry(a_ky, a_kx, p.kernel_h, p.kernel_w)) a_c += in_pixels;
+      return v;
+    };
+    // B[k, n] = w[g*Cout_g + n, k]: row col_row + 4i of the step at b_k0 is inside the GEMM iff
+    // 4i < b_rows_left (one compare with a constant per row, instead of 16 row predicates kept live).
+    const I b_rows_left = cout_g - n0 - th.col_row, b_e0 = group * cout_g * K + (n0 + th.col_row) * K + th.col_k;
+    I b_k0 = 0;
+    auto b_next = [&](int i) -> T {
+      return (b_k0 + th.col_k < K && kIgemmColStep * i < b_rows_left)
+                 ? wb.weight(b_e0 + b_k0 + i * (kIgemmColStep * K))
                  : zero;
     };
-    const I steps = igemm_ceil_div<I>(K, I(kIgemmBK));
-    I k0 = 0;  // the k of the step being gathered
-    T a_reg[kIgemmBM * kIgemmBK / kIgemmThreads], b_reg[kIgemmBN * kIgemmBK / kIgemmThreads];
-    for (I s = 0; s <= steps && steps > 0; ++s) {
-      if (s < steps) {
-#pragma unroll
-        for (int i = 0; i < kIgemmBM * kIgemmBK / kIgemmThreads; ++i) {
-          const I k = k0 + a_k + kIgemmAStep * i;  // = (a_c / (H*W) * KH + a_ky) * KW + a_kx
-          T v = zero;
-          if (a_valid && k < K) {
-            const I iy = iy0 + a_ky * p.dilation_h;
-            const I ix = ix0 + a_kx * p.dilation_w;
-            if (iy >= 0 && iy < p.in_h && ix >= 0 && ix < p.in_w) v = x_group[a_c + iy * p.in_w + ix];
-          }
-          a_reg[i] = v;
-          a_kx += step_kx;  // k += kIgemmAStep
-          a_ky += step_ky;
-          a_c += step_c;
-          if (a_kx >= p.kernel_w) {
-            a_kx -= p.kernel_w;
-            ++a_ky;
-          }
-          if (a_ky >= p.kernel_h) {
-            a_ky -= p.kernel_h;
-            a_c += in_pixels;
-          }
-        }
-        if (kPrefetchB) {
-#pragma unroll
-          for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i) b_reg[i] = b_value(i, k0);
-        }
-        k0 += kIgemmBK;
-      }
-      if (s > 0)  // step s - 1, staged in buffer buf ^ 1
-        igemm_mma_step(acc, a_tile + (buf ^ 1) * kIgemmTileElems, b_tile + (buf ^ 1) * kIgemmTileElems, warp_m,
-                       warp_n, gid, tid4);
-      if (s < steps) {
-        T* a_dst = a_tile + buf * kIgemmTileElems;
-        T* b_dst = b_tile + buf * kIgemmTileElems;
-#pragma unroll
-        for (int i = 0; i < kIgemmBM * kIgemmBK / kIgemmThreads; ++i) a_dst[a_row * kIgemmLd + a_k + kIgemmAStep * i] = a_reg[i];
-        if (kPrefetchB) {
-#pragma unroll
-          for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i)
-            b_dst[(b_row + (kIgemmThreads / kIgemmBK) * i) * kIgemmLd + b_k] = b_reg[i];
-        } else {
-#pragma unroll 4
-          for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i)
-            b_dst[(b_row + (kIgemmThreads / kIgemmBK) * i) * kIgemmLd + b_k] = b_value(i, k0 - kIgemmBK);
-        }
-        __syncthreads();  // step s is staged; every warp's mma of step s - 1 (buffer buf ^ 1) is done
-        buf ^= 1;
-      }
-    }
 
-    // Epilogue: acc[mi][ni][2h + j] is Y[m0 + warp_m + 16mi + gid + 8h][n0 + warp_n + 8ni + 2tid4 + j],
-    // stored at its (possibly pixel-shuffled) position in y.
+    IgemmAcc acc;
+    igemm_mainloop<T, /*kPipelined=*/true, /*kARows=*/true, /*kPrefetchB=*/!Weights::per_sample>(
+        acc, buf, th, I(0), K, [](I) {}, a_next, [&](I k0) { b_k0 = k0; }, b_next);
+
+    // y[b, o, oy, ox] = from_acc<T>(acc + bias[o]) at its (possibly pixel-shuffled) position.
     const IgemmOutLayout<I> out(p);
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const I m = m0 + warp_m + 16 * mi + gid + 8 * h;
-        if (m >= M) continue;
-        const I img = sample + m / pixels, pix = m % pixels;
-        T* y_pixel = y + img * out.image + out.pixel(pix / p.out_w, pix % p.out_w);
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni) {
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const I n = n0 + warp_n + 8 * ni + 2 * tid4 + j;
-            if (n >= cout_g) continue;
-            const I o = group * cout_g + n;
-            float v = acc[mi][ni][2 * h + j];
-            if (wb.bias != nullptr) v += wb.bias_at(o);
-            y_pixel[out.channel(o)] = from_acc<T>(v);
-          }
-        }
-      }
-    }
+    igemm_epilogue(acc, th, m0, n0, M, cout_g, [&](I m) {
+      const I img = sample + m / pixels, pix = m % pixels;
+      T* y_pixel = y + img * out.image + out.pixel(pix / p.out_w, pix % p.out_w);
+      return [&, y_pixel](I n, float v) {
+        const I o = group * cout_g + n;
+        if (wb.bias != nullptr) v += wb.bias_at(o);
+        y_pixel[out.channel(o)] = from_acc<T>(v);
+      };
+    });
   }
 }
 
@@ -669,15 +756,8 @@ template <typename T, typename Weights, typename I>
 __device__ __forceinline__ void igemm_bwd_input_body(const Conv2dIgemmParams& params, const T* __restrict__ grad_y,
                                                      const Weights& weights, T* __restrict__ grad_x) {
   const IgemmDims<I> p(params);  // the shape in the index type I (INDEX32)
-  // 32-bit kernels: pipelined (PIPELINE: two buffers per tile, register prefetch) with ldmatrix.x4
-  // fragments; the 64-bit twins keep round 5's unpipelined loop (one buffer, two barriers per step, 4-byte
-  // fragment loads) that fits their 168 registers. The staged values and the mma order are the same.
-  constexpr bool kPipeline = sizeof(I) == 4;
-  constexpr int kIgemmLd = IgemmTile<T>::ld, kIgemmTileElems = kIgemmBM * kIgemmLd, kBuffers = kPipeline ? 2 : 1;
-  static_assert(kIgemmBM == kIgemmBN, "one tile size for both tiles");
-  __align__(16) __shared__ T a_tile[kBuffers * kIgemmTileElems];
-  __align__(16) __shared__ T b_tile[kBuffers * kIgemmTileElems];
-  int buf = 0;  // kPipeline: the buffer the next staged step goes to; runs on across work items
+  const IgemmThread th;
+  int buf = 0;  // igemm_mainloop's next staging buffer, kept across work items
   const I cin_g = p.in_channels / p.groups, cout_g = p.out_channels / p.groups;
   const I taps = p.kernel_h * p.kernel_w;
   const I pixels = p.in_h * p.in_w;
@@ -688,11 +768,6 @@ __device__ __forceinline__ void igemm_bwd_input_body(const Conv2dIgemmParams& pa
   const I m_tiles = igemm_ceil_div<I>(images * igemm_ceil_div<I>(p.in_h, p.stride_h) * igemm_ceil_div<I>(p.in_w, p.stride_w), kIgemmBM);
   const I n_tiles = igemm_ceil_div<I>(cin_g, kIgemmBN);
   const I items = samples * p.groups * phases * m_tiles * n_tiles;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int gid = lane >> 2, tid4 = lane & 3;
-  const int warp_m = 32 * (warp & 1), warp_n = 32 * (warp >> 1);
-  const int a_row = tid % kIgemmBM, a_k = tid / kIgemmBM;  // A gather: one pixel row per thread
-  const int b_k = tid % kIgemmBK, b_row = tid / kIgemmBK;  // B load: one k column per thread
   const T zero = from_acc<T>(0.0f);
 
   for (I item = blockIdx.x; item < items; item += gridDim.x) {
@@ -709,7 +784,7 @@ __device__ __forceinline__ void igemm_bwd_input_body(const Conv2dIgemmParams& pa
     const Weights wb = weights.for_sample(sample);
 
     // This thread's input pixel (in the phase), decoded once per tile.
-    const I am = m0 + a_row;
+    const I am = m0 + th.row_m;
     const bool a_valid = am < M;
     const I a_img = sample + (a_valid ? am / phase_pixels : 0), a_pix = a_valid ? am % phase_pixels : 0;
     // Folded for the k loop: with jy = j / nkx, jx = j % nkx the tap is (ky0 + sy*jy, kx0 + sx*jx);
@@ -732,9 +807,9 @@ __device__ __forceinline__ void igemm_bwd_input_body(const Conv2dIgemmParams& pa
     const I nky = K > 0 ? py.taps : 1, nkx_r = K > 0 ? nkx : 1, ptaps = nky * nkx_r;
     const int a_sjx = int(kIgemmAStep % nkx_r), a_sjy = int((kIgemmAStep / nkx_r) % nky), a_so = int(kIgemmAStep / ptaps);
     const int b_sjx = int(kIgemmBK % nkx_r), b_sjy = int((kIgemmBK / nkx_r) % nky), b_so = int(kIgemmBK / ptaps);
-    I a_jx = a_k % nkx_r, a_jy = (a_k / nkx_r) % nky;  // A's k = a_k, then + kIgemmAStep per element
-    typename IgemmOutLayout<I>::Walk a_ch = gy_at.walk(gy_o0 + a_k / ptaps);  // channel(g*Cout_g + o) of A's k
-    I b_jx = b_k % nkx_r, b_jy = (b_k / nkx_r) % nky, b_o = b_k / ptaps;  // B's k = k0 + b_k
+    I a_jx = th.row_k % nkx_r, a_jy = (th.row_k / nkx_r) % nky;  // A's k = row_k, then + kIgemmAStep per element
+    typename IgemmOutLayout<I>::Walk a_ch = gy_at.walk(gy_o0 + th.row_k / ptaps);  // channel(g*Cout_g + o) of A's k
+    I b_jx = th.col_k % nkx_r, b_jy = (th.col_k / nkx_r) % nky, b_o = th.col_k / ptaps;  // B's k = k0 + col_k
     // A's element at the walk's k (its (o, jy, jx) and channel offset), then the walk steps kIgemmAStep.
     auto a_gather_next = [&](I k) -> T {
       T v = zero;
@@ -745,14 +820,7 @@ __device__ __forceinline__ void igemm_bwd_input_body(const Conv2dIgemmParams& pa
       int d_o = a_so;
       a_jx += a_sjx;
       a_jy += a_sjy;
-      if (a_jx >= nkx_r) {
-        a_jx -= nkx_r;
-        ++a_jy;
-      }
-      if (a_jy >= nky) {
-        a_jy -= nky;
-        ++d_o;
-      }
+      if (igemm_carry(a_jy, a_jx, nky, nkx_r)) ++d_o;
       gy_at.advance(a_ch, d_o);
       return v;
     };
@@ -762,14 +830,7 @@ __device__ __forceinline__ void igemm_bwd_input_body(const Conv2dIgemmParams& pa
       b_o += b_so;
       b_jx += b_sjx;
       b_jy += b_sjy;
-      if (b_jx >= nkx_r) {
-        b_jx -= nkx_r;
-        ++b_jy;
-      }
-      if (b_jy >= nky) {
-        b_jy -= nky;
-        ++b_o;
-      }
+      if (igemm_carry(b_jy, b_jx, nky, nkx_r)) ++b_o;
       return w_k;
     };
     // B's element of tile row nn (transposed: w[g*Cout_g + o, n0 + nn, ky, kx]) for a step's k and offset.
@@ -777,107 +838,31 @@ __device__ __forceinline__ void igemm_bwd_input_body(const Conv2dIgemmParams& pa
       const I n = n0 + nn;
       return (k_valid && n < cin_g) ? wb.weight(w_k + n * taps) : zero;
     };
-
+    bool b_kv = false;  // the step's k = k0 + col_k is inside K
+    I b_wk = 0;         // and its weight offset
+    // igemm_mainloop's callables call the three loaders above rather than being them: with the loader
+    // bodies written straight into the callables, NVRTC gives the 64-bit twins (no minimum blocks per
+    // SM) 186-204 registers instead of 168, i.e. 2 blocks per SM instead of 3.
     IgemmAcc acc;
-    igemm_zero(acc);
-
-    if constexpr (kPipeline) {
-      // Pipelined (32-bit kernels; header: PIPELINE): iteration s gathers step s (A, and B unless it is a
-      // per-sample mixture) into registers, runs the mma of step s - 1 from buffer buf ^ 1 while those loads
-      // are in flight, then stores step s into buffer buf, one __syncthreads, buf ^= 1. The dynamic kernels'
-      // B mixture (Kn loads and FMAs per element) is built at store time, as in the forward (kPrefetchB),
-      // from the step's weight offset b_wk kept across the mma.
-      constexpr bool kPrefetchB = !Weights::per_sample;
-      const I steps = igemm_ceil_div<I>(K, I(kIgemmBK));
-      I k0 = 0;  // the k of the step being gathered
-      I b_wk = 0;
-      bool b_kv = false;
-      T a_reg[kIgemmBM * kIgemmBK / kIgemmThreads], b_reg[kIgemmBN * kIgemmBK / kIgemmThreads];
-      for (I s = 0; s <= steps && steps > 0; ++s) {
-        if (s < steps) {
-#pragma unroll
-          for (int i = 0; i < kIgemmBM * kIgemmBK / kIgemmThreads; ++i)
-            a_reg[i] = a_gather_next(k0 + a_k + kIgemmAStep * i);
-          b_kv = k0 + b_k < K;
+    igemm_mainloop<T, /*kPipelined=*/sizeof(I) == 4, /*kARows=*/true, /*kPrefetchB=*/!Weights::per_sample>(
+        acc, buf, th, I(0), K, [](I) {}, [&](int, I k) { return a_gather_next(k); },
+        [&](I k0) {
+          b_kv = k0 + th.col_k < K;
           b_wk = b_offset_next();
-          if (kPrefetchB) {
-#pragma unroll
-            for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i)
-              b_reg[i] = b_value(b_row + (kIgemmThreads / kIgemmBK) * i, b_kv, b_wk);
-          }
-          k0 += kIgemmBK;
-        }
-        if (s > 0)  // step s - 1, staged in buffer buf ^ 1
-          igemm_mma_step(acc, a_tile + (buf ^ 1) * kIgemmTileElems, b_tile + (buf ^ 1) * kIgemmTileElems, warp_m,
-                         warp_n, gid, tid4);
-        if (s < steps) {
-          T* a_dst = a_tile + buf * kIgemmTileElems;
-          T* b_dst = b_tile + buf * kIgemmTileElems;
-#pragma unroll
-          for (int i = 0; i < kIgemmBM * kIgemmBK / kIgemmThreads; ++i)
-            a_dst[a_row * kIgemmLd + a_k + kIgemmAStep * i] = a_reg[i];
-          if (kPrefetchB) {
-#pragma unroll
-            for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i)
-              b_dst[(b_row + (kIgemmThreads / kIgemmBK) * i) * kIgemmLd + b_k] = b_reg[i];
-          } else {
-#pragma unroll 4
-            for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i) {
-              const int nn = b_row + (kIgemmThreads / kIgemmBK) * i;
-              b_dst[nn * kIgemmLd + b_k] = b_value(nn, b_kv, b_wk);
-            }
-          }
-          __syncthreads();  // step s is staged; every warp's mma of step s - 1 (buffer buf ^ 1) is done
-          buf ^= 1;
-        }
-      }
-    } else {
-      // Unpipelined (the 64-bit twins, round 5's loop): barrier, stage straight into the one
-      // buffer, barrier, mma with 4-byte fragment loads (what fits their 168 registers without spills).
-      for (I k0 = 0; k0 < K; k0 += kIgemmBK) {
-        __syncthreads();  // the previous step's tiles have been consumed by every warp
-#pragma unroll 4
-        for (int i = 0; i < kIgemmBM * kIgemmBK / kIgemmThreads; ++i) {
-          const int kk = a_k + kIgemmAStep * i;
-          a_tile[a_row * kIgemmLd + kk] = a_gather_next(k0 + kk);
-        }
-        const bool k_valid = k0 + b_k < K;
-        const I w_k = b_offset_next();
-#pragma unroll 4
-        for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i) {
-          const int nn = b_row + (kIgemmThreads / kIgemmBK) * i;
-          b_tile[nn * kIgemmLd + b_k] = b_value(nn, k_valid, w_k);
-        }
-        __syncthreads();
-        igemm_mma_step(acc, a_tile, b_tile, warp_m, warp_n, gid, tid4, /*use_ldmatrix=*/false);
-      }
-    }
+        },
+        [&](int i) { return b_value(th.col_row + kIgemmColStep * i, b_kv, b_wk); });
 
-    // Epilogue: acc[mi][ni][2h + j] is phase pixel m0 + warp_m + 16mi + gid + 8h, channel
-    // n0 + warp_n + 8ni + 2tid4 + j (an empty K, no tap in this phase, writes zeros, or the bias),
-    // plus bias[g*Cin_g + n] when bias is given (conv_transpose2d's forward).
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const I m = m0 + warp_m + 16 * mi + gid + 8 * h;
-        if (m >= M) continue;
-        const I img = sample + m / phase_pixels, u = m % phase_pixels;
-        const I pix = (py.first + (u / px.count) * p.stride_h) * p.in_w + px.first + (u % px.count) * p.stride_w;
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni) {
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const I n = n0 + warp_n + 8 * ni + 2 * tid4 + j;
-            if (n >= cin_g) continue;
-            const I i = group * cin_g + n;
-            float v = acc[mi][ni][2 * h + j];
-            if (wb.bias != nullptr) v += wb.bias_at(i);
-            grad_x[(img * p.in_channels + i) * pixels + pix] = from_acc<T>(v);
-          }
-        }
-      }
-    }
+    // grad_x[b, g*Cin_g + n, iy, ix] = from_acc<T>(acc + bias[g*Cin_g + n]) (bias nullable) for the
+    // phase pixel m (an empty K, no tap in this phase, writes zeros, or the bias).
+    igemm_epilogue(acc, th, m0, n0, M, cin_g, [&](I m) {
+      const I img = sample + m / phase_pixels, u = m % phase_pixels;
+      const I pix = (py.first + (u / px.count) * p.stride_h) * p.in_w + px.first + (u % px.count) * p.stride_w;
+      return [&, img, pix](I n, float v) {
+        const I i = group * cin_g + n;
+        if (wb.bias != nullptr) v += wb.bias_at(i);
+        grad_x[(img * p.in_channels + i) * pixels + pix] = from_acc<T>(v);
+      };
+    });
   }
 }
 
@@ -934,21 +919,15 @@ template <typename T, typename I>
 __device__ __forceinline__ void igemm_bwd_weight_body(const Conv2dIgemmParams& params, const T* __restrict__ grad_y,
                                                       const T* __restrict__ x, float* __restrict__ workspace) {
   const IgemmDims<I> p(params);  // the shape in the index type I (INDEX32)
-  constexpr int kIgemmLd = IgemmTile<T>::ld, kIgemmTileElems = kIgemmBM * kIgemmLd;
-  static_assert(kIgemmBM == kIgemmBN, "one tile size for both double-buffered tiles");
-  __align__(16) __shared__ T a_tile[2 * kIgemmTileElems];  // two buffers (PIPELINE)
-  __align__(16) __shared__ T b_tile[2 * kIgemmTileElems];
-  int buf = 0;  // the buffer the next staged step goes to; runs on across work items (PIPELINE)
+  const IgemmThread th;
+  int buf = 0;  // igemm_mainloop's next staging buffer, kept across work items
   const I cin_g = p.in_channels / p.groups, cout_g = p.out_channels / p.groups;
   const I taps = p.kernel_h * p.kernel_w, N = cin_g * taps;
   const I out_pixels = p.out_h * p.out_w, K = p.batch * out_pixels, in_pixels = p.in_h * p.in_w;
   const I slice = p.split_steps * kIgemmBK;
   const I m_tiles = igemm_ceil_div<I>(cout_g, kIgemmBM), n_tiles = igemm_ceil_div<I>(N, kIgemmBN);
   const I items = p.groups * p.splits * m_tiles * n_tiles;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int gid = lane >> 2, tid4 = lane & 3;
-  const int warp_m = 32 * (warp & 1), warp_n = 32 * (warp >> 1);
-  const int ld_k = tid % kIgemmBK, ld_row = tid / kIgemmBK;  // both loads: one pixel (k) per thread
+  const int tid = threadIdx.x;
   const T zero = from_acc<T>(0.0f);
   // The loaders' row decodes, the same for every BK step of an item, are tabled in shared memory once
   // per item (thread tid < 64 fills B row tid, thread 64 + mm A row mm; divisions per item only):
@@ -961,7 +940,7 @@ __device__ __forceinline__ void igemm_bwd_weight_body(const Conv2dIgemmParams& p
   // that follows them (before the item's first gather).
   static_assert(kIgemmThreads == kIgemmBM + kIgemmBN, "one table row per thread");
   __shared__ I a_chan[kIgemmBM], b_off[kIgemmBN], b_dy[kIgemmBN], b_dx[kIgemmBN];
-  // The thread's pixel walk k = k_begin + ld_k + kIgemmBK*s in the mixed radix (b, oy, ox): each step
+  // The thread's pixel walk k = k_begin + col_k + kIgemmBK*s in the mixed radix (b, oy, ox): each step
   // adds the constant digits (kIgemmBK / (Ho*Wo), (kIgemmBK / Wo) % Ho, kIgemmBK % Wo) with
   // compare-and-carry (one per digit), decoded by division once per item. (An empty output image
   // has K = 0 and runs no step: its radices are set to 1 to keep % defined.)
@@ -988,95 +967,56 @@ __device__ __forceinline__ void igemm_bwd_weight_body(const Conv2dIgemmParams& p
       const I m = m0 + (tid - kIgemmBN);
       a_chan[tid - kIgemmBN] = m < cout_g ? gy_at.channel(gy_o0 + m) : 0;
     }
-    __syncthreads();  // the tables are written before this item's first gather reads them (PIPELINE)
-    const I k_first = k_begin + ld_k;  // the walk's digits at the item's first k
+    __syncthreads();  // the tables are written before this item's first gather reads them
+    const I k_first = k_begin + th.col_k;  // the walk's digits at the item's first k
     I w_img = k_first / (wo_r * ho_r), w_oy = (k_first / wo_r) % ho_r, w_ox = k_first % wo_r;
 
+    // The step's pixel k = k0 + col_k = (w_img * Ho + w_oy) * Wo + w_ox, shared by both loaders; then
+    // the walk steps kIgemmBK. Row i (mm = nn = col_row + 4i) is inside the GEMM iff 4i < rows_left:
+    // one compare with a constant per row instead of 16 row predicates kept live across the steps.
+    bool k_valid = false;
+    I iy0 = 0, ix0 = 0, x_pix = 0, a_rows_left = 0, b_rows_left = 0;
+    const T* gy_k = grad_y;
+    const T* x_k = x_group;  // x_k[b_off[nn] + x_pix] = x at (c, iy0 + b_dy[nn], ix0 + b_dx[nn])
+    auto begin = [&](I k0) {
+      const I k = k0 + th.col_k;
+      k_valid = k < k_end;
+      const I img = k_valid ? w_img : 0, oy = k_valid ? w_oy : 0, ox = k_valid ? w_ox : 0;
+      iy0 = oy * p.stride_h - p.pad_h;
+      ix0 = ox * p.stride_w - p.pad_w;
+      gy_k = grad_y + img * gy_at.image + gy_at.pixel(oy, ox);
+      x_k = x_group + img * p.in_channels * in_pixels;
+      x_pix = iy0 * p.in_w + ix0;
+      w_img += step_img;  // k += kIgemmBK for the next step
+      w_oy += step_oy;
+      w_ox += step_ox;
+      if (igemm_carry(w_oy, w_ox, ho_r, wo_r)) ++w_img;
+      a_rows_left = cout_g - m0 - th.col_row;
+      b_rows_left = N - n0 - th.col_row;
+    };
+    // A[m, k] = gy[b, g*Cout_g + m, oy, ox] of tile row mm = col_row + 4i.
+    auto a_next = [&](int i, I) -> T {
+      const int mm = th.col_row + kIgemmColStep * i;
+      return (k_valid && kIgemmColStep * i < a_rows_left) ? gy_k[a_chan[mm]] : zero;
+    };
+    // B[k, n] = x at the pixel's tap n (0 outside the image) of tile row nn = col_row + 4i.
+    auto b_next = [&](int i) -> T {
+      const int nn = th.col_row + kIgemmColStep * i;
+      T v = zero;
+      if (k_valid && kIgemmColStep * i < b_rows_left) {
+        const I iy = iy0 + b_dy[nn], ix = ix0 + b_dx[nn];
+        if (iy >= 0 && iy < p.in_h && ix >= 0 && ix < p.in_w) v = x_k[b_off[nn] + x_pix];
+      }
+      return v;
+    };
+
     IgemmAcc acc;
-    igemm_zero(acc);
+    igemm_mainloop<T, /*kPipelined=*/true, /*kARows=*/false, /*kPrefetchB=*/true>(acc, buf, th, k_begin, k_end, begin,
+                                                                                 a_next, [](I) {}, b_next);
 
-    // Software pipeline (header: PIPELINE), as in igemm_fwd_body: iteration s gathers step s into
-    // registers, runs the mma of step s - 1 meanwhile, then stores step s into the other buffer.
-    const I steps = k_end > k_begin ? igemm_ceil_div<I>(k_end - k_begin, I(kIgemmBK)) : 0;
-    I k0 = k_begin;  // the k of the step being gathered
-    T a_reg[kIgemmBM * kIgemmBK / kIgemmThreads], b_reg[kIgemmBN * kIgemmBK / kIgemmThreads];
-    for (I s = 0; s <= steps && steps > 0; ++s) {
-      if (s < steps) {
-        const I k = k0 + ld_k;  // this thread's pixel for the step: (w_img * Ho + w_oy) * Wo + w_ox
-        const bool k_valid = k < k_end;
-        const I img = k_valid ? w_img : 0, oy = k_valid ? w_oy : 0, ox = k_valid ? w_ox : 0;
-        const I iy0 = oy * p.stride_h - p.pad_h;
-        const I ix0 = ox * p.stride_w - p.pad_w;
-        const T* gy_k = grad_y + img * gy_at.image + gy_at.pixel(oy, ox);
-        const T* x_k = x_group + img * p.in_channels * in_pixels;
-        const I x_pix = iy0 * p.in_w + ix0;  // x_k[b_off[nn] + x_pix] = x at (c, iy0 + b_dy[nn], ix0 + b_dx[nn])
-        w_img += step_img;  // k += kIgemmBK for the next step
-        w_oy += step_oy;
-        w_ox += step_ox;
-        if (w_ox >= wo_r) {
-          w_ox -= wo_r;
-          ++w_oy;
-        }
-        if (w_oy >= ho_r) {
-          w_oy -= ho_r;
-          ++w_img;
-        }
-        // Row i (mm = nn = ld_row + 4i) is inside the GEMM iff 4i < rows_left: one compare with a
-        // constant per row instead of 16 row predicates kept live across the steps.
-        const I a_rows_left = cout_g - m0 - ld_row, b_rows_left = N - n0 - ld_row;
-#pragma unroll
-        for (int i = 0; i < kIgemmBM * kIgemmBK / kIgemmThreads; ++i) {
-          const int mm = ld_row + (kIgemmThreads / kIgemmBK) * i;
-          a_reg[i] = (k_valid && (kIgemmThreads / kIgemmBK) * i < a_rows_left) ? gy_k[a_chan[mm]] : zero;
-        }
-#pragma unroll
-        for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i) {
-          const int nn = ld_row + (kIgemmThreads / kIgemmBK) * i;
-          T v = zero;
-          if (k_valid && (kIgemmThreads / kIgemmBK) * i < b_rows_left) {
-            const I iy = iy0 + b_dy[nn], ix = ix0 + b_dx[nn];
-            if (iy >= 0 && iy < p.in_h && ix >= 0 && ix < p.in_w) v = x_k[b_off[nn] + x_pix];
-          }
-          b_reg[i] = v;
-        }
-        k0 += kIgemmBK;
-      }
-      if (s > 0)  // step s - 1, staged in buffer buf ^ 1
-        igemm_mma_step(acc, a_tile + (buf ^ 1) * kIgemmTileElems, b_tile + (buf ^ 1) * kIgemmTileElems, warp_m,
-                       warp_n, gid, tid4);
-      if (s < steps) {
-        T* a_dst = a_tile + buf * kIgemmTileElems;
-        T* b_dst = b_tile + buf * kIgemmTileElems;
-#pragma unroll
-        for (int i = 0; i < kIgemmBM * kIgemmBK / kIgemmThreads; ++i)
-          a_dst[(ld_row + (kIgemmThreads / kIgemmBK) * i) * kIgemmLd + ld_k] = a_reg[i];
-#pragma unroll
-        for (int i = 0; i < kIgemmBN * kIgemmBK / kIgemmThreads; ++i)
-          b_dst[(ld_row + (kIgemmThreads / kIgemmBK) * i) * kIgemmLd + ld_k] = b_reg[i];
-        __syncthreads();  // step s is staged; every warp's mma of step s - 1 (buffer buf ^ 1) is done
-        buf ^= 1;
-      }
-    }
-
-    // Epilogue: acc[mi][ni][2h + j] is the partial of weight row m0 + warp_m + 16mi + gid + 8h,
-    // column n0 + warp_n + 8ni + 2tid4 + j; written whole (an empty K range writes zeros).
+    // The whole partial tile (an empty K range writes zeros).
     float* ws = workspace + (split * p.out_channels + group * cout_g) * N;
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const I m = m0 + warp_m + 16 * mi + gid + 8 * h;
-        if (m >= cout_g) continue;
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni) {
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const I n = n0 + warp_n + 8 * ni + 2 * tid4 + j;
-            if (n < N) ws[m * N + n] = acc[mi][ni][2 * h + j];
-          }
-        }
-      }
-    }
+    igemm_epilogue(acc, th, m0, n0, cout_g, N, [&](I m) { return [&, m](I n, float v) { ws[m * N + n] = v; }; });
   }
 }
 

@@ -49,7 +49,8 @@
 //     the weights. Shared memory: channel_chunk * tap_chunk * tile * sizeof(Acc) bytes.
 //   deform_conv2d_bwd_weight: a block item is (gw, OUT_PER_THREAD output channels, c, t);
 //     the block reduces over B*P with block_reduce_sum (one sample feeds OUT_PER_THREAD sums).
-//   deform_conv2d_bwd_bias: a block per output channel, block_reduce_sum over B*P.
+//   deform_conv2d_bwd_bias: a block per output channel, block_reduce_sum over B*P
+//     (conv_bias_gradient, common/direct_conv.cuh, as conv2d_bwd_bias).
 //   deform_conv2d_bwd_offset: one thread per sample point (b, g, t, p) reduces over the Cpo
 //     channels of g (and their weight groups' Cout_g output channels): writes dy, dx and
 //     the mask gradient. Fixed order, no workspace.
@@ -70,8 +71,7 @@
 //     workspace of x's shape (zeroed by deform_conv2d_fill_zero), cast to T by
 //     deform_conv2d_cast. Faster, not bitwise reproducible.
 // Blocks walk their work items with grid-stride loops, so any grid size is valid.
-#include "common/cuconv.cuh"
-#include "common/conv_geometry.cuh"
+#include "common/direct_conv.cuh"
 
 // Output channels one thread accumulates (forward) / one block item reduces (weight grad).
 constexpr int DEFORM_OUT_PER_THREAD = 4;
@@ -242,15 +242,7 @@ __global__ void deform_conv2d_bwd_weight(const DeformParams p, const T* __restri
 
 template <typename T>
 __global__ void deform_conv2d_bwd_bias(const DeformParams p, const T* __restrict__ grad_y, T* __restrict__ grad_bias) {
-  typedef typename Accumulator<T>::type Acc;
-  const index_t pixels = p.out_h * p.out_w, n = p.batch * pixels;
-  for (index_t o = blockIdx.x; o < p.out_channels; o += gridDim.x) {
-    Acc acc = Acc(0);
-    for (index_t e = threadIdx.x; e < n; e += blockDim.x)
-      acc += to_acc(grad_y[((e / pixels) * p.out_channels + o) * pixels + e % pixels]);
-    acc = block_reduce_sum(acc);
-    if (threadIdx.x == 0) grad_bias[o] = from_acc<T>(acc);
-  }
+  conv_bias_gradient(p, ConvOutLayout<index_t>(1, p.out_channels, p.out_h, p.out_w), grad_y, grad_bias);
 }
 
 // gcol[b, c, t, pix] = sum over c's weight group's output channels o of w[o, c_local, t] * gy[b, o, pix].

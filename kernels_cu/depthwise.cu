@@ -80,6 +80,17 @@ struct DepthwiseParams : ConvGeometryParams {
   long long slices;            // bwd_weight: pixel slices (tap_threads * slices <= blockDim.x)
 };
 
+// The filter window as 32-bit values (the host bounds them) and the shared-memory pitch
+// of the staged halo tile: what every tile kernel starts from.
+struct DepthwiseWindow {
+  int kh, kw, taps, sh, sw, dh, dw;
+  unsigned pitch;
+  __device__ static DepthwiseWindow of(const DepthwiseParams& p) {
+    const int kh = int(p.kernel_h), kw = int(p.kernel_w);
+    return {kh, kw, kh * kw, int(p.stride_h), int(p.stride_w), int(p.dilation_h), int(p.dilation_w), unsigned(p.pitch)};
+  }
+};
+
 // floor(a / b) for b > 0 and any sign of a.
 __device__ __forceinline__ index_t floor_div(index_t a, index_t b) {
   return a >= 0 ? a / b : -((-a + b - 1) / b);
@@ -123,9 +134,7 @@ __global__ void depthwise_fwd(const DepthwiseParams p, const T* __restrict__ x, 
   typedef typename Accumulator<T>::type Acc;
   constexpr int R = DEPTHWISE_OUT_PER_THREAD;
   CUCONV_DYNAMIC_SHARED(Acc, smem);
-  const int kh = int(p.kernel_h), kw = int(p.kernel_w), taps = kh * kw;
-  const int sh = int(p.stride_h), sw = int(p.stride_w), dh = int(p.dilation_h), dw = int(p.dilation_w);
-  const unsigned pitch = unsigned(p.pitch);
+  const auto [kh, kw, taps, sh, sw, dh, dw, pitch] = DepthwiseWindow::of(p);
   Acc* wsm = smem;          // [taps]
   Acc* halo = smem + taps;  // [halo_h][pitch]
   const index_t tiles_x = ceil_div(p.out_w, p.tile_w), tiles = ceil_div(p.out_h, p.tile_h) * tiles_x;
@@ -180,9 +189,7 @@ __global__ void depthwise_bwd_input(const DepthwiseParams p, const T* __restrict
   typedef typename Accumulator<T>::type Acc;
   constexpr int R = DEPTHWISE_OUT_PER_THREAD;
   CUCONV_DYNAMIC_SHARED(Acc, smem);
-  const int kh = int(p.kernel_h), kw = int(p.kernel_w), taps = kh * kw;
-  const int sh = int(p.stride_h), sw = int(p.stride_w), dh = int(p.dilation_h), dw = int(p.dilation_w);
-  const unsigned pitch = unsigned(p.pitch);
+  const auto [kh, kw, taps, sh, sw, dh, dw, pitch] = DepthwiseWindow::of(p);
   Acc* wsm = smem;          // [taps]
   Acc* halo = smem + taps;  // gy halo [halo_h][pitch]
   const index_t tiles_x = ceil_div(p.in_w, p.tile_w), tiles = ceil_div(p.in_h, p.tile_h) * tiles_x;
@@ -248,9 +255,8 @@ __global__ void depthwise_bwd_weight(const DepthwiseParams p, const T* __restric
   typedef typename Accumulator<T>::type Acc;
   constexpr int J = DEPTHWISE_TAPS_PER_THREAD;
   CUCONV_DYNAMIC_SHARED(Acc, smem);
-  const int kh = int(p.kernel_h), kw = int(p.kernel_w), taps = kh * kw;
-  const int sh = int(p.stride_h), sw = int(p.stride_w), dh = int(p.dilation_h), dw = int(p.dilation_w);
-  const unsigned pitch = unsigned(p.pitch), tw = unsigned(p.tile_w);
+  const auto [kh, kw, taps, sh, sw, dh, dw, pitch] = DepthwiseWindow::of(p);
+  const unsigned tw = unsigned(p.tile_w);
   const unsigned tap_threads = unsigned(p.tap_threads), slices = unsigned(p.slices);
   const unsigned gy_entries = unsigned(p.tile_h) * tw;
   Acc* gys = smem;                                             // [tile_h][tile_w]

@@ -41,7 +41,8 @@
 //
 // Thread mapping (every reduction is a fixed-order block_reduce_sum or a fixed-order
 // loop, never an atomic: bitwise reproducible for a fixed launch shape):
-//   dynamic_conv2d_fwd / _bwd_input: as conv2d_fwd / conv2d_bwd_input: a block owns
+//   dynamic_conv2d_fwd / _bwd_input: conv2d_fwd / conv2d_bwd_input's skeletons
+//     (common/direct_conv.cuh) with their own staging and epilogue: a block owns
 //     blockDim.x consecutive pixels of one (b, channel) plane, one thread per pixel; the
 //     block's per-sample kernel entries are COMPUTED into shared memory (p.chunk (channel,
 //     tap) entries at a time: the mixture over the n cells, times sa, times fa in the
@@ -62,8 +63,7 @@
 //     changes, so the attention costs DYN_ACC FMAs per (slot, b) run, not per pixel.
 //   dynamic_conv2d_bwd_bias: a block owns one output channel, DYN_ACC cells at a time.
 // Blocks walk their work items with a grid-stride loop, so any grid size is valid.
-#include "common/cuconv.cuh"
-#include "common/conv_geometry.cuh"
+#include "common/direct_conv.cuh"
 
 // Accumulators one thread keeps in registers in the multi-output reductions (cells j or
 // taps handled per pass); n cells cost ceil(n / DYN_ACC) passes, so n is unbounded.
@@ -121,48 +121,28 @@ __global__ void dynamic_conv2d_fwd(const DynamicConvParams p, const T* __restric
                                    const T* __restrict__ fa, const T* __restrict__ bias, T* __restrict__ y) {
   typedef typename Accumulator<T>::type Acc;
   CUCONV_DYNAMIC_SHARED(Acc, w_chunk);
-  const index_t cin_g = p.in_channels / p.groups, cout_g = p.out_channels / p.groups;
-  const index_t taps = p.kernel_h * p.kernel_w, filter = cin_g * taps;
-  const index_t pixels = p.out_h * p.out_w, tiles = ceil_div(pixels, blockDim.x);
-  const index_t items = p.batch * p.out_channels * tiles;
-  for (index_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const index_t tile = item % tiles, plane = item / tiles;  // plane = b*Cout + o
-    const index_t o = plane % p.out_channels, b = plane / p.out_channels;
-    const index_t pix = tile * blockDim.x + threadIdx.x;
-    const bool active = pix < pixels;
-    const index_t oy = pix / p.out_w, ox = pix % p.out_w;
-    const index_t i0 = (o / cout_g) * cin_g;  // the group's first input channel
-    Acc acc = Acc(0);
-    for (index_t k0 = 0; k0 < filter; k0 += p.chunk) {
-      const index_t n = min_index(p.chunk, filter - k0);
-      __syncthreads();  // the previous chunk has been consumed by every thread
-      for (index_t k = threadIdx.x; k < n; k += blockDim.x) {  // W_b[o, chunk], computed on chip
-        const index_t c = (k0 + k) / taps, tap = (k0 + k) % taps;
+  const index_t taps = p.kernel_h * p.kernel_w, pixels = p.out_h * p.out_w;
+  direct_conv_fwd(
+      p, p.groups, p.chunk, w_chunk, [](const PlanePixel&) { return Acc(0); },
+      [&](const PlanePixel& q, index_t k) {  // W_b[o, k], computed on chip
+        const index_t c = k / taps, tap = k % taps;
         const index_t ky = tap / p.kernel_w, kx = tap % p.kernel_w;
-        Acc w = mixed_weight(p, cells, att, b, o, c, ky, kx);
-        if (sa != nullptr) w *= to_acc(sa[b * taps + tap]);
-        w_chunk[k] = w;
-      }
-      __syncthreads();
-      if (!active) continue;
-      index_t c = k0 / taps, ky = (k0 / p.kernel_w) % p.kernel_h, kx = k0 % p.kernel_w;
-      for (index_t k = 0; k < n; ++k) {
-        const index_t iy = oy * p.stride_h - p.pad_h + ky * p.dilation_h;
-        const index_t ix = ox * p.stride_w - p.pad_w + kx * p.dilation_w;
-        acc += w_chunk[k] * scaled_input(p, x, ca, b, i0 + c, iy, ix);
-        if (++kx == p.kernel_w) {
-          kx = 0;
-          if (++ky == p.kernel_h) ky = 0, ++c;
+        Acc w = mixed_weight(p, cells, att, q.b, q.channel, c, ky, kx);
+        if (sa != nullptr) w *= to_acc(sa[q.b * taps + tap]);
+        return w;
+      },
+      [&](Acc& acc, Acc w, const PlanePixel& q, index_t i, index_t iy, index_t ix) {
+        acc += w * scaled_input(p, x, ca, q.b, i, iy, ix);  // the padding: w * 0
+      },
+      [&](const PlanePixel& q, index_t, Acc acc) {
+        if (!q.active) return;
+        if (fa != nullptr) acc *= to_acc(fa[q.plane]);  // the filter attention: the epilogue
+        if (bias != nullptr) {                          // the bias mixture (S = 1)
+          for (index_t j = 0; j < p.cells; ++j)
+            acc += to_acc(att[q.b * p.cells + j]) * to_acc(bias[j * p.out_channels + q.channel]);
         }
-      }
-    }
-    if (!active) continue;
-    if (fa != nullptr) acc *= to_acc(fa[plane]);  // the filter attention: the epilogue
-    if (bias != nullptr) {                        // the bias mixture (S = 1)
-      for (index_t j = 0; j < p.cells; ++j) acc += to_acc(att[b * p.cells + j]) * to_acc(bias[j * p.out_channels + o]);
-    }
-    y[plane * pixels + pix] = from_acc<T>(acc);
-  }
+        y[q.plane * pixels + q.pix] = from_acc<T>(acc);
+      });
 }
 
 // grad_x (nullable) = ca * ginner; ca_partial (nullable, [B, Cin, tiles] in Acc) = the
@@ -175,52 +155,24 @@ __global__ void dynamic_conv2d_bwd_input(const DynamicConvParams p, const T* __r
                                          typename Accumulator<T>::type* __restrict__ ca_partial) {
   typedef typename Accumulator<T>::type Acc;
   CUCONV_DYNAMIC_SHARED(Acc, w_chunk);
-  const index_t cin_g = p.in_channels / p.groups, cout_g = p.out_channels / p.groups;
-  const index_t taps = p.kernel_h * p.kernel_w, slice = cout_g * taps;  // (o, tap) pairs reaching one input channel
-  const index_t pixels = p.in_h * p.in_w, out_pixels = p.out_h * p.out_w, tiles = ceil_div(pixels, blockDim.x);
-  const index_t items = p.batch * p.in_channels * tiles;
-  for (index_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const index_t tile = item % tiles, plane = item / tiles;  // plane = b*Cin + i
-    const index_t i = plane % p.in_channels, b = plane / p.in_channels;
-    const index_t g = i / cin_g, c = i % cin_g;
-    const index_t pix = tile * blockDim.x + threadIdx.x;
-    const bool active = pix < pixels;
-    const index_t iy = pix / p.in_w, ix = pix % p.in_w;
-    Acc acc = Acc(0);
-    for (index_t k0 = 0; k0 < slice; k0 += p.chunk) {
-      const index_t n = min_index(p.chunk, slice - k0);
-      __syncthreads();
-      for (index_t k = threadIdx.x; k < n; k += blockDim.x) {  // fa[b,o] * W_b[o, c, tap], on chip
-        const index_t o = g * cout_g + (k0 + k) / taps, tap = (k0 + k) % taps;
-        Acc w = mixed_weight(p, cells, att, b, o, c, tap / p.kernel_w, tap % p.kernel_w);
-        if (sa != nullptr) w *= to_acc(sa[b * taps + tap]);
-        if (fa != nullptr) w *= to_acc(fa[b * p.out_channels + o]);
-        w_chunk[k] = w;
-      }
-      __syncthreads();
-      if (!active) continue;
-      index_t oc = k0 / taps, ky = (k0 / p.kernel_w) % p.kernel_h, kx = k0 % p.kernel_w;
-      for (index_t k = 0; k < n; ++k) {
-        const index_t ty = iy + p.pad_h - ky * p.dilation_h;
-        const index_t tx = ix + p.pad_w - kx * p.dilation_w;
-        if (ty >= 0 && tx >= 0 && ty % p.stride_h == 0 && tx % p.stride_w == 0) {
-          const index_t oy = ty / p.stride_h, ox = tx / p.stride_w;
-          if (oy < p.out_h && ox < p.out_w)
-            acc += w_chunk[k] * to_acc(grad_y[(b * p.out_channels + g * cout_g + oc) * out_pixels + oy * p.out_w + ox]);
+  const index_t taps = p.kernel_h * p.kernel_w, pixels = p.in_h * p.in_w;
+  direct_conv_bwd_input(
+      p, p.groups, p.chunk, ConvOutLayout<index_t>(1, p.out_channels, p.out_h, p.out_w), grad_y, w_chunk,
+      [](const PlanePixel&) { return Acc(0); },
+      [&](const PlanePixel& q, index_t o, index_t c, index_t tap) {  // fa[b,o] * W_b[o, c, tap], on chip
+        Acc w = mixed_weight(p, cells, att, q.b, o, c, tap / p.kernel_w, tap % p.kernel_w);
+        if (sa != nullptr) w *= to_acc(sa[q.b * taps + tap]);
+        if (fa != nullptr) w *= to_acc(fa[q.b * p.out_channels + o]);
+        return w;
+      },
+      [&](const PlanePixel& q, index_t item, Acc acc) {
+        if (q.active && grad_x != nullptr)
+          grad_x[q.plane * pixels + q.pix] = from_acc<T>(ca != nullptr ? acc * to_acc(ca[q.plane]) : acc);
+        if (ca_partial != nullptr) {  // uniform per block: every thread reaches the reduction
+          const Acc part = block_reduce_sum(q.active ? acc * to_acc(x[q.plane * pixels + q.pix]) : Acc(0));
+          if (threadIdx.x == 0) ca_partial[item] = part;
         }
-        if (++kx == p.kernel_w) {
-          kx = 0;
-          if (++ky == p.kernel_h) ky = 0, ++oc;
-        }
-      }
-    }
-    if (active && grad_x != nullptr)
-      grad_x[plane * pixels + pix] = from_acc<T>(ca != nullptr ? acc * to_acc(ca[plane]) : acc);
-    if (ca_partial != nullptr) {  // uniform per block: every thread reaches the reduction
-      const Acc part = block_reduce_sum(active ? acc * to_acc(x[plane * pixels + pix]) : Acc(0));
-      if (threadIdx.x == 0) ca_partial[item] = part;
-    }
-  }
+      });
 }
 
 // att_partial (nullable): [B, S, n, co * tiles]; fa_partial (nullable): [B, Cout, tiles].
@@ -240,14 +192,10 @@ __global__ void dynamic_conv2d_bwd_attention(const DynamicConvParams p, const T*
   const index_t pixels = p.out_h * p.out_w, tiles = ceil_div(pixels, blockDim.x);
   const index_t items = p.batch * p.out_channels * tiles;
   for (index_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const index_t tile = item % tiles, plane = item / tiles;  // plane = b*Cout + o
-    const index_t o = plane % p.out_channels, b = plane / p.out_channels;
-    const index_t pix = tile * blockDim.x + threadIdx.x;
-    const bool active = pix < pixels;
-    const index_t oy = pix / p.out_w, ox = pix % p.out_w;
-    const index_t i0 = (o / cout_g) * cin_g;
-    const Acc gy = active ? to_acc(grad_y[plane * pixels + pix]) : Acc(0);
-    const Acc gw = fa != nullptr ? gy * to_acc(fa[plane]) : gy;  // G = fa * gy
+    const PlanePixel q(item, tiles, p.out_channels, p.out_w, pixels);
+    const index_t o = q.channel, b = q.b, i0 = (o / cout_g) * cin_g;
+    const Acc gy = q.active ? to_acc(grad_y[q.plane * pixels + q.pix]) : Acc(0);
+    const Acc gw = fa != nullptr ? gy * to_acc(fa[q.plane]) : gy;  // G = fa * gy
     Acc inner = Acc(0);
     for (index_t sr = 0; sr < row_slots; ++sr) {
       const index_t s = (o / p.cell_out) * row_slots + sr;
@@ -256,16 +204,16 @@ __global__ void dynamic_conv2d_bwd_attention(const DynamicConvParams p, const T*
         Acc acc[DYN_ACC];
 #pragma unroll
         for (int r = 0; r < DYN_ACC; ++r) acc[r] = Acc(0);
-        if (active) {
+        if (q.active) {
           // conv_{s,j}[b,o,pix] for DYN_ACC cells j: the slot's (c, ky, kx) block only
           for (index_t lc = 0; lc < p.cell_in; ++lc) {
             const index_t c = cb * p.cell_in + lc;
             for (index_t ly = 0; ly < p.cell_h; ++ly) {
               const index_t ky = yb * p.cell_h + ly;
-              const index_t iy = oy * p.stride_h - p.pad_h + ky * p.dilation_h;
+              const index_t iy = q.y * p.stride_h - p.pad_h + ky * p.dilation_h;
               for (index_t lx = 0; lx < p.cell_w; ++lx) {
                 const index_t kx = xb * p.cell_w + lx;
-                const index_t ix = ox * p.stride_w - p.pad_w + kx * p.dilation_w;
+                const index_t ix = q.x * p.stride_w - p.pad_w + kx * p.dilation_w;
                 Acc v = scaled_input(p, x, ca, b, i0 + c, iy, ix);
                 if (sa != nullptr) v *= to_acc(sa[b * taps + ky * p.kernel_w + kx]);
                 const T* cell = cells + (((o % p.cell_out) * p.cell_in + lc) * p.cell_h + ly) * p.cell_w + lx;
@@ -286,7 +234,7 @@ __global__ void dynamic_conv2d_bwd_attention(const DynamicConvParams p, const T*
           if (bias != nullptr) term += gy * to_acc(bias[j * p.out_channels + o]);
           term = block_reduce_sum(term);
           const index_t row = (b * p.slots + s) * p.cells + j;  // the workspace row of datt[b, s, j]
-          if (threadIdx.x == 0) att_partial[row * (p.cell_out * tiles) + (o % p.cell_out) * tiles + tile] = term;
+          if (threadIdx.x == 0) att_partial[row * (p.cell_out * tiles) + (o % p.cell_out) * tiles + q.tile] = term;
         }
       }
     }
@@ -310,27 +258,23 @@ __global__ void dynamic_conv2d_bwd_spatial_attention(const DynamicConvParams p, 
   const index_t pixels = p.out_h * p.out_w, tiles = ceil_div(pixels, blockDim.x);
   const index_t items = p.batch * p.out_channels * tiles;
   for (index_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const index_t tile = item % tiles, plane = item / tiles;
-    const index_t o = plane % p.out_channels, b = plane / p.out_channels;
-    const index_t pix = tile * blockDim.x + threadIdx.x;
-    const bool active = pix < pixels;
-    const index_t oy = pix / p.out_w, ox = pix % p.out_w;
-    const index_t i0 = (o / cout_g) * cin_g;
-    Acc gw = active ? to_acc(grad_y[plane * pixels + pix]) : Acc(0);
-    if (fa != nullptr) gw *= to_acc(fa[plane]);
+    const PlanePixel q(item, tiles, p.out_channels, p.out_w, pixels);
+    const index_t o = q.channel, b = q.b, i0 = (o / cout_g) * cin_g;
+    Acc gw = q.active ? to_acc(grad_y[q.plane * pixels + q.pix]) : Acc(0);
+    if (fa != nullptr) gw *= to_acc(fa[q.plane]);
     for (index_t t0 = 0; t0 < taps; t0 += DYN_ACC) {
       Acc acc[DYN_ACC];
 #pragma unroll
       for (int r = 0; r < DYN_ACC; ++r) acc[r] = Acc(0);
-      if (active) {
+      if (q.active) {
         for (index_t c = 0; c < cin_g; ++c) {
 #pragma unroll
           for (int r = 0; r < DYN_ACC; ++r) {
             const index_t tap = t0 + r;
             if (tap >= taps) break;
             const index_t ky = tap / p.kernel_w, kx = tap % p.kernel_w;
-            const Acc v = scaled_input(p, x, ca, b, i0 + c, oy * p.stride_h - p.pad_h + ky * p.dilation_h,
-                                       ox * p.stride_w - p.pad_w + kx * p.dilation_w);
+            const Acc v = scaled_input(p, x, ca, b, i0 + c, q.y * p.stride_h - p.pad_h + ky * p.dilation_h,
+                                       q.x * p.stride_w - p.pad_w + kx * p.dilation_w);
             acc[r] += mixed_weight(p, cells, att, b, o, c, ky, kx) * v;
           }
         }
@@ -339,7 +283,7 @@ __global__ void dynamic_conv2d_bwd_spatial_attention(const DynamicConvParams p, 
       for (int r = 0; r < DYN_ACC; ++r) {
         if (t0 + r >= taps) break;  // uniform over the block
         const Acc part = block_reduce_sum(gw * acc[r]);
-        if (threadIdx.x == 0) sa_partial[(b * taps + t0 + r) * (p.out_channels * tiles) + o * tiles + tile] = part;
+        if (threadIdx.x == 0) sa_partial[(b * taps + t0 + r) * (p.out_channels * tiles) + o * tiles + q.tile] = part;
       }
     }
   }

@@ -60,6 +60,23 @@ struct InvolutionParams {
   long long span_h, span_w;  // involution2d_fwd: input halo of a full tile
 };
 
+// What every kernel derives from the params: channels per group, taps, output and input
+// plane sizes.
+struct InvolutionSizes {
+  index_t cg, taps, out_plane, in_plane;
+  __device__ static InvolutionSizes of(const InvolutionParams& p) {
+    return {p.channels / p.groups, p.kernel_h * p.kernel_w, p.out_h * p.out_w, p.in_h * p.in_w};
+  }
+};
+
+// (b, g) and part of a backward block item: items run (b, g)-major, then part (R channels
+// of the group, or RT taps), then tile (of blockDim.x pixels).
+struct GroupPart {
+  index_t part, bg, g, b;  // bg = b * G + g
+  __device__ GroupPart(const InvolutionParams& p, index_t item, index_t tiles, index_t parts)
+      : part((item / tiles) % parts), bg(item / (tiles * parts)), g(bg % p.groups), b(bg / p.groups) {}
+};
+
 // Block-local indices (shared-memory entries, items of one block item) are 32-bit: the
 // host bounds them below 2**31. Offsets into device tensors are 64-bit.
 
@@ -69,8 +86,7 @@ __global__ void involution2d_fwd(const InvolutionParams p, const T* __restrict__
   typedef typename Accumulator<T>::type Acc;
   constexpr int R = INVOLUTION_CHANNELS_PER_THREAD;
   CUCONV_DYNAMIC_SHARED(Acc, k_s);  // [taps][P], then x_s [chunk][span_h][span_w]
-  const index_t cg = p.channels / p.groups, taps = p.kernel_h * p.kernel_w;
-  const index_t out_plane = p.out_h * p.out_w, in_plane = p.in_h * p.in_w;
+  const auto [cg, taps, out_plane, in_plane] = InvolutionSizes::of(p);
   const unsigned tw = unsigned(p.tile_w), n_pix = unsigned(p.tile_h * p.tile_w);
   const unsigned span_h = unsigned(p.span_h), span_w = unsigned(p.span_w), halo = span_h * span_w;
   Acc* x_s = k_s + taps * n_pix;
@@ -139,8 +155,7 @@ template <typename T>
 __global__ void involution2d_direct_fwd(const InvolutionParams p, const T* __restrict__ x,
                                         const T* __restrict__ kernel, T* __restrict__ y) {
   typedef typename Accumulator<T>::type Acc;
-  const index_t cg = p.channels / p.groups, taps = p.kernel_h * p.kernel_w;
-  const index_t out_plane = p.out_h * p.out_w, in_plane = p.in_h * p.in_w;
+  const auto [cg, taps, out_plane, in_plane] = InvolutionSizes::of(p);
   const index_t tiles = ceil_div(out_plane, blockDim.x), items = p.batch * p.channels * tiles;
   for (index_t item = blockIdx.x; item < items; item += gridDim.x) {
     const index_t plane = item / tiles;  // b * C + c
@@ -168,15 +183,14 @@ __global__ void involution2d_bwd_input(const InvolutionParams p, const T* __rest
                                        const T* __restrict__ kernel, T* __restrict__ grad_x) {
   typedef typename Accumulator<T>::type Acc;
   constexpr int R = INVOLUTION_CHANNELS_PER_THREAD;
-  const index_t cg = p.channels / p.groups, taps = p.kernel_h * p.kernel_w;
-  const index_t out_plane = p.out_h * p.out_w, in_plane = p.in_h * p.in_w;
+  const auto [cg, taps, out_plane, in_plane] = InvolutionSizes::of(p);
   const index_t tiles = ceil_div(in_plane, blockDim.x), quads = ceil_div(cg, R);
   const index_t items = p.batch * p.groups * quads * tiles;
   for (index_t item = blockIdx.x; item < items; item += gridDim.x) {
     const index_t pix = (item % tiles) * blockDim.x + threadIdx.x;
     if (pix >= in_plane) continue;
-    const index_t cq = ((item / tiles) % quads) * R, bg = item / (tiles * quads);  // bg = b * G + g
-    const index_t g = bg % p.groups, b = bg / p.groups;
+    const auto [quad, bg, g, b] = GroupPart(p, item, tiles, quads);
+    const index_t cq = quad * R;  // the first of the thread's R channels, within the group
     const index_t iy = pix / p.in_w, ix = pix % p.in_w;
     const index_t plane0 = b * p.channels + g * cg + cq;  // (b, c) plane of the first channel
     const T* k_bg = kernel + bg * taps * out_plane;
@@ -213,15 +227,14 @@ __global__ void involution2d_bwd_kernel(const InvolutionParams p, const T* __res
                                         const T* __restrict__ x, T* __restrict__ grad_kernel) {
   typedef typename Accumulator<T>::type Acc;
   constexpr int RT = INVOLUTION_TAPS_PER_THREAD;
-  const index_t cg = p.channels / p.groups, taps = p.kernel_h * p.kernel_w;
-  const index_t out_plane = p.out_h * p.out_w, in_plane = p.in_h * p.in_w;
+  const auto [cg, taps, out_plane, in_plane] = InvolutionSizes::of(p);
   const index_t tiles = ceil_div(out_plane, blockDim.x), tap_groups = ceil_div(taps, RT);
   const index_t items = p.batch * p.groups * tap_groups * tiles;
   for (index_t item = blockIdx.x; item < items; item += gridDim.x) {
     const index_t pix = (item % tiles) * blockDim.x + threadIdx.x;
     if (pix >= out_plane) continue;
-    const index_t t0 = ((item / tiles) % tap_groups) * RT, bg = item / (tiles * tap_groups);  // bg = b * G + g
-    const index_t g = bg % p.groups, b = bg / p.groups;
+    const auto [tap_group, bg, g, b] = GroupPart(p, item, tiles, tap_groups);
+    const index_t t0 = tap_group * RT;  // the first of the thread's RT taps
     const index_t oy = pix / p.out_w, ox = pix % p.out_w;
     index_t off[RT];  // x offset of each tap within a channel plane
     bool inside[RT];

@@ -82,20 +82,30 @@ __device__ __forceinline__ void store_complex(R* base, index_t e, R re, R im) {
 // Elementwise kernels: block item `item` covers elements item*blockDim.x + threadIdx.x.
 __device__ __forceinline__ index_t item_count(index_t n) { return ceil_div(n, index_t(blockDim.x)); }
 
-// Z = X * F (broadcast over the batch when filter_batch = 1). out may alias spectrum.
-template <typename T>
-__global__ void spectral_filter2d_fwd(const SpectralParams p, const typename Accumulator<T>::type* spectrum,
-                                      const typename Accumulator<T>::type* __restrict__ filter,
-                                      typename Accumulator<T>::type* out) {
-  typedef typename Accumulator<T>::type Acc;
+// out = in * F (Conjugate: in * conj(F)), broadcast over the batch when filter_batch = 1.
+// out may alias in: each thread reads its element before writing it.
+template <bool Conjugate, typename Acc>
+__device__ __forceinline__ void multiply_by_filter(const SpectralParams& p, const Acc* in,
+                                                   const Acc* __restrict__ filter, Acc* out) {
   const index_t plane = p.channels * p.height * p.freq_w, n = p.batch * plane;
   for (index_t item = blockIdx.x; item < item_count(n); item += gridDim.x) {
     const index_t e = item * blockDim.x + threadIdx.x;
     if (e >= n) continue;
-    const ComplexValue<Acc> a = load_complex(spectrum, e);
+    const ComplexValue<Acc> a = load_complex(in, e);
     const ComplexValue<Acc> f = load_complex(filter, p.filter_batch == 1 ? e % plane : e);
-    store_complex(out, e, a.re * f.re - a.im * f.im, a.re * f.im + a.im * f.re);
+    if (Conjugate)
+      store_complex(out, e, a.re * f.re + a.im * f.im, a.im * f.re - a.re * f.im);
+    else
+      store_complex(out, e, a.re * f.re - a.im * f.im, a.re * f.im + a.im * f.re);
   }
+}
+
+// Z = X * F. out may alias spectrum.
+template <typename T>
+__global__ void spectral_filter2d_fwd(const SpectralParams p, const typename Accumulator<T>::type* spectrum,
+                                      const typename Accumulator<T>::type* __restrict__ filter,
+                                      typename Accumulator<T>::type* out) {
+  multiply_by_filter<false>(p, spectrum, filter, out);
 }
 
 // GY * conj(F): the spectrum whose irfft2 is dL/dx. out may alias grad_spectrum.
@@ -103,15 +113,7 @@ template <typename T>
 __global__ void spectral_filter2d_bwd_input(const SpectralParams p, const typename Accumulator<T>::type* grad_spectrum,
                                             const typename Accumulator<T>::type* __restrict__ filter,
                                             typename Accumulator<T>::type* out) {
-  typedef typename Accumulator<T>::type Acc;
-  const index_t plane = p.channels * p.height * p.freq_w, n = p.batch * plane;
-  for (index_t item = blockIdx.x; item < item_count(n); item += gridDim.x) {
-    const index_t e = item * blockDim.x + threadIdx.x;
-    if (e >= n) continue;
-    const ComplexValue<Acc> g = load_complex(grad_spectrum, e);
-    const ComplexValue<Acc> f = load_complex(filter, p.filter_batch == 1 ? e % plane : e);
-    store_complex(out, e, g.re * f.re + g.im * f.im, g.im * f.re - g.re * f.im);
-  }
+  multiply_by_filter<true>(p, grad_spectrum, filter, out);
 }
 
 // dL/dF[fb] = s_k * sum_{b -> fb} GY[b] * conj(X[b]), one thread per filter element.

@@ -45,13 +45,16 @@ struct ConvOutLayout {
       : r(upscale), plane(out_h * out_w), image(out_channels * out_h * out_w), row(upscale * upscale * out_w),
         col(upscale) {}
   template <typename Dims>
-  __device__ explicit ConvOutLayout(const Dims& p) : ConvOutLayout(I(p.upscale), I(p.out_channels), I(p.out_h), I(p.out_w)) {}
+  __device__ explicit ConvOutLayout(const Dims& p)
+      : ConvOutLayout(I(p.upscale), I(p.out_channels), I(p.out_h), I(p.out_w)) {}
 
   __device__ I channel(I o) const {
     if (r == 1) return o * plane;
     return (o / (r * r)) * (r * r) * plane + ((o / r) % r) * (row / r) + o % r;  // row / r = r*Wo
   }
   __device__ I pixel(I oy, I ox) const { return oy * row + ox * col; }
+  // pixel(pix / out_w, pix % out_w) of a flat conv output pixel pix = oy*Wo + ox (r == 1: pix).
+  __device__ I flat_pixel(I pix, I out_w) const { return r == 1 ? pix : pixel(pix / out_w, pix % out_w); }
   __device__ I at(I b, I o, I oy, I ox) const { return b * image + channel(o) + pixel(oy, ox); }
 
   // channel(o) for a walk of o by small steps, without division: off = channel(o), and for

@@ -60,23 +60,25 @@
 
 typedef unsigned int mma_reg_t;  // one 32-bit fragment register (two 16-bit elements)
 
-// The 16 bits of a storage element.
-__device__ __forceinline__ unsigned short mma_bits(__half v) {
+// Whether a 16-bit storage type is bfloat16 (else half): it picks the mma instruction's operand type.
+template <typename T>
+constexpr bool mma_is_bf16 = false;
+template <>
+constexpr bool mma_is_bf16<__nv_bfloat16> = true;
+
+// The 16 bits of a storage element (__half or __nv_bfloat16).
+template <typename T>
+__device__ __forceinline__ unsigned short mma_bits(T v) {
+  static_assert(sizeof(T) == 2, "a 16-bit storage element");
 #ifdef CUCONV_INTERPRET
   unsigned short u;
   std::memcpy(&u, &v, 2);
   return u;
 #else
-  return __half_as_ushort(v);
-#endif
-}
-__device__ __forceinline__ unsigned short mma_bits(__nv_bfloat16 v) {
-#ifdef CUCONV_INTERPRET
-  unsigned short u;
-  std::memcpy(&u, &v, 2);
-  return u;
-#else
-  return __bfloat16_as_ushort(v);
+  if constexpr (mma_is_bf16<T>)
+    return __bfloat16_as_ushort(v);
+  else
+    return __half_as_ushort(v);
 #endif
 }
 
@@ -102,63 +104,15 @@ __device__ __forceinline__ mma_reg_t mma_load_pair(const T* p) {
 #ifdef CUCONV_INTERPRET
 namespace cuconv_mma_host {
 
-inline double element(unsigned short bits, const __half*) {
-  __half h;
-  std::memcpy(&h, &bits, 2);
-  return double(__half2float(h));
-}
-inline double element(unsigned short bits, const __nv_bfloat16*) {
-  __nv_bfloat16 b;
-  std::memcpy(&b, &bits, 2);
-  return double(__bfloat162float(b));
-}
+// The value of the 16-bit element with these bits.
 template <typename T>
-inline double low(mma_reg_t r) { return element((unsigned short)(r & 0xffffu), (const T*)nullptr); }
-template <typename T>
-inline double high(mma_reg_t r) { return element((unsigned short)(r >> 16), (const T*)nullptr); }
-
-// d += A*B for the warp, on the host: each lane fetches the fragments holding the two
-// rows of A (g, g+8) and the two columns of B (2t, 2t+1) its D elements need.
-template <typename T>
-inline void mma_m16n8k16(float (&d)[4], const mma_reg_t (&a)[4], const mma_reg_t (&b)[2]) {
-  const int lane = int(threadIdx.x & 31);  // blockDim.x is a multiple of 32 for these kernels
-  const int g = lane >> 2, t = lane & 3;
-  double arow[2][16], bcol[2][16];  // arow[h][k] = A[g + 8h][k], bcol[j][k] = B[k][2t + j]
-  const unsigned long long a01 = (unsigned long long)a[0] | ((unsigned long long)a[1] << 32);
-  const unsigned long long a23 = (unsigned long long)a[2] | ((unsigned long long)a[3] << 32);
-  const unsigned long long b01 = (unsigned long long)b[0] | ((unsigned long long)b[1] << 32);
-  for (int s = 0; s < 4; ++s) {  // the four lanes 4g + s hold rows g and g+8 of A
-    const unsigned long long lo = __shfl_sync(0xffffffffu, a01, 4 * g + s);
-    const unsigned long long hi = __shfl_sync(0xffffffffu, a23, 4 * g + s);
-    const mma_reg_t r[4] = {mma_reg_t(lo), mma_reg_t(lo >> 32), mma_reg_t(hi), mma_reg_t(hi >> 32)};
-    // lane 4g+s: r[0] = A[g][2s..], r[1] = A[g+8][2s..], r[2] = A[g][2s+8..], r[3] = A[g+8][2s+8..]
-    arow[0][2 * s] = low<T>(r[0]);      arow[0][2 * s + 1] = high<T>(r[0]);
-    arow[1][2 * s] = low<T>(r[1]);      arow[1][2 * s + 1] = high<T>(r[1]);
-    arow[0][2 * s + 8] = low<T>(r[2]);  arow[0][2 * s + 9] = high<T>(r[2]);
-    arow[1][2 * s + 8] = low<T>(r[3]);  arow[1][2 * s + 9] = high<T>(r[3]);
-  }
-  for (int j = 0; j < 2; ++j) {
-    for (int s = 0; s < 4; ++s) {  // the four lanes 4n + s (n = 2t + j) hold column n of B
-      const unsigned long long v = __shfl_sync(0xffffffffu, b01, 4 * (2 * t + j) + s);
-      const mma_reg_t r0 = mma_reg_t(v), r1 = mma_reg_t(v >> 32);
-      // lane 4n+s: r0 = B[2s..2s+1][n], r1 = B[2s+8..2s+9][n]
-      bcol[j][2 * s] = low<T>(r0);      bcol[j][2 * s + 1] = high<T>(r0);
-      bcol[j][2 * s + 8] = low<T>(r1);  bcol[j][2 * s + 9] = high<T>(r1);
-    }
-  }
-  for (int i = 0; i < 4; ++i) {  // d[i] = D[g + 8*(i >> 1)][2t + (i & 1)]
-    double sum = double(d[i]);
-    for (int k = 0; k < 16; ++k) sum += arow[i >> 1][k] * bcol[i & 1][k];
-    d[i] = float(sum);
-  }
+inline double element(unsigned short bits) {
+  T v;
+  std::memcpy(&v, &bits, 2);
+  return double(to_acc(v));
 }
 
-}  // namespace cuconv_mma_host
-#endif
-
-// cvt.rna.tf32.f32: v rounded to tf32 (ties away from zero), as a fragment register.
-#ifdef CUCONV_INTERPRET
-namespace cuconv_mma_host {
+// mma_to_tf32's fallback: the bit operation of cvt.rna.tf32.f32 (header).
 inline mma_reg_t tf32_round(float v) {
   mma_reg_t u;
   std::memcpy(&u, &v, 4);
@@ -172,38 +126,63 @@ inline double tf32_value(mma_reg_t r) {  // the operand as the tensor core reads
   return double(f);
 }
 
-// d += A*B for one m16n8k8 tf32 tile on the host (fragment layout above).
-inline void mma_m16n8k8_tf32(float (&d)[4], const mma_reg_t (&a)[4], const mma_reg_t (&b)[2]) {
-  const int lane = int(threadIdx.x & 31);
+// d += A*B for one m16n8kK tile of the warp, on the host, for E elements per fragment register
+// (E = 2: m16n8k16 f16/bf16, E = 1: m16n8k8 tf32; K = 8E), value(r, e) being element e of register
+// r. Both layouts (above) have the same shape: lane 4g + s holds a[0] = A[g][Es..], a[1] = A[g+8][Es..],
+// a[2] = A[g][Es + K/2..], a[3] = A[g+8][Es + K/2..] and, for column n = g, b[0] = B[Es..][n],
+// b[1] = B[Es + K/2..][n]. Each lane fetches by __shfl_sync the registers holding the two rows of A
+// (g, g+8) and the two columns of B (2t, 2t+1) its D elements need, and sums each in k order in double.
+template <int E, typename Value>
+inline void mma_m16n8(float (&d)[4], const mma_reg_t (&a)[4], const mma_reg_t (&b)[2], Value value) {
+  constexpr int K = 8 * E, kHalf = K / 2;
+  const int lane = int(threadIdx.x & 31);  // blockDim.x is a multiple of 32 for these kernels
   const int g = lane >> 2, t = lane & 3;
-  double arow[2][8], bcol[2][8];  // arow[h][k] = A[g + 8h][k], bcol[j][k] = B[k][2t + j]
+  double arow[2][K], bcol[2][K];  // arow[h][k] = A[g + 8h][k], bcol[j][k] = B[k][2t + j]
   const unsigned long long a01 = (unsigned long long)a[0] | ((unsigned long long)a[1] << 32);
   const unsigned long long a23 = (unsigned long long)a[2] | ((unsigned long long)a[3] << 32);
   const unsigned long long b01 = (unsigned long long)b[0] | ((unsigned long long)b[1] << 32);
-  for (int s = 0; s < 4; ++s) {  // lane 4g+s: a0 = A[g][s], a1 = A[g+8][s], a2 = A[g][s+4], a3 = A[g+8][s+4]
+  for (int s = 0; s < 4; ++s) {  // the four lanes 4g + s hold rows g and g+8 of A
     const unsigned long long lo = __shfl_sync(0xffffffffu, a01, 4 * g + s);
     const unsigned long long hi = __shfl_sync(0xffffffffu, a23, 4 * g + s);
-    arow[0][s] = tf32_value(mma_reg_t(lo));
-    arow[1][s] = tf32_value(mma_reg_t(lo >> 32));
-    arow[0][s + 4] = tf32_value(mma_reg_t(hi));
-    arow[1][s + 4] = tf32_value(mma_reg_t(hi >> 32));
+    const mma_reg_t r[4] = {mma_reg_t(lo), mma_reg_t(lo >> 32), mma_reg_t(hi), mma_reg_t(hi >> 32)};
+    for (int e = 0; e < E; ++e) {
+      arow[0][E * s + e] = value(r[0], e);
+      arow[1][E * s + e] = value(r[1], e);
+      arow[0][E * s + kHalf + e] = value(r[2], e);
+      arow[1][E * s + kHalf + e] = value(r[3], e);
+    }
   }
   for (int j = 0; j < 2; ++j) {
-    for (int s = 0; s < 4; ++s) {  // lane 4n+s (n = 2t + j): b0 = B[s][n], b1 = B[s+4][n]
+    for (int s = 0; s < 4; ++s) {  // the four lanes 4n + s (n = 2t + j) hold column n of B
       const unsigned long long v = __shfl_sync(0xffffffffu, b01, 4 * (2 * t + j) + s);
-      bcol[j][s] = tf32_value(mma_reg_t(v));
-      bcol[j][s + 4] = tf32_value(mma_reg_t(v >> 32));
+      for (int e = 0; e < E; ++e) {
+        bcol[j][E * s + e] = value(mma_reg_t(v), e);
+        bcol[j][E * s + kHalf + e] = value(mma_reg_t(v >> 32), e);
+      }
     }
   }
   for (int i = 0; i < 4; ++i) {  // d[i] = D[g + 8*(i >> 1)][2t + (i & 1)]
     double sum = double(d[i]);
-    for (int k = 0; k < 8; ++k) sum += arow[i >> 1][k] * bcol[i & 1][k];
+    for (int k = 0; k < K; ++k) sum += arow[i >> 1][k] * bcol[i & 1][k];
     d[i] = float(sum);
   }
 }
+
+template <typename T>
+inline void mma_m16n8k16(float (&d)[4], const mma_reg_t (&a)[4], const mma_reg_t (&b)[2]) {
+  // element 0 in the low 16 bits, element 1 in the high ones
+  mma_m16n8<2>(d, a, b, [](mma_reg_t r, int e) {
+    return element<T>((unsigned short)(e == 0 ? r & 0xffffu : r >> 16));
+  });
+}
+inline void mma_m16n8k8_tf32(float (&d)[4], const mma_reg_t (&a)[4], const mma_reg_t (&b)[2]) {
+  mma_m16n8<1>(d, a, b, [](mma_reg_t r, int) { return tf32_value(r); });
+}
+
 }  // namespace cuconv_mma_host
 #endif
 
+// cvt.rna.tf32.f32: v rounded to tf32 (ties away from zero), as a fragment register.
 __device__ __forceinline__ mma_reg_t mma_to_tf32(float v) {
 #ifdef CUCONV_INTERPRET
   return cuconv_mma_host::tf32_round(v);
@@ -214,52 +193,37 @@ __device__ __forceinline__ mma_reg_t mma_to_tf32(float v) {
 #endif
 }
 
+// One mma.sync.aligned with float32 accumulators d (read and written), A in a[0..3] and B in b[0..1];
+// shape_types is the rest of the instruction name. A macro because an asm template must be a literal.
+#define CUCONV_MMA_SYNC(shape_types)                                                 \
+  asm volatile("mma.sync.aligned." shape_types                                       \
+               " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n" \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                      \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
+
 // d = A*B + d for one m16n8k8 tile (tf32 inputs from mma_to_tf32, f32 accumulators), layout above.
 __device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const mma_reg_t (&a)[4], const mma_reg_t (&b)[2]) {
 #ifdef CUCONV_INTERPRET
   cuconv_mma_host::mma_m16n8k8_tf32(d, a, b);
 #else
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  CUCONV_MMA_SYNC("m16n8k8.row.col.f32.tf32.tf32.f32");
 #endif
 }
 
-// d = A*B + d for one m16n8k16 tile (f16 inputs, f32 accumulators), layout above.
-__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const mma_reg_t (&a)[4], const mma_reg_t (&b)[2],
-                                             const __half*) {
-#ifdef CUCONV_INTERPRET
-  cuconv_mma_host::mma_m16n8k16<__half>(d, a, b);
-#else
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-}
-
-// The same with bf16 inputs.
-__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const mma_reg_t (&a)[4], const mma_reg_t (&b)[2],
-                                             const __nv_bfloat16*) {
-#ifdef CUCONV_INTERPRET
-  cuconv_mma_host::mma_m16n8k16<__nv_bfloat16>(d, a, b);
-#else
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-}
-
-// Typed entry point: mma_m16n8k16<T>(d, a, b) for T in {__half, __nv_bfloat16}.
+// d = A*B + d for one m16n8k16 tile (T = __half or __nv_bfloat16 inputs, f32 accumulators), layout above.
 template <typename T>
 __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const mma_reg_t (&a)[4], const mma_reg_t (&b)[2]) {
-  mma_m16n8k16(d, a, b, static_cast<const T*>(nullptr));
+  static_assert(sizeof(T) == 2, "m16n8k16 takes 16-bit operands");
+#ifdef CUCONV_INTERPRET
+  cuconv_mma_host::mma_m16n8k16<T>(d, a, b);
+#else
+  if constexpr (mma_is_bf16<T>)
+    CUCONV_MMA_SYNC("m16n8k16.row.col.f32.bf16.bf16.f32");
+  else
+    CUCONV_MMA_SYNC("m16n8k16.row.col.f32.f16.f16.f32");
+#endif
 }
+#undef CUCONV_MMA_SYNC
 
 // ldmatrix.sync.aligned.m8n8.x4.shared.b16 (sm_75+): the warp loads four 8x8 matrices of 16-bit
 // elements from shared memory. Semantics (PTX ISA, "Warp-level matrix load instruction: ldmatrix",

@@ -16,9 +16,9 @@
 //   x [B, Cin, H, W]    w [Cout, Cin_g, KH, KW]    bias [Cout] (nullable)    y [B, Cout, Ho, Wo]
 //   With upscale r > 1 (subpixel_conv2d) y and dL/dy are stored pixel-shuffled, as in conv2d.cu:
 //   conv channel o = c*r*r + i*r + j at pixel (oy, ox) lives at [b, c, oy*r + i, ox*r + j] of a
-//   [B, Cout/r^2, Ho*r, Wo*r] tensor (IgemmOutLayout). Only the address of a y / dL/dy element
-//   changes (the forward's epilogue stores there, dgrad's and wgrad's A loaders read there); the
-//   GEMMs are the same.
+//   [B, Cout/r^2, Ho*r, Wo*r] tensor (ConvOutLayout, common/conv_geometry.cuh). Only the address
+//   of a y / dL/dy element changes (the forward's epilogue stores there, dgrad's and wgrad's A
+//   loaders read there); the GEMMs are the same.
 //
 // Forward, for output channel o in group g = o / Cout_g:
 //   y[b,o,oy,ox] = bias[o] + sum_{c<Cin_g, ky, kx} w[o,c,ky,kx] * x[b, g*Cin_g+c, iy, ix]
@@ -189,13 +189,12 @@
 //   anywhere: the mixture lives only in the staged b_tile. Deterministic as the plain kernels
 //   (fixed order, no atomics).
 #include "common/cuconv.cuh"
+#include "common/conv_geometry.cuh"
 #include "common/mma.cuh"
 
-// Every field is a 64-bit integer so the host can pack it as a flat int64 array.
-struct Conv2dIgemmParams {
-  long long batch, in_channels, in_h, in_w;
-  long long out_channels, out_h, out_w;
-  long long kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+// The conv's shape (ConvGeometryParams) and this module's fields; every field is a 64-bit
+// integer so the host can pack it as a flat int64 array.
+struct Conv2dIgemmParams : ConvGeometryParams {
   long long groups;
   long long splits, split_steps;  // wgrad only: K slices S and BK steps per slice (fwd/dgrad: 1, 0)
   long long upscale;              // 1, or the pixel-shuffle factor r of y / dL/dy (subpixel_conv2d)
@@ -238,48 +237,6 @@ __device__ __forceinline__ bool igemm_carry(I& mid, I& lo, I r_mid, I r_lo) {
   }
   return false;
 }
-
-// Where the conv output element (b, o, oy, ox) lives in y (fwd writes it) or dL/dy (dgrad,
-// wgrad read it): b*image + channel(o) + oy*row + ox*col. Plain NCHW for upscale 1; for
-// upscale r the pixel-shuffled position [b, o / r^2, oy*r + (o / r) % r, ox*r + o % r] of a
-// [B, Cout/r^2, Ho*r, Wo*r] tensor, exactly as conv2d.cu's OutputPlane:
-//   channel(o) = (o / r^2)*r^2*Ho*Wo + ((o / r) % r)*r*Wo + o % r,  row = r^2*Wo,  col = r.
-template <typename I>
-struct IgemmOutLayout {
-  I r, plane, image, row, col;
-  __device__ explicit IgemmOutLayout(const IgemmDims<I>& p)
-      : r(p.upscale), plane(p.out_h * p.out_w), image(p.out_channels * p.out_h * p.out_w),
-        row(p.upscale * p.upscale * p.out_w), col(p.upscale) {}
-  __device__ I channel(I o) const {
-    if (r == 1) return o * plane;
-    return (o / (r * r)) * (r * r) * plane + ((o / r) % r) * (row / r) + o % r;  // row / r = r*Wo
-  }
-  __device__ I pixel(I oy, I ox) const { return oy * row + ox * col; }
-  // channel(o) for a walk of o by small steps, without division: off = channel(o), and for r > 1
-  // o's two low base-r digits j = o % r, i = (o / r) % r. advance(d), d <= 2, is o += d by
-  // compare-and-carry: j + d <= r + 1 < 2r for r >= 2, so each digit carries at most once
-  // (r == 1: off = o*plane, no digits).
-  struct Walk {
-    I off, j, i;
-  };
-  __device__ Walk walk(I o) const { return Walk{channel(o), o % r, (o / r) % r}; }
-  __device__ __forceinline__ void advance(Walk& w, I d) const {
-    if (r == 1) {
-      w.off += d * plane;
-      return;
-    }
-    w.j += d;
-    w.off += d;  // o % r contributes 1 per unit
-    if (w.j >= r) {
-      w.j -= r;
-      w.off += row / r - r;  // (o / r) % r contributes r*Wo per unit
-      if (++w.i >= r) {
-        w.i -= r;
-        w.off += r * r * plane - r * (row / r);  // o / r^2 contributes r^2*Ho*Wo per unit
-      }
-    }
-  }
-};
 
 constexpr int kIgemmThreads = 128;                    // 4 warps; the host launches exactly this
 constexpr int kIgemmBM = 64, kIgemmBN = 64, kIgemmBK = 32;
@@ -647,7 +604,7 @@ __device__ __forceinline__ void igemm_fwd_body(const Conv2dIgemmParams& params, 
         acc, buf, th, I(0), K, [](I) {}, a_next, [&](I k0) { b_k0 = k0; }, b_next);
 
     // y[b, o, oy, ox] = from_acc<T>(acc + bias[o]) at its (possibly pixel-shuffled) position.
-    const IgemmOutLayout<I> out(p);
+    const ConvOutLayout<I> out(p);
     igemm_epilogue(acc, th, m0, n0, M, cout_g, [&](I m) {
       const I img = sample + m / pixels, pix = m % pixels;
       T* y_pixel = y + img * out.image + out.pixel(pix / p.out_w, pix % p.out_w);
@@ -766,20 +723,20 @@ __device__ __forceinline__ void igemm_bwd_input_body(const Conv2dIgemmParams& pa
     const I ox0 = (px.first + (a_pix % px.count) * p.stride_w + p.pad_w - px.tap0 * p.dilation_w) / p.stride_w;
     const I oy_step = py.tap_step * p.dilation_h / p.stride_h, ox_step = sx * p.dilation_w / p.stride_w;
     const I w_tap0 = py.tap0 * p.kernel_w + px.tap0, wy = py.tap_step * p.kernel_w;
-    const IgemmOutLayout<I> gy_at(p);  // gy may be pixel-shuffled (upscale > 1)
+    const ConvOutLayout<I> gy_at(p);  // gy may be pixel-shuffled (upscale > 1)
     const T* gy_image = grad_y + a_img * gy_at.image;
     const I gy_o0 = group * cout_g;
     const I w_group = group * cout_g * cin_g * taps;  // weight offset e of [Cout_g, Cin_g, KH, KW] of this group
     // No division per element or per step: both loaders walk k = (o*nky + jy)*nkx + jx in the mixed
     // radix (o, jy, jx) with constant step digits and compare-and-carry (each step digit is below its
     // radix: one carry per digit), decoded once per tile. The A gather adds kIgemmAStep per element
-    // (its o then grows by at most 2: IgemmOutLayout::advance), the B load kIgemmBK per step.
+    // (its o then grows by at most 2: ConvOutLayout::advance), the B load kIgemmBK per step.
     // (A phase without a tap has K = 0 and runs no step: its radices are set to 1 to keep % defined.)
     const I nky = K > 0 ? py.taps : 1, nkx_r = K > 0 ? nkx : 1, ptaps = nky * nkx_r;
     const int a_sjx = int(kIgemmAStep % nkx_r), a_sjy = int((kIgemmAStep / nkx_r) % nky), a_so = int(kIgemmAStep / ptaps);
     const int b_sjx = int(kIgemmBK % nkx_r), b_sjy = int((kIgemmBK / nkx_r) % nky), b_so = int(kIgemmBK / ptaps);
     I a_jx = th.row_k % nkx_r, a_jy = (th.row_k / nkx_r) % nky;  // A's k = row_k, then + kIgemmAStep per element
-    typename IgemmOutLayout<I>::Walk a_ch = gy_at.walk(gy_o0 + th.row_k / ptaps);  // channel(g*Cout_g + o) of A's k
+    typename ConvOutLayout<I>::Walk a_ch = gy_at.walk(gy_o0 + th.row_k / ptaps);  // channel(g*Cout_g + o) of A's k
     I b_jx = th.col_k % nkx_r, b_jy = (th.col_k / nkx_r) % nky, b_o = th.col_k / ptaps;  // B's k = k0 + col_k
     // A's element at the walk's k (its (o, jy, jx) and channel offset), then the walk steps kIgemmAStep.
     auto a_gather_next = [&](I k) -> T {
@@ -924,7 +881,7 @@ __device__ __forceinline__ void igemm_bwd_weight_body(const Conv2dIgemmParams& p
     const I group = item / (n_tiles * m_tiles * p.splits);
     const I m0 = m_tile * kIgemmBM, n0 = n_tile * kIgemmBN;
     const I k_begin = split * slice, k_end = igemm_min<I>(K, k_begin + slice);
-    const IgemmOutLayout<I> gy_at(p);                      // gy may be pixel-shuffled (upscale > 1)
+    const ConvOutLayout<I> gy_at(p);                  // gy may be pixel-shuffled (upscale > 1)
     const I gy_o0 = group * cout_g;               // gy at b*image + channel(gy_o0 + m) + pixel(oy, ox)
     const T* x_group = x + group * cin_g * in_pixels;  // + b*Cin*H*W + c*H*W + iy*W + ix
     if (tid < kIgemmBN) {

@@ -1,27 +1,24 @@
-// conv2d_igemm: conv2d (torch.nn.functional.conv2d semantics) forward, input gradient
-// (dgrad) and weight gradient (wgrad) as implicit GEMMs on the tensor cores, float16 /
-// bfloat16 storage with float32 accumulation (mma m16n8k16), and float32 storage through
-// TF32 (mma m16n8k8 .tf32, operands rounded by cvt.rna.tf32.f32: 10 mantissa bits, ties
-// away from zero; float32 accumulation; what torch calls allow_tf32). Opt-in only
-// (algorithm="implicit_gemm" for fp16/bf16, "implicit_gemm_tf32" for float32);
-// kernels_cu/conv2d.cu stays the general path, and these kernels must match its
-// conv2d_fwd, conv2d_bwd_input and conv2d_bwd_weight. The bias gradient is conv2d.cu's
-// conv2d_bwd_bias (a plain reduction: no GEMM in it). Design note with the GPU to-do
-// list: docs/kernels/implicit_gemm.md.
-//
-// STATUS: compile-checked for sm_80 / sm_90 and verified on the interpret backend (whose
-// mma fallbacks follow the PTX ISA fragment layouts and the cvt.rna.tf32.f32 rounding,
-// pinned by tests/kernels/mma_probe.cu); NOT YET RUN OR TIMED ON A GPU (none of the three
-// passes, neither the fp16/bf16 nor the TF32 instantiations). A first GPU session should run
-// tests/test_conv2d_igemm.py (the probe test first) on the cuda backend before trusting
-// any number.
+// conv2d_igemm: conv2d (torch.nn.functional.conv2d semantics) forward, input gradient (dgrad)
+// and weight gradient (wgrad) as implicit GEMMs on the tensor cores:
+//   - float16 / bfloat16 storage, float32 accumulation, mma.sync m16n8k16;
+//   - float32 storage through TF32: mma.sync m16n8k8 .tf32, every operand rounded by
+//     cvt.rna.tf32.f32 (10 mantissa bits, ties away from zero) as it enters the mma, float32
+//     accumulation: what torch calls allow_tf32.
+// Both are opt-in (algorithm="implicit_gemm" for fp16/bf16, "implicit_gemm_tf32" for float32;
+// TF32 because it gives up float32 accuracy). kernels_cu/conv2d.cu is the general path, and these
+// kernels compute the same results as its conv2d_fwd, conv2d_bwd_input and conv2d_bwd_weight. The
+// bias gradient is conv2d.cu's conv2d_bwd_bias: a plain reduction, with no GEMM in it. On the
+// interpret backend the mma and ldmatrix instructions run as mma.cuh's host fallbacks, which
+// follow the PTX ISA fragment layouts (tests/kernels/mma_probe.cu pins them). Design notes,
+// estimates and the GPU to-do list: docs/kernels/implicit_gemm.md.
 //
 // Layout (contiguous NCHW, G = groups, Cin_g = Cin/G, Cout_g = Cout/G):
 //   x [B, Cin, H, W]    w [Cout, Cin_g, KH, KW]    bias [Cout] (nullable)    y [B, Cout, Ho, Wo]
-//   With upscale r > 1 (subpixel_conv2d) y and dL/dy are stored pixel-shuffled, exactly as in
-//   conv2d.cu: conv channel o = c*r*r + i*r + j, pixel (oy, ox) lives at [b, c, oy*r + i,
-//   ox*r + j] of a [B, Cout/r^2, Ho*r, Wo*r] tensor (IgemmOutLayout). The forward's epilogue
-//   stores there; dgrad's A gather and wgrad's A load read gy there. The GEMMs are unchanged.
+//   With upscale r > 1 (subpixel_conv2d) y and dL/dy are stored pixel-shuffled, as in conv2d.cu:
+//   conv channel o = c*r*r + i*r + j at pixel (oy, ox) lives at [b, c, oy*r + i, ox*r + j] of a
+//   [B, Cout/r^2, Ho*r, Wo*r] tensor (ConvOutLayout, common/conv_geometry.cuh). Only the address
+//   of a y / dL/dy element changes (the forward's epilogue stores there, dgrad's and wgrad's A
+//   loaders read there); the GEMMs are the same.
 //
 // Forward, for output channel o in group g = o / Cout_g:
 //   y[b,o,oy,ox] = bias[o] + sum_{c<Cin_g, ky, kx} w[o,c,ky,kx] * x[b, g*Cin_g+c, iy, ix]
@@ -34,119 +31,118 @@
 //   dL/dw[g*Cout_g+o, c, ky, kx] = sum_{b, oy, ox} gy[b, g*Cout_g+o, oy, ox] * x[b, g*Cin_g+c, iy, ix]
 //     (iy, ix as in the forward; terms outside the image are 0)
 //   conv2d_igemm_bwd_input also takes a nullable bias [Cin] added per INPUT channel
-//   (grad_x[b, i, ...] += bias[i]): null for conv2d's dgrad, the layer's bias when the
-//   kernel is conv_transpose2d's forward (the adjoint conv), as conv2d.cu's conv2d_bwd_input.
+//   (grad_x[b, i, ...] += bias[i]): null for conv2d's dgrad, the layer's bias when the kernel is
+//   conv_transpose2d's forward (the adjoint conv), as conv2d.cu's conv2d_bwd_input.
 //
-// All three kernels share one tile shape and one fragment layout (below), described
-// for the forward first; the dgrad and wgrad sections say only what differs.
+// The three passes share one tile shape, one thread mapping, one fragment layout and one K loop
+// (igemm_mainloop); each supplies its A and B loaders and its epilogue. The forward is described
+// first; the dgrad and wgrad sections say what differs.
 //
 // FORWARD GEMM mapping (conv2d_igemm_fwd), per group g:  Y_g[m, n] = sum_k A[m, k] * B[k, n]
 //   m = (b*Ho + oy)*Wo + ox        M = B*Ho*Wo     (output pixels of the whole batch)
 //   n = output channel in group    N = Cout_g
 //   k = (c*KH + ky)*KW + kx        K = Cin_g*KH*KW (the filter's flattened order)
-//   A[m, k] = x[b, g*Cin_g+c, iy, ix] or 0 outside the image: im2col, gathered on the
-//             fly into shared memory, never materialised in device memory
-//   B[k, n] = w[g*Cout_g + n, c, ky, kx]: each weight row is already K-contiguous,
-//             i.e. the ".col" B operand of mma.sync
+//   A[m, k] = x[b, g*Cin_g+c, iy, ix] or 0 outside the image: im2col, gathered tile by tile into
+//             shared memory and never materialised in device memory (it is KH*KW times x)
+//   B[k, n] = w[g*Cout_g + n, c, ky, kx]: each weight row is already K-contiguous, which is the
+//             ".col" B operand of mma.sync
 //
-// Tiles and thread mapping (128 threads = 4 warps per block):
-//   block tile 64 (M) x 64 (N), K walked in steps of BK = 32; work items are
-//   (group, m tile, n tile) with the n tile fastest, walked by a grid-stride loop.
-//   Per BK step the block stages A as a_tile[64][ld] and B as b_tile[64][ld], ld = 32 + 8
-//   (fp16/bf16) or 32 + 4 (float), i.e. both K-contiguous, rows padded by 16 bytes so that
-//   the fragment loads of a warp, rows g = 0..7 x columns t = 0..3, hit 32 distinct banks
-//   (10 KB of static shared memory for fp16/bf16, 18 KB for float, per buffer; fwd and wgrad
-//   double-buffer both tiles: PIPELINE below):
-//     A gather: thread tid owns pixel row tid % 64 (its b, oy, ox decoded once per
-//       tile) and k = tid/64 + 2i, i < 16: consecutive threads read consecutive pixels,
-//       i.e. consecutive ox of one input row, coalesced for stride 1. The thread's k walks
+// Tiles and thread mapping (128 threads = 4 warps per block; IgemmThread):
+//   Block tile 64 (M) x 64 (N), K walked in steps of BK = 32. Work items are (group, m tile,
+//   n tile), the n tile fastest, walked by a grid-stride loop, so any grid size is correct.
+//   Per BK step the block stages A as a_tile[64][ld] and B as b_tile[64][ld], both K-contiguous so
+//   that one fragment loader (ldmatrix) serves both; ld = 32 + 8 (fp16/bf16) or 32 + 4 (float):
+//   rows padded by 16 bytes, so that a warp's fragment loads, rows g = 0..7 x columns t = 0..3, hit
+//   32 distinct banks (10 KB of static shared memory per buffer for fp16/bf16, 18 KB for float).
+//   Each thread stages 16 elements of each tile per step, with one of two mappings:
+//     row loaders (the fwd and dgrad A gathers): thread tid owns GEMM row tid % 64 (its pixel
+//       decoded once per tile) and k = tid/64 + 2i, i < 16. Consecutive threads read consecutive
+//       pixels, i.e. consecutive ox of one input row: coalesced for stride 1. The thread's k walks
 //       the whole K in steps of 2, so its (c, ky, kx) digits are stepped by compare-and-carry
-//       (decoded by division once per tile, none per element; igemm_fwd_body).
-//     B load: thread tid owns k = tid % 32 and rows n = tid/32 + 4i, i < 16: K-contiguous,
-//       coalesced along each weight row.
-//   Out-of-range m, n, k (edge tiles, K not a multiple of 32) and padding taps are
-//   staged as 0, so every mma runs unmasked; the epilogue masks the stores.
-//   Warp w owns the 32 x 32 sub-tile at (32*(w % 2), 32*(w / 2)) = 2 (M) x 4 (N)
-//   m16n8 tiles, 32 float accumulators per lane; per BK step 2 k16 slices x 8 mma
-//   m16n8k16 (fp16/bf16), or 4 k8 slices x 8 mma m16n8k8 .tf32 (float: every fragment
-//   element rounded by cvt.rna.tf32.f32 as it leaves shared memory; see igemm_mma_step).
-//   Fragment ownership (mma.cuh, PTX ISA m16n8k16 layout), lane = 4*gid + tid4, loaded for
-//   fp16/bf16 with ldmatrix.x4 (two per A k16 slice, one per pair of B n8 tiles; igemm_mma_step)
-//   in every 32-bit kernel and the 64-bit fwd / wgrad, with 4-byte loads of the same registers in
-//   the 64-bit dgrad twins (no registers to spare there; INDEX32):
+//       (igemm_carry; decoded by division once per tile, never per element).
+//     column loaders (every B, and wgrad's A): thread tid owns k = tid % 32 and tile rows
+//       tid/32 + 4i, i < 16. Consecutive threads read consecutive k: coalesced along each
+//       K-contiguous row (the fwd weight rows, wgrad's pixels).
+//   Out-of-range m, n, k (edge tiles, K not a multiple of 32) and padding taps are staged as 0,
+//   so every mma runs unmasked and only the epilogue's stores are masked.
+//   Warp w owns the 32 x 32 sub-tile at (32*(w % 2), 32*(w / 2)) = 2 (M) x 4 (N) m16n8 tiles, 32
+//   float accumulators per lane; per BK step 2 k16 slices x 8 mma m16n8k16 (fp16/bf16), or 4 k8
+//   slices x 8 mma m16n8k8 .tf32 (float; igemm_mma_step).
+//   Fragment ownership (mma.cuh, PTX ISA m16n8k16 layout), lane = 4*gid + tid4:
 //     A regs: a_tile[row0 + gid (+8)][k16 + 2*tid4 (+8) .. +1]
 //     B regs: b_tile[col0 + gid][k16 + 2*tid4 (+8) .. +1]
 //     D:      acc[mi][ni][2h + j] = Y[row0 + gid + 8h][col0 + 2*tid4 + j]
-//   (float / tf32: A regs a_tile[row0 + gid (+8)][k8 + tid4 (+4)], B regs
-//   b_tile[col0 + gid][k8 + tid4 (+4)], D the same.)
-//   Epilogue: y = from_acc<T>(acc + bias[o]) straight from the accumulator fragments, stored
-//   at y's (possibly pixel-shuffled) position.
-// Determinism: every output's K sum runs in the same fixed order (k steps, then the
-// mma's own reduction); no atomics, no split-K. Bitwise reproducible for a fixed shape.
-// Index math: 32-bit (int) in the kernels the host launches when it proved every offset fits
-// (p.index32), 64-bit (index_t) in their conv2d_igemm64_* twins; see INDEX32 below.
+//   loaded with ldmatrix.x4 (two per A k16 slice, one per pair of B n8 tiles: 6 shared-memory
+//   instructions per k16 slice instead of 16), or with 4-byte loads of the same registers in the
+//   64-bit dgrad twins (what fits their registers; PIPELINE). float / tf32: A regs a_tile[row0 + gid
+//   (+8)][k8 + tid4 (+4)], B regs b_tile[col0 + gid][k8 + tid4 (+4)], each element rounded by
+//   cvt.rna.tf32.f32 as it leaves shared memory; D the same.
+//   Epilogue (igemm_epilogue): y = from_acc<T>(acc + bias[o]) straight from the accumulator
+//   fragments, stored at y's (possibly pixel-shuffled) position: one rounding per output.
+// Determinism: every output's K sum runs in one fixed order (the k steps, then the mma's own
+// reduction); no atomics, and wgrad's split-K partials are summed in slice order (below).
+// Bitwise reproducible for a given shape.
 //
-// PIPELINE (igemm_fwd_body, so conv2d_igemm_fwd and _dynamic_fwd, conv2d_igemm_bwd_weight, and since
-// round 6 igemm_bwd_input_body in the 32-bit kernels, conv2d_igemm_bwd_input and _dynamic_bwd_input):
-// register-prefetch software pipelining over two shared buffers per tile, one __syncthreads per
-// BK step. Iteration s of the step loop (s = 0 .. steps):
-//   1. s < steps: gather step s's elements from global memory into registers (a_reg[16], and
-//      b_reg[16] where B is prefetched): the loads are issued, nothing waits on them yet;
+// PIPELINE (igemm_mainloop; every kernel but the 64-bit dgrad twins): register-prefetch software
+// pipelining over two shared buffers per tile, one __syncthreads per BK step, so that a step's
+// global loads are in flight while the previous step's mma runs. Iteration s (s = 0 .. steps):
+//   1. s < steps: gather step s from global memory into registers (16 A elements, and 16 B ones
+//      where B is prefetched): the loads are issued, nothing waits on them yet;
 //   2. s > 0: the mma of step s - 1 from buffer buf ^ 1, overlapping those loads;
 //   3. s < steps: store the registers into buffer buf, __syncthreads, buf ^= 1.
-// Race-free with the one barrier: a store into buf at iteration s overwrites what the mma of
-// iteration s - 1 read, and every thread finished that mma before the barrier of iteration s - 1,
-// which this thread has passed; the mma of iteration s + 1 reads buf after the barrier of
-// iteration s. buf runs on across work items (never reset), so the next item's first store goes to
-// the buffer the previous item's last mma did NOT read. The staged values, the mma inputs and
-// the k order are those of the unpipelined loop: outputs are bitwise identical.
-// Not prefetched (built at store time as before): the dynamic kernels' B mixture (Kn loads and
-// FMAs per element; held across the mma it needs 208 registers), in fwd and dgrad. Not pipelined:
-// the 64-bit dgrad twins (conv2d_igemm64_bwd_input, _dynamic_bwd_input), at 168 registers with the
-// unpipelined loop and 4-byte fragment loads. Register budget (NVRTC sm_80 / sm_90, 0 spills): the
-// 32-bit fwd, dynamic fwd and wgrad are __launch_bounds__(128, 4) (<= 128 registers, 4 blocks of 4
-// warps per SM), the 32-bit dgrad (128, 4) for fp16 / bf16 and (128, 3) for float (154-158
-// registers; 128 spills), the 32-bit dynamic dgrad lands at 128 with no minimum; the 64-bit twins
-// keep (128, 3) / 168. Shared memory 20 KB (fp16/bf16) / 36 KB (float) for pipelined fwd and dgrad,
-// + 1 KB of 32-bit tables for wgrad (2 KB in the 64-bit twin), under the 48 KB static limit.
+// One barrier suffices: a store into buf at iteration s overwrites what the mma of iteration s - 1
+// read, and every thread finished that mma before the barrier of iteration s - 1, which this thread
+// has passed; the mma of iteration s + 1 reads buf after the barrier of iteration s. buf runs on
+// across work items (never reset), so an item's first store goes to the buffer the previous item's
+// last mma did NOT read. The staged values, the mma inputs and the k order are those of a plain
+// stage-then-mma loop, so the results are too.
+// Not prefetched: the dynamic kernels' B mixture (Kn loads and FMAs per element, built at store
+// time): held across the mma it would need about 208 registers.
+// Not pipelined: the 64-bit dgrad twins (conv2d_igemm64_bwd_input, _dynamic_bwd_input), whose
+// phase bookkeeping in 64 bits leaves no room for the prefetch registers: one buffer per tile, a
+// barrier before and after staging, 4-byte fragment loads, 168 registers (3 blocks per SM).
+// Register budget (NVRTC sm_80 / sm_90, 0 spills): __launch_bounds__(128, 4) (at most 128
+// registers, 4 blocks of 4 warps per SM) for the 32-bit fwd, dynamic fwd and wgrad and the 32-bit
+// fp16/bf16 dgrad; (128, 3) for the 32-bit float dgrad (it spills at 128: 4 k8 slices per step)
+// and the 64-bit fwd and wgrad twins; no minimum for the 64-bit dgrads (they land at 168) and the
+// 32-bit dynamic dgrad (at 128). Static shared memory: 20 KB (fp16/bf16) / 36 KB (float) for the
+// pipelined kernels, + 1 KB of per-item tables for wgrad (2 KB in its 64-bit twin), under the
+// 48 KB static limit.
 //
-// INDEX32 (round 6): every body is templated on its index type I. The conv2d_igemm_* kernels use
-// I = int and run only when p.index32 = 1, which the host (cuconv/ops/conv2d_igemm.py,
-// index32_safe) sets when x and y (with 32 spare channels), the weight (Kn expert kernels, Cout
-// padded by 96, Cin_g by 64), wgrad's workspace and twice the work item count are all below 2^31
-// elements: that bounds every offset the loaders form, including the never-dereferenced ones of
-// rows and k past the GEMM edge. conv2d_igemm64_* (I = index_t) take everything else. Both compute
-// the same offsets, hence bitwise-identical outputs (tests: test_index32_*).
+// INDEX32: every body is templated on its index type I. The conv2d_igemm_* kernels use I = int
+// (fewer registers: the 4 blocks per SM above) and run only when p.index32 = 1, which the host
+// (cuconv/ops/conv2d_igemm.py, index32_safe) sets when x and y (with 32 spare channels), the
+// weight (Kn expert kernels, Cout padded by 96, Cin_g by 64), wgrad's workspace and twice the work
+// item count are all below 2^31 elements: that bounds every offset the loaders form, including
+// the never-dereferenced ones of rows and k past the GEMM edge. conv2d_igemm64_* (I = index_t)
+// take everything else. Both compute the same offsets, hence bitwise-identical outputs (tests:
+// test_index32_*).
 //
-// DGRAD GEMM mapping (conv2d_igemm_bwd_input), stride phase decomposition: for a given
-// input pixel only the taps with (iy + PH - ky*DH) % SH == 0 (and likewise in x) reach an
-// output pixel, so a plain GEMM over all taps would gather (SH*SW - 1)/(SH*SW) structural
-// zeros into A and spend their mma (4x the work at stride 2, 9x at stride 3). Instead the
-// input pixels are split into SH*SW phases (ry, rx) = ((iy + PH) % SH, (ix + PW) % SW);
-// within a phase the landing taps are the same for every pixel, ky = ky0 + sy*jy with
-// ky*DH = ry (mod SH), sy = SH / gcd(DH, SH) (IgemmPhase; likewise kx), and each phase is
-// a dense sub-GEMM. Per group g and phase (ry, rx):
+// DGRAD GEMM mapping (conv2d_igemm_bwd_input), stride phase decomposition: for a given input
+// pixel only the taps with (iy + PH - ky*DH) % SH == 0 (and likewise in x) reach an output pixel,
+// so a plain GEMM over all taps would gather (SH*SW - 1)/(SH*SW) structural zeros into A and
+// spend their mma (4x the work at stride 2, 9x at stride 3). Instead the input pixels are split
+// into SH*SW phases (ry, rx) = ((iy + PH) % SH, (ix + PW) % SW); within a phase the landing taps
+// are the same for every pixel, ky = ky0 + sy*jy with ky*DH = ry (mod SH), sy = SH / gcd(DH, SH)
+// (IgemmPhase; likewise kx), and each phase is a dense sub-GEMM. Per group g and phase (ry, rx):
 //   m = (b*Hr + u)*Wr + v          M = B*Hr*Wr     (the phase's input pixels
 //                                                   iy = iy0_r + SH*u, ix = ix0_r + SW*v)
 //   n = input channel in group     N = Cin_g
 //   k = (o*nky + jy)*nkx + jx      K = Cout_g*nky*nkx (only the phase's taps)
-//   A[m, k] = gy[b, g*Cout_g+o, oy, ox], oy = (iy + PH - ky*DH) / SH (exact by
-//             construction; 0 where oy or ox falls outside [0, Ho) x [0, Wo)):
-//             gathered like the forward's A (thread owns pixel row tid % 64,
-//             k = tid/64 + 2i); oy = oy0 - jy*(sy*DH/SH) is stepped, no division
-//   B[k, n] = w[g*Cout_g + o, n, ky, kx]: for a fixed n this is NOT K-contiguous (its
-//             k neighbours are KW or more elements apart within one o and Cin_g*KH*KW
-//             apart across o), so the B load transposes it into the same K-contiguous
-//             b_tile[n][k] the fragments read: thread owns k = tid % 32 ((o, jy, jx)
-//             stepped by 32 per BK step with compare-and-carry) and rows n = tid/32 + 4i
-//             (stride KH*KW reads). The A gather's (o, jy, jx) and gy's (possibly shuffled)
-//             channel offset are stepped by 2 per element likewise: no division per element.
-//   Work items are (group, phase, m tile, n tile), the n tile fastest, with the m tile
-//   count of the largest phase (ceil(H/SH)*ceil(W/SW) pixels per image); a smaller
-//   phase's surplus tiles skip at once. A phase with no landing tap (K = 0, e.g.
-//   DH % SH == 0 and ry != 0) writes zeros. Stride 1 is the single phase with every tap.
-//   Epilogue: grad_x = from_acc<T>(acc + bias[g*Cin_g + n]) at (iy, ix) (bias nullable), masked
-//   like the forward's; stores are SW apart along x for stride > 1.
+//   A[m, k] = gy[b, g*Cout_g+o, oy, ox], oy = (iy + PH - ky*DH) / SH (exact by construction; 0
+//             where oy or ox falls outside [0, Ho) x [0, Wo)): a row loader like the forward's A;
+//             oy = oy0 - jy*(sy*DH/SH) is stepped, never divided
+//   B[k, n] = w[g*Cout_g + o, n, ky, kx]: for a fixed n this is NOT K-contiguous (its k neighbours
+//             are KW or more elements apart within one o and Cin_g*KH*KW apart across o), so the
+//             column loader reads it with stride KH*KW and stages it transposed into the same
+//             K-contiguous b_tile[n][k] the fragments read. Both loaders step their (o, jy, jx)
+//             digits (and A's possibly shuffled gy channel offset) by compare-and-carry.
+//   Work items are (group, phase, m tile, n tile), the n tile fastest, with the m tile count of
+//   the largest phase (ceil(H/SH)*ceil(W/SW) pixels per image): one grid serves every phase, and a
+//   smaller phase's surplus tiles skip at once. A phase with no landing tap (K = 0, e.g.
+//   DH % SH == 0 and ry != 0) writes zeros (or the bias). Stride 1 is the single phase with every
+//   tap. Epilogue: grad_x = from_acc<T>(acc + bias[g*Cin_g + n]) at (iy, ix) (bias nullable),
+//   masked like the forward's; stores are SW apart along x for stride > 1.
 //
 // WGRAD GEMM mapping (conv2d_igemm_bwd_weight), per group g:
 //   m = output channel in group    M = Cout_g
@@ -154,23 +150,22 @@
 //   k = (b*Ho + oy)*Wo + ox        K = B*Ho*Wo     (huge: 256*56*56 = 802816 for a
 //                                                   ResNet-50 stage-1 layer)
 //   A[m, k] = gy[b, g*Cout_g+m, oy, ox]: pixel-contiguous per channel, K-contiguous rows
-//   B[k, n] = x[b, g*Cin_g+c, iy, ix] or 0 outside the image: the im2col matrix again,
-//             gathered along K (pixels) this time
-//   Both tiles are staged K-contiguous with one loader mapping: thread owns the pixel
-//   k = tid % 32 ((b, oy, ox) stepped by 32 per BK step with compare-and-carry:
-//   consecutive threads read consecutive pixels, coalesced) and rows tid/32 + 4i, i < 16,
-//   of each tile; the rows' gy channel offsets and x tap offsets (c*H*W + ky*DH*W + kx*DW,
-//   ky*DH, kx*DW) are tabled in shared memory once per work item (2 KB).
-//   Deterministic split-K: the host fixes a number of K slices S from the shape alone
-//   (cuconv/ops/conv2d_igemm.py, wgrad_split: enough (group, m tile, n tile, slice)
-//   items for about two waves on 132 SMs, each slice at least 4 BK steps, at most 64
-//   slices); slice s covers k in [s*L, min(K, (s+1)*L)), L = p.split_steps*32, the last
-//   one possibly partial, none empty. Work items are (group, slice, m tile, n tile), the
-//   n tile fastest; each writes its whole fp32 partial tile (zeros included, so every
-//   entry is written even for B = 0) into
+//   B[k, n] = x[b, g*Cin_g+c, iy, ix] or 0 outside the image: the im2col matrix again, gathered
+//             along K (pixels) this time
+//   Both tiles use the column loader: the thread's pixel k = tid % 32 ((b, oy, ox) stepped by 32
+//   per BK step with compare-and-carry) is shared by its 16 A and 16 B rows, whose gy channel
+//   offsets and x tap offsets (c*H*W + ky*DH*W + kx*DW, ky*DH, kx*DW) are the same at every step
+//   of an item: they are tabled in shared memory once per item.
+//   Deterministic split-K, because K is huge and the (m tile, n tile) pairs are few: the host
+//   fixes a number of K slices S from the shape alone (cuconv/ops/conv2d_igemm.py, wgrad_split:
+//   enough (group, m tile, n tile, slice) items for about two waves on 132 SMs, each slice at
+//   least 4 BK steps, at most 64 slices); slice s covers k in [s*L, min(K, (s+1)*L)),
+//   L = p.split_steps*32, the last one possibly partial, none empty. Work items are (group,
+//   slice, m tile, n tile), the n tile fastest; each writes its whole fp32 partial tile (zeros
+//   included, so every entry is written even for B = 0) into
 //     workspace [S, Cout, Cin_g*KH*KW] float32   (S * Cout * Cin_g*KH*KW * 4 bytes)
-//   and conv2d_igemm_reduce_splits then sums the S partials of each weight in slice
-//   order 0..S-1 and rounds once to T. No atomics: bitwise reproducible for a shape.
+//   and conv2d_igemm_reduce_splits then sums the S partials of each weight in slice order
+//   0..S-1 and rounds once to T. No atomics: bitwise reproducible for a shape.
 //
 // DYNAMIC (per-sample mixed) kernels, conv2d_igemm_dynamic_fwd / _dynamic_bwd_input, for
 // dynamic_conv2d (CondConv / DY-CNN, cuconv/ops/dynamic_conv.py, algorithm="implicit_gemm"):
@@ -183,44 +178,23 @@
 //   - Work items gain the sample: (b, group, m tile, n tile) (dgrad: (b, group, phase, m tile,
 //     n tile)), n tile fastest, and each GEMM's M covers the pixels of ONE image (Ho*Wo, or the
 //     phase's Hr*Wr), since B differs per sample. p.batch images = p.batch GEMMs per group.
-//   - The B-tile loader builds each staged element on the fly: B[k, n] = from_acc<T>(sum_j
-//     att[b, j] * wbank[j, ...]) with the Kn products summed in float32 in order j = 0..Kn-1
-//     (FMA-contracted on the GPU) and rounded ONCE to T before staging: the mixed kernel the mma
-//     sees is M_b rounded to T, as a user materialising it in T would get (so the reference
-//     comparison anchors on torch with the mixed kernel rounded to T). float32 with TF32 then
-//     rounds that value to TF32 in the fragment load, like any other float32 operand.
-//   The forward epilogue adds the bias mixture sum_j att[b, j] * bias[j, o] in float32
-//   (unrounded) to the accumulator before the single rounding of y. Nothing of size
-//   B*Cout*Cin_g*KH*KW exists anywhere: the mixture lives only in the staged b_tile. Cost: each
-//   staged B element reads Kn weights and Kn attentions (L1/L2-resident: one weight tile per
-//   block, one att row) instead of one weight: B-load work x Kn per BK step, the A gather and
-//   the mma unchanged. Deterministic as the plain kernels (fixed order, no atomics).
-//
-// What should bound it on an H100, and what to try next (all UNMEASURED; written for the
-// forward, and it applies to dgrad and wgrad alike; per-pass estimates are in
-// docs/kernels/implicit_gemm.md):
-//   - As written it is bound by the A gather, not the tensor cores: scalar 2-byte global
-//     loads (their k decode is division-free since round 4: compare-and-carry walks and
-//     per-item tables, 32-bit where the host proves it since round 6). Since round 5 fwd and
-//     wgrad, and since round 6 the 32-bit dgrad, overlap the next step's loads with the current
-//     mma (PIPELINE) and load fp16/bf16 fragments with ldmatrix.x4, at 4 blocks/SM (float dgrad 3).
-//     Expect a small fraction of the ~990 dense TFLOP/s (fp16/bf16) peak.
-//   - Next steps, roughly in order of payoff: cp.async
-//     multi-stage buffering where the source is a plain copy (the fwd B tile after a
-//     loader remap; float elements); larger tiles (128x128 or 128x256, BK 32/64) with more
-//     warps; stores staged through shared memory for coalesced NCHW writes.
-//   - For Hopper proper: NHWC (channels-last) activations so that A rows are
-//     Cin-contiguous and can be fetched by TMA (cp.async.bulk.tensor, im2col mode) into
-//     swizzled shared memory, and wgmma.mma_async (sm_90a) issued per warpgroup with
-//     a multi-stage mbarrier pipeline; those need an sm_90a build and a GPU to tune.
+//   - The B loader builds each staged element on the fly: B[k, n] = from_acc<T>(sum_j att[b, j] *
+//     wbank[j, ...]) with the Kn products summed in float32 in order j = 0..Kn-1 (FMA-contracted
+//     on the GPU) and rounded ONCE to T before staging: the mixed kernel the mma sees is M_b
+//     rounded to T, as a user materialising it in T would get (so the reference comparison anchors
+//     on torch with the mixed kernel rounded to T). float32 with TF32 then rounds that value to
+//     TF32 in the fragment load, like any other float32 operand.
+//   The forward epilogue adds the bias mixture sum_j att[b, j] * bias[j, o] in float32 (unrounded)
+//   to the accumulator before the single rounding of y. Nothing of size B*Cout*Cin_g*KH*KW exists
+//   anywhere: the mixture lives only in the staged b_tile. Deterministic as the plain kernels
+//   (fixed order, no atomics).
 #include "common/cuconv.cuh"
+#include "common/conv_geometry.cuh"
 #include "common/mma.cuh"
 
-// Every field is a 64-bit integer so the host can pack it as a flat int64 array.
-struct Conv2dIgemmParams {
-  long long batch, in_channels, in_h, in_w;
-  long long out_channels, out_h, out_w;
-  long long kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+// The conv's shape (ConvGeometryParams) and this module's fields; every field is a 64-bit
+// integer so the host can pack it as a flat int64 array.
+struct Conv2dIgemmParams : ConvGeometryParams {
   long long groups;
   long long splits, split_steps;  // wgrad only: K slices S and BK steps per slice (fwd/dgrad: 1, 0)
   long long upscale;              // 1, or the pixel-shuffle factor r of y / dL/dy (subpixel_conv2d)
@@ -228,12 +202,8 @@ struct Conv2dIgemmParams {
   long long index32;              // 1: the host proved every offset fits 32 bits (INDEX32); launch the 32-bit kernels
 };
 
-// INDEX32: the bodies below are templated on their index type I: int (the kernels without "64" in
-// their name, launched when p.index32 = 1) or index_t (conv2d_igemm64_*, any size). The host sets
-// index32 only when every tensor a kernel touches, and every offset it forms (including the
-// unused ones of rows past the GEMM edge), is below 2^31 (cuconv/ops/conv2d_igemm.py,
-// index32_safe); the 32-bit kernels then compute exactly the same offsets, so results are
-// bitwise identical. IgemmDims<I> is the params' shape fields converted once to I.
+// The params' shape fields converted once to a body's index type I: int in the conv2d_igemm_*
+// kernels, index_t in the conv2d_igemm64_* twins (header: INDEX32).
 template <typename I>
 struct IgemmDims {
   I batch, in_channels, in_h, in_w, out_channels, out_h, out_w;
@@ -267,48 +237,6 @@ __device__ __forceinline__ bool igemm_carry(I& mid, I& lo, I r_mid, I r_lo) {
   }
   return false;
 }
-
-// Where the conv output element (b, o, oy, ox) lives in y (fwd writes it) or dL/dy (dgrad,
-// wgrad read it): b*image + channel(o) + oy*row + ox*col. Plain NCHW for upscale 1; for
-// upscale r the pixel-shuffled position [b, o / r^2, oy*r + (o / r) % r, ox*r + o % r] of a
-// [B, Cout/r^2, Ho*r, Wo*r] tensor, exactly as conv2d.cu's OutputPlane:
-//   channel(o) = (o / r^2)*r^2*Ho*Wo + ((o / r) % r)*r*Wo + o % r,  row = r^2*Wo,  col = r.
-template <typename I>
-struct IgemmOutLayout {
-  I r, plane, image, row, col;
-  __device__ explicit IgemmOutLayout(const IgemmDims<I>& p)
-      : r(p.upscale), plane(p.out_h * p.out_w), image(p.out_channels * p.out_h * p.out_w),
-        row(p.upscale * p.upscale * p.out_w), col(p.upscale) {}
-  __device__ I channel(I o) const {
-    if (r == 1) return o * plane;
-    return (o / (r * r)) * (r * r) * plane + ((o / r) % r) * (row / r) + o % r;  // row / r = r*Wo
-  }
-  __device__ I pixel(I oy, I ox) const { return oy * row + ox * col; }
-  // channel(o) for a walk of o by small steps, without division: off = channel(o), and for r > 1
-  // o's two low base-r digits j = o % r, i = (o / r) % r. advance(d), d <= 2, is o += d by
-  // compare-and-carry: j + d <= r + 1 < 2r for r >= 2, so each digit carries at most once
-  // (r == 1: off = o*plane, no digits).
-  struct Walk {
-    I off, j, i;
-  };
-  __device__ Walk walk(I o) const { return Walk{channel(o), o % r, (o / r) % r}; }
-  __device__ __forceinline__ void advance(Walk& w, I d) const {
-    if (r == 1) {
-      w.off += d * plane;
-      return;
-    }
-    w.j += d;
-    w.off += d;  // o % r contributes 1 per unit
-    if (w.j >= r) {
-      w.j -= r;
-      w.off += row / r - r;  // (o / r) % r contributes r*Wo per unit
-      if (++w.i >= r) {
-        w.i -= r;
-        w.off += r * r * plane - r * (row / r);  // o / r^2 contributes r^2*Ho*Wo per unit
-      }
-    }
-  }
-};
 
 constexpr int kIgemmThreads = 128;                    // 4 warps; the host launches exactly this
 constexpr int kIgemmBM = 64, kIgemmBN = 64, kIgemmBK = 32;
@@ -676,7 +604,7 @@ __device__ __forceinline__ void igemm_fwd_body(const Conv2dIgemmParams& params, 
         acc, buf, th, I(0), K, [](I) {}, a_next, [&](I k0) { b_k0 = k0; }, b_next);
 
     // y[b, o, oy, ox] = from_acc<T>(acc + bias[o]) at its (possibly pixel-shuffled) position.
-    const IgemmOutLayout<I> out(p);
+    const ConvOutLayout<I> out(p);
     igemm_epilogue(acc, th, m0, n0, M, cout_g, [&](I m) {
       const I img = sample + m / pixels, pix = m % pixels;
       T* y_pixel = y + img * out.image + out.pixel(pix / p.out_w, pix % p.out_w);
@@ -795,20 +723,20 @@ __device__ __forceinline__ void igemm_bwd_input_body(const Conv2dIgemmParams& pa
     const I ox0 = (px.first + (a_pix % px.count) * p.stride_w + p.pad_w - px.tap0 * p.dilation_w) / p.stride_w;
     const I oy_step = py.tap_step * p.dilation_h / p.stride_h, ox_step = sx * p.dilation_w / p.stride_w;
     const I w_tap0 = py.tap0 * p.kernel_w + px.tap0, wy = py.tap_step * p.kernel_w;
-    const IgemmOutLayout<I> gy_at(p);  // gy may be pixel-shuffled (upscale > 1)
+    const ConvOutLayout<I> gy_at(p);  // gy may be pixel-shuffled (upscale > 1)
     const T* gy_image = grad_y + a_img * gy_at.image;
     const I gy_o0 = group * cout_g;
     const I w_group = group * cout_g * cin_g * taps;  // weight offset e of [Cout_g, Cin_g, KH, KW] of this group
     // No division per element or per step: both loaders walk k = (o*nky + jy)*nkx + jx in the mixed
     // radix (o, jy, jx) with constant step digits and compare-and-carry (each step digit is below its
     // radix: one carry per digit), decoded once per tile. The A gather adds kIgemmAStep per element
-    // (its o then grows by at most 2: IgemmOutLayout::advance), the B load kIgemmBK per step.
+    // (its o then grows by at most 2: ConvOutLayout::advance), the B load kIgemmBK per step.
     // (A phase without a tap has K = 0 and runs no step: its radices are set to 1 to keep % defined.)
     const I nky = K > 0 ? py.taps : 1, nkx_r = K > 0 ? nkx : 1, ptaps = nky * nkx_r;
     const int a_sjx = int(kIgemmAStep % nkx_r), a_sjy = int((kIgemmAStep / nkx_r) % nky), a_so = int(kIgemmAStep / ptaps);
     const int b_sjx = int(kIgemmBK % nkx_r), b_sjy = int((kIgemmBK / nkx_r) % nky), b_so = int(kIgemmBK / ptaps);
     I a_jx = th.row_k % nkx_r, a_jy = (th.row_k / nkx_r) % nky;  // A's k = row_k, then + kIgemmAStep per element
-    typename IgemmOutLayout<I>::Walk a_ch = gy_at.walk(gy_o0 + th.row_k / ptaps);  // channel(g*Cout_g + o) of A's k
+    typename ConvOutLayout<I>::Walk a_ch = gy_at.walk(gy_o0 + th.row_k / ptaps);  // channel(g*Cout_g + o) of A's k
     I b_jx = th.col_k % nkx_r, b_jy = (th.col_k / nkx_r) % nky, b_o = th.col_k / ptaps;  // B's k = k0 + col_k
     // A's element at the walk's k (its (o, jy, jx) and channel offset), then the walk steps kIgemmAStep.
     auto a_gather_next = [&](I k) -> T {
@@ -953,7 +881,7 @@ __device__ __forceinline__ void igemm_bwd_weight_body(const Conv2dIgemmParams& p
     const I group = item / (n_tiles * m_tiles * p.splits);
     const I m0 = m_tile * kIgemmBM, n0 = n_tile * kIgemmBN;
     const I k_begin = split * slice, k_end = igemm_min<I>(K, k_begin + slice);
-    const IgemmOutLayout<I> gy_at(p);                      // gy may be pixel-shuffled (upscale > 1)
+    const ConvOutLayout<I> gy_at(p);                  // gy may be pixel-shuffled (upscale > 1)
     const I gy_o0 = group * cout_g;               // gy at b*image + channel(gy_o0 + m) + pixel(oy, ox)
     const T* x_group = x + group * cin_g * in_pixels;  // + b*Cin*H*W + c*H*W + iy*W + ix
     if (tid < kIgemmBN) {

@@ -1,9 +1,11 @@
 // Warp-level tensor-core helpers: mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32
-// and mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 (sm_80+), and the register packing
-// and tf32 rounding they need. On the GPU each helper is one inline PTX
-// instruction; under CUCONV_INTERPRET (the host emulation, which has no PTX) a fallback
-// reproduces the instruction's result with the SAME per-lane fragment layout, gathering
-// the warp's fragments with __shfl_sync (slow, exact in layout).
+// and mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 (sm_80+), ldmatrix.x4 (sm_75+), and the
+// register packing and tf32 rounding they need. On the GPU each helper is one inline PTX
+// instruction; under CUCONV_INTERPRET (the host emulation, which has no PTX) a fallback in
+// cuconv_mma_host reproduces the instruction's result with the SAME per-lane fragment layout,
+// gathering the warp's fragments with __shfl_sync (slow, exact in layout), so that a kernel's
+// fragment indexing is exercised on the host exactly as the GPU runs it. tests/kernels/mma_probe.cu
+// checks every helper against the layouts below (on the GPU, the instruction against them too).
 //
 // Fragment layout: PTX ISA, section "Matrix Fragments for mma.m16n8k16 with floating
 // point type" (9.7.14.5.8 in PTX ISA 8.x, docs.nvidia.com/cuda/parallel-thread-execution,

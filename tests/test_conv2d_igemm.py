@@ -906,7 +906,7 @@ def test_index_walks_exact_on_integer_inputs(case):
     np.testing.assert_array_equal(np.asarray(gw).astype(np.float64), refs[1])
 
 
-# --- INDEX32 (round 6): 32-bit kernels where the host proves the bound, 64-bit twins otherwise ---
+# --- INDEX32: 32-bit kernels where the host proves the bound, 64-bit twins otherwise ---
 
 def test_index32_decision_from_the_shapes():
     """index32_safe: True for everyday shapes, False once any tensor (or the padded weight

@@ -68,12 +68,11 @@ KERNELS = KernelModule(
 )
 DTYPES = ("float16", "bfloat16")  # algorithm='implicit_gemm'
 TF32_DTYPES = ("float32",)        # algorithm='implicit_gemm_tf32' (tf32=True): opt-in, see the module docstring
-# Must match kIgemmThreads / kIgemmBM / kIgemmBN in the .cu (the kernel assumes exactly
-# this block size).
-_THREADS = 128
-_TILE_M = 64
-_TILE_N = 64
-_TILE_K = 32  # kIgemmBK
+# The block size the kernels assume and their block tile (M x N, K step), read from the .cu.
+_THREADS = KERNELS.constant("kIgemmThreads")
+_TILE_M = KERNELS.constant("kIgemmBM")
+_TILE_N = KERNELS.constant("kIgemmBN")
+_TILE_K = KERNELS.constant("kIgemmBK")
 # wgrad split-K rule (a shape-only choice, so results are reproducible for a shape;
 # UNMEASURED, a starting point for a GPU session): aim for _SPLIT_TARGET_ITEMS work
 # items (about two waves on an H100's 132 SMs), each slice at least _SPLIT_MIN_STEPS

@@ -50,6 +50,10 @@ class OpDef:
     examples: tuple[Example, ...] = ()
     complex_arrays: tuple[str, ...] = ()  # complex arguments (complex64 pairs with float32 arrays)
     autocast: bool = True             # torch autocast casts its floating arguments (not for pure data movement)
+    # Arrays the op is not affine in (deform_conv2d's offset). In every other array the op
+    # is affine, so its higher-order derivatives are its own forward and backward on
+    # substituted arguments (cuconv.torch, cuconv.jax); through these they are refused.
+    nonlinear: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:

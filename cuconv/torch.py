@@ -91,6 +91,7 @@ class OpSpec:
         self.optional = opdef.optional
         self.params = opdef.params
         self.autocast = opdef.autocast
+        self.nonlinear = opdef.nonlinear
         self.defaults = {p.name: p.default for p in self.signature.parameters.values()}
         self.positional = tuple(p.name for p in self.signature.parameters.values()
                                 if p.kind == p.POSITIONAL_OR_KEYWORD)
@@ -197,9 +198,64 @@ def _register(spec: OpSpec) -> None:
         return (*(next(grads) if wanted else None for wanted in mask), *(None,) * len(ctx.params))
 
     torch.library.register_autograd(qualified, autograd_backward, setup_context=setup_context, lib=_LIB)
+    _register_higher_order(spec, getattr(torch.ops.cuconv, name).default, backward_op)
     if spec.autocast:
         for device_type in ("cpu", "cuda"):
             _register_autocast(getattr(torch.ops.cuconv, name).default, device_type)
+
+
+class HigherOrderGradientError(NotImplementedError):
+    """A higher-order derivative cuconv does not compute (through deform_conv2d's offset)."""
+
+
+def _register_higher_order(spec: OpSpec, forward_op, backward_op) -> None:
+    """Autograd of OP_backward, so double backward (and any higher order) is right.
+
+    OP is affine in each array argument a_i (but those of spec.nonlinear): OP(a) with a_i
+    replaced by t is OP(a_{i<-0}) plus a linear function of t. So, for the first-order
+    gradients G_i = OP_backward(gy, a)_i and their cotangents v_i,
+        d/d gy  sum_i <v_i, G_i> = sum_i OP(a_{i<-v_i}) - OP(a_{i<-0})
+        d/d a_j sum_i <v_i, G_i> = sum_{i != j} OP_backward(gy, a_{i<-v_i})_j - OP_backward(gy, a_{i<-0})_j
+    (<,> is the real inner product, torch's convention for complex arrays). The terms are
+    the differentiable custom ops themselves, so the next order follows the same way."""
+    count = len(spec.arrays)
+    nonlinear = [spec.arrays.index(a) for a in spec.nonlinear]
+
+    def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)  # an unused first-order gradient arrives as None
+        ctx.save_for_backward(*inputs[:1 + count])
+        ctx.params = inputs[1 + count:-1]
+        ctx.mask = list(inputs[-1])
+
+    def backward(ctx, grads):
+        grad_output, *arrays = ctx.saved_tensors
+        wanted = iter(grads)
+        cotangents = {i: g for i, (on, g) in enumerate((on, next(wanted) if on else None) for on in ctx.mask)
+                      if g is not None}
+        need = [bool(ctx.needs_input_grad[1 + j]) and arrays[j] is not None for j in range(count)]
+        for k in nonlinear:
+            if cotangents and (k in cotangents or need[k]):
+                raise HigherOrderGradientError(
+                    f"{spec.name}: higher-order gradients through {spec.arrays[k]} are not supported ({spec.name} "
+                    f"is not affine in {spec.arrays[k]}); detach {spec.arrays[k]} for a double backward through "
+                    f"the other arguments")
+        grad_gy, grad_arrays = None, [None] * count
+        for i, v in cotangents.items():
+            with_v, with_zero = list(arrays), list(arrays)
+            with_v[i], with_zero[i] = v, torch.zeros_like(arrays[i])
+            if ctx.needs_input_grad[0]:
+                term = forward_op(*with_v, *ctx.params) - forward_op(*with_zero, *ctx.params)
+                grad_gy = term if grad_gy is None else grad_gy + term
+            mask = [need[j] and j != i for j in range(count)]
+            if any(mask):
+                plus = backward_op(grad_output, *with_v, *ctx.params, mask)
+                minus = backward_op(grad_output, *with_zero, *ctx.params, mask)
+                for j, p, m in zip((j for j in range(count) if mask[j]), plus, minus):
+                    grad_arrays[j] = p - m if grad_arrays[j] is None else grad_arrays[j] + (p - m)
+        return (grad_gy, *grad_arrays, *(None,) * len(ctx.params), None)
+
+    torch.library.register_autograd(f"{NAMESPACE}::{spec.name}_backward", backward, setup_context=setup_context,
+                                    lib=_LIB)
 
 
 def _register_autocast(op, device_type: str) -> None:

@@ -246,6 +246,7 @@ def _output_shape(op, s, stride, padding, dilation):
 
 
 register_op(OpDef(deform_conv2d, deform_conv2d_backward, arrays=NAMES, output_shape=_output_shape,
+                  nonlinear=("offset",),  # bilinear sampling: second derivatives through it are refused
                   examples=(Example(dict(input=(2, 4, 6, 5), offset=(2, 36, 6, 5), weight=(6, 2, 3, 3), bias=(6,),
                                          mask=(2, 18, 6, 5)), dict(padding=1)),
                             Example(dict(input=(1, 3, 6, 6), offset=(1, 8, 5, 2), weight=(2, 3, 2, 2), bias=None,

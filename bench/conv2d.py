@@ -127,7 +127,7 @@ def bench_cases(dtypes, quick, torch_module=None) -> list[BenchCase]:
 def _supported_algorithms(shapes, stride, pad, groups, dtype) -> list[str]:
     """Every conv2d algorithm that runs this layer in dtype (each is timed by name)."""
     geom = conv_geometry("bench", shapes[0], shapes[1], None, stride, pad, 1, groups)
-    return [a for a in CONV2D.names() if CONV2D[a].supported(geom, dtype) is None]
+    return [a for a in CONV2D.names() if CONV2D[a].why_not(geom, dtype) is None]
 
 
 def _case(label, dtype, pass_, shapes, stride, pad, groups, flops, torch) -> BenchCase:

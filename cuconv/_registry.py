@@ -118,4 +118,8 @@ def output_shape(op: str, shapes: dict, **params) -> tuple[int, ...]:
     if unknown:
         raise KeyError(f"{op}: no array arguments {sorted(unknown)}; it has {opdef.arrays}")
     values = {**opdef.param_defaults(), **params}
-    return tuple(int(v) for v in opdef.output_shape(op, ShapeArgs(**shapes), **values))
+    unbatched = shapes.get("input") is not None and len(shapes["input"]) == getattr(opdef.forward, "unbatched_rank", -1)
+    if unbatched:  # one sample without its batch dimension (cuconv.ops._common.accepts_unbatched)
+        shapes = {**shapes, "input": (1, *shapes["input"])}
+    shape = tuple(int(v) for v in opdef.output_shape(op, ShapeArgs(**shapes), **values))
+    return shape[1:] if unbatched else shape

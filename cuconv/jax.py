@@ -183,33 +183,99 @@ def _backward(op, names, params, xs, grad_output):
     return tuple(jnp.conj(g) if n in complex_args else g for n, g in zip(names, grads))
 
 
+class HigherOrderGradientError(NotImplementedError):
+    """A derivative cuconv.jax does not compute: forward mode, or a higher order through an
+    array an op is not affine in (deform_conv2d's offset)."""
+
+
+def _named(op: str, function, *args):
+    """function(*args), with JAX's refusal to differentiate a custom_vjp function in forward
+    mode (jax.jvp, jax.jacfwd, jax.hessian) turned into an error that names the op."""
+    try:
+        return function(*args)
+    except TypeError as error:
+        if "forward-mode" not in str(error):
+            raise
+        raise HigherOrderGradientError(
+            f"cuconv.jax.{op}: forward-mode differentiation (jax.jvp, jax.jacfwd, jax.hessian) is not "
+            f"supported; reverse mode is, to any order for ops affine in their arrays (jax.grad of jax.grad, "
+            f"jax.jacrev)") from error
+
+
 def _build(op: str, names: tuple[str, ...], params: dict):
+    """The op as a custom_vjp function of its present arrays; its bwd is the differentiable
+    backward below, so reverse mode works to any order."""
     @jax.custom_vjp
     def fn(*xs):
         return _forward(op, names, params, xs)
 
     def fwd(*xs):
-        return _forward(op, names, params, xs), xs
+        # fn itself, not its body: under an enclosing differentiation (grad of grad) the
+        # primal result must be differentiable by that one too, through this same rule.
+        return fn(*xs), xs
 
     def bwd(xs, grad_output):
-        return _backward(op, names, params, xs, grad_output)
+        return _named(op, _differentiable(op, names, params, "backward"), grad_output, *xs)
 
     fn.defvjp(fwd, bwd)
     return fn
 
 
-@functools.lru_cache(maxsize=512)
-def _cached(op: str, names: tuple[str, ...], params: tuple):
-    return _build(op, names, dict(params))
+def _build_backward(op: str, names: tuple[str, ...], params: dict):
+    """The op's backward (grad_output, *xs) -> one cotangent per array, as a custom_vjp
+    function. The op is affine in each array a_i (but those of its OpDef's `nonlinear`):
+    with c_i the cotangents of the backward's results (JAX's convention, which pairs
+    with tangents as Re(sum(c * t))),
+        d/d grad_output = sum_i op(a_{i<-c_i}) - op(a_{i<-0})
+        d/d a_j         = sum_{i != j} backward(grad_output, a_{i<-c_i})_j - backward(grad_output, a_{i<-0})_j
+    (cuconv.torch does the same in torch's convention). Both terms are the differentiable
+    functions themselves, so every order follows."""
+    nonlinear = [n for n in get_op(op).nonlinear if n in names]
+
+    @jax.custom_vjp
+    def grads(grad_output, *xs):
+        return _backward(op, names, params, xs, grad_output)
+
+    def fwd(grad_output, *xs):
+        grad_output, xs = grad_output.value, tuple(x.value for x in xs)
+        return grads(grad_output, *xs), (grad_output, xs)
+
+    def bwd(residuals, cotangents):
+        grad_output, xs = residuals
+        given = {i: c for i, c in enumerate(cotangents) if not isinstance(c, jax.custom_derivatives.SymbolicZero)}
+        if given and nonlinear:
+            raise HigherOrderGradientError(
+                f"cuconv.jax.{op}: higher-order gradients are not supported ({op} is not affine in "
+                f"{', '.join(nonlinear)}); cuconv.torch.{op} computes them with a fixed {nonlinear[0]}")
+        forward, backward = _differentiable(op, names, params), _differentiable(op, names, params, "backward")
+        grad_gy, grad_xs = jnp.zeros_like(grad_output), [jnp.zeros_like(x) for x in xs]
+        for i, c in given.items():
+            with_c, with_zero = list(xs), list(xs)
+            with_c[i], with_zero[i] = c, jnp.zeros_like(xs[i])
+            grad_gy = grad_gy + _named(op, forward, *with_c) - _named(op, forward, *with_zero)
+            plus, minus = _named(op, backward, grad_output, *with_c), _named(op, backward, grad_output, *with_zero)
+            grad_xs = [g if j == i else g + (p - m) for j, (g, p, m) in enumerate(zip(grad_xs, plus, minus))]
+        return (grad_gy, *grad_xs)
+
+    grads.defvjp(fwd, bwd, symbolic_zeros=True)
+    return grads
 
 
-def _differentiable(op: str, names: tuple[str, ...], params: dict):
+_BUILDERS = {"forward": _build, "backward": _build_backward}
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached(op: str, names: tuple[str, ...], params: tuple, kind: str):
+    return _BUILDERS[kind](op, names, dict(params))
+
+
+def _differentiable(op: str, names: tuple[str, ...], params: dict, kind: str = "forward"):
     key = tuple(sorted(params.items()))
     try:
         hash(key)
     except TypeError:  # an unhashable parameter value: build without caching
-        return _build(op, names, params)
-    return _cached(op, names, key)
+        return _BUILDERS[kind](op, names, params)
+    return _cached(op, names, key, kind)
 
 
 def _make(op: str):
@@ -223,7 +289,7 @@ def _make(op: str):
         params = {k: _freeze(v) for k, v in bound.arguments.items()}
         names = tuple(n for n in array_args if arrays[n] is not None)
         xs = tuple(a if isinstance(a, jax.Array) else jnp.asarray(a) for a in (arrays[n] for n in names))
-        return _differentiable(op, names, params)(*xs)
+        return _named(op, _differentiable(op, names, params), *xs)
 
     wrapper.__name__ = wrapper.__qualname__ = op
     wrapper.__module__ = __name__

@@ -238,7 +238,7 @@ W = _rng.standard_normal((6, 2, 3, 3))
 B = _rng.standard_normal(6)
 
 BAD_FORWARD = [
-    ("input 3-D", (X[0], W, None), dict(groups=2), ValueError, r"input must be 4-D .*\(4, 8, 8\)"),
+    ("input 2-D", (X[0, 0], W, None), dict(groups=2), ValueError, r"input must be 4-D .* or 3-D .*\(8, 8\)"),
     ("weight 5-D", (X, W[None], None), dict(groups=2), ValueError, r"weight must be 4-D .*\(1, 6, 2, 3, 3\)"),
     ("channel mismatch", (X, W, None), dict(groups=1), ValueError, r"input has 4 channels .* groups=1"),
     ("groups do not divide out_channels", (X, W[:5], None), dict(groups=2), ValueError,

@@ -132,7 +132,7 @@ X = np.random.default_rng(0).standard_normal((2, 4, 5, 5))
 W = np.random.default_rng(1).standard_normal((4, 3, 3, 3))
 
 BAD = [
-    ("input 3-D", (X[0], W), {}, ValueError, r"input must be 4-D .*\(4, 5, 5\)"),
+    ("input 5-D", (X[None], W), {}, ValueError, r"input must be 4-D .* or 3-D .*\(1, 2, 4, 5, 5\)"),
     ("weight 3-D", (X, W[0]), {}, ValueError, r"weight must be 4-D"),
     ("channel mismatch", (X[:, :3], W), {}, ValueError, r"input has 3 channels but weight's in_channels .* is 4"),
     ("groups do not divide in_channels", (X, W), dict(groups=3), ValueError, r"in_channels=4 is not divisible by groups=3"),

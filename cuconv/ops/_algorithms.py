@@ -42,10 +42,18 @@ class Algorithm:
     passes: Passes | None = None
     rank: int | None = None           # place in 'auto''s order; None: only when named
     preferred: Callable | None = None  # (geom) -> True moves it to the front of 'auto''s order
+    zero_channels: bool = False       # runs a conv with no input or output channels (torch's edge case)
+
+    def why_not(self, geom, dtype: str) -> str | None:
+        """None when it can run this conv in `dtype`, else a phrase completing "supports only"."""
+        if not self.zero_channels and min(geom.in_channels, geom.out_channels) == 0:
+            return (f"convolutions with input and output channels (got in_channels={geom.in_channels}, "
+                    f"out_channels={geom.out_channels}; algorithm='direct' takes none)")
+        return self.supported(geom, dtype)
 
     def check(self, op: str, geom, dtype: str) -> None:
         """ValueError naming this algorithm when it cannot run this conv in `dtype`."""
-        refuse_unsupported(op, self.name, self.supported(geom, dtype))
+        refuse_unsupported(op, self.name, self.why_not(geom, dtype))
 
 
 def refuse_unsupported(op: str, algorithm: str, why: str | None) -> None:
@@ -92,7 +100,7 @@ class AlgorithmTable:
         """The supported algorithms 'auto' may take, its untuned choice first."""
         ranked = [self._entries[n] for n in self.names(passes) if self._entries[n].rank is not None]
         ranked.sort(key=lambda a: not (a.preferred is not None and a.preferred(geom)))  # stable: keeps rank order
-        return [a.name for a in ranked if a.supported(geom, dtype) is None]
+        return [a.name for a in ranked if a.why_not(geom, dtype) is None]
 
     def resolve(self, call, key: str, geom, algorithm: str, run: Callable, passes: bool = False) -> str:
         """A checked `algorithm`, or for 'auto' the untuned choice or (tuned) the fastest

@@ -7,6 +7,8 @@ call.empty(...) for outputs -> call.launch(...) -> call.export(out).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from numbers import Integral
 
@@ -146,6 +148,42 @@ def describe_shapes(call, names) -> str:
     """'input (2, 3, 8, 8), weight (...)' for the named arguments that are present: the
     shapes an error message shows (call: a Call, or anything with .shape(name))."""
     return ", ".join(f"{n} {call.shape(n)}" for n in names if call.shape(n) is not None)
+
+
+def accepts_unbatched(rank: int):
+    """Decorates an op (or its backward) whose `input` may also be one sample without the
+    batch dimension, a `rank`-D array, as torch's conv2d and conv_transpose2d take: that
+    input (and a backward's grad_output) runs as a batch of one, and the result (a
+    backward's grad_input) comes back without the batch dimension. Every framework's
+    arrays index as x[None] and y[0]. The registry reads `unbatched_rank` for shapes."""
+
+    def decorate(function):
+        backward = function.__name__.endswith("_backward")
+        position = 1 if backward else 0  # input's position: after grad_output in a backward
+
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def run(*args, **kwargs):
+            x = args[position] if len(args) > position else kwargs.get("input")
+            shape = tuple(getattr(x, "shape", ()))
+            if len(shape) not in (rank, rank + 1) and x is not None and hasattr(x, "shape"):
+                raise ValueError(f"{function.__name__}: input must be {rank + 1}-D [batch, channels, ...] or {rank}-D "
+                                 f"(one sample without the batch dimension), got shape {shape}")
+            if len(shape) != rank:
+                return function(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
+            bound.arguments["input"] = x[None]
+            if not backward:
+                return function(*bound.args, **bound.kwargs)[0]
+            bound.arguments["grad_output"] = bound.arguments["grad_output"][None]
+            grad_input, *rest = function(*bound.args, **bound.kwargs)
+            return (None if grad_input is None else grad_input[0], *rest)
+
+        run.unbatched_rank = rank
+        return run
+
+    return decorate
 
 
 def check_rank(op: str, name: str, shape, rank: int, layout: str) -> tuple[int, ...]:

@@ -32,8 +32,8 @@ from .. import _autotune
 from .._kernels import KernelModule
 from .._registry import Example, OpDef, register_op
 from ._algorithms import Algorithm, AlgorithmTable, Passes
-from ._common import (Call, check_grad_output, check_grouped_channels, check_rank, int_pair, parse_wrt, positive_int,
-                      threads_for)
+from ._common import (Call, accepts_unbatched, check_grad_output, check_grouped_channels, check_rank, int_pair,
+                      parse_wrt, positive_int, threads_for)
 
 KERNELS = KernelModule(
     "conv2d.cu",
@@ -94,9 +94,11 @@ class ConvGeometry:
         return dict(self.geometry_params(), groups=self.groups, chunk=chunk, upscale=self.upscale)
 
 
-def conv_geometry(op: str, input_shape, weight_shape, bias_shape, stride, padding, dilation, groups) -> ConvGeometry:
+def conv_geometry(op: str, input_shape, weight_shape, bias_shape, stride, padding, dilation, groups,
+                  zero_channels: bool = False) -> ConvGeometry:
     """Checks a conv2d call's shapes and parameters (torch's rules); ValueError/TypeError
-    naming the argument and the shapes."""
+    naming the argument and the shapes. zero_channels: an input with no channels (and a
+    weight [Cout, 0, kh, kw]) is valid, its output the bias broadcast (conv2d)."""
     check_rank(op, "input", input_shape, 4, "[batch, in_channels, height, width]")
     check_rank(op, "weight", weight_shape, 4, "[out_channels, in_channels/groups, kh, kw]")
     groups = positive_int(op, "groups", groups)
@@ -105,7 +107,7 @@ def conv_geometry(op: str, input_shape, weight_shape, bias_shape, stride, paddin
     batch, cin, h, w = input_shape
     cout, cin_g, kh, kw = weight_shape
     shapes = f"(input {tuple(input_shape)}, weight {tuple(weight_shape)})"
-    if min(cout, cin_g, kh, kw) < 1:
+    if min(cout, kh, kw) < 1 or cin_g < (0 if zero_channels else 1):
         raise ValueError(f"{op}: weight has an empty dimension {shapes}")
     check_grouped_channels(op, "weight", cin, cin_g, cout, groups, "out_channels", shapes)
     if bias_shape is not None and tuple(bias_shape) != (cout,):
@@ -204,13 +206,14 @@ def run_pass(call: Call, op: str, stage: str, geom: ConvGeometry, algorithm: str
     return run_passes(call, op, stage, geom, algorithm, run)
 
 
+@accepts_unbatched(3)
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto"):
     """y = conv2d(input [B, Cin, H, W], weight [Cout, Cin/groups, kh, kw], bias [Cout])
     -> [B, Cout, Ho, Wo], as torch.nn.functional.conv2d."""
     op = "conv2d"
     call = Call(op, input=input, weight=weight, bias=bias, optional=("bias",))
     geom = conv_geometry(op, call.shape("input"), call.shape("weight"), call.shape("bias"),
-                         stride, padding, dilation, groups)
+                         stride, padding, dilation, groups, zero_channels=True)
     chosen = CONV2D.check(op, algorithm, geom, call.dtype)
     forward = lambda a: CONV2D[a].forward(call, geom)  # noqa: E731
     if chosen == "auto":
@@ -219,6 +222,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     return forward(chosen)
 
 
+@accepts_unbatched(3)
 def conv2d_backward(grad_output, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
                     wrt=None, *, algorithm="auto"):
     """Gradients of conv2d: (grad_input, grad_weight, grad_bias); None for an argument
@@ -226,7 +230,7 @@ def conv2d_backward(grad_output, input, weight, bias=None, stride=1, padding=0, 
     op = "conv2d_backward"
     call = Call(op, input=input, grad_output=grad_output, weight=weight, bias=bias, optional=("bias",))
     geom = conv_geometry(op, call.shape("input"), call.shape("weight"), call.shape("bias"),
-                         stride, padding, dilation, groups)
+                         stride, padding, dilation, groups, zero_channels=True)
     chosen = CONV2D.check(op, algorithm, geom, call.dtype)
     check_grad_output(op, call, geom.output_shape)
     wanted = parse_wrt(op, wrt, ("input", "weight", "bias"))
@@ -276,12 +280,13 @@ def _direct_forward(call: Call, geom: ConvGeometry):
 
 
 CONV2D.register(Algorithm("direct", lambda geom, dtype: None, forward=_direct_forward, gradients=conv_gradients,
-                          passes=Passes(launch_forward, launch_grad_input, launch_grad_weight), rank=2))
+                          passes=Passes(launch_forward, launch_grad_input, launch_grad_weight), rank=2,
+                          zero_channels=True))
 
 
 def _output_shape(op, s, stride, padding, dilation, groups, algorithm):
     return conv_geometry(op, s.shape("input"), s.shape("weight"), s.shape("bias"), stride, padding, dilation,
-                         groups).output_shape
+                         groups, zero_channels=True).output_shape
 
 
 register_op(OpDef(conv2d, conv2d_backward, arrays=("input", "weight", "bias"), output_shape=_output_shape,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 
 from .._registry import Example, OpDef, register_op
-from ._common import Call, check_grad_output, check_rank, int_pair, parse_wrt, positive_int
+from ._common import Call, accepts_unbatched, check_grad_output, check_rank, int_pair, parse_wrt, positive_int
 from .conv2d import CONV2D, ConvGeometry, launch_grad_bias, run_pass
 
 
@@ -66,6 +66,7 @@ def _output_shape(adjoint: ConvGeometry) -> tuple[int, int, int, int]:
     return (adjoint.batch, adjoint.in_channels, adjoint.in_h, adjoint.in_w)
 
 
+@accepts_unbatched(3)
 def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, *,
                      algorithm="auto"):
     """input [B, Cin, H, W], weight [Cin, Cout/groups, kh, kw], bias [Cout] -> [B, Cout, Hout, Wout],
@@ -79,6 +80,7 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
                     call.operand("weight"), call.operand("bias"))
 
 
+@accepts_unbatched(3)
 def conv_transpose2d_backward(grad_output, input, weight, bias=None, stride=1, padding=0, output_padding=0,
                               groups=1, dilation=1, wrt=None, *, algorithm="auto"):
     """(grad_input, grad_weight, grad_bias) of conv_transpose2d; None for an argument not in

@@ -204,6 +204,11 @@ def _register(spec: OpSpec) -> None:
             _register_autocast(getattr(torch.ops.cuconv, name).default, device_type)
 
 
+def _substitute(arrays, i: int, value) -> list:
+    """The op's arrays with the i-th replaced by `value`."""
+    return [value if j == i else a for j, a in enumerate(arrays)]
+
+
 class HigherOrderGradientError(NotImplementedError):
     """A higher-order derivative cuconv does not compute (through deform_conv2d's offset)."""
 
@@ -241,8 +246,7 @@ def _register_higher_order(spec: OpSpec, forward_op, backward_op) -> None:
                     f"the other arguments")
         grad_gy, grad_arrays = None, [None] * count
         for i, v in cotangents.items():
-            with_v, with_zero = list(arrays), list(arrays)
-            with_v[i], with_zero[i] = v, torch.zeros_like(arrays[i])
+            with_v, with_zero = _substitute(arrays, i, v), _substitute(arrays, i, torch.zeros_like(arrays[i]))
             if ctx.needs_input_grad[0]:
                 term = forward_op(*with_v, *ctx.params) - forward_op(*with_zero, *ctx.params)
                 grad_gy = term if grad_gy is None else grad_gy + term

@@ -74,6 +74,9 @@ _PARAMS = {
     "kernel_shape": ("int[]? kernel_shape", lambda v: (None if v is None else [operator.index(d) for d in v],),
                      lambda s: None if s is None else tuple(s)),
     "algorithm": ("str algorithm", lambda v: (str(v),), str),
+    "kernel_size": ("int[] kernel_size", lambda v: (_int_list(v),), _from_int_list),
+    "offset_scale": ("float offset_scale", lambda v: (float(v),), float),
+    "remove_center": ("bool remove_center", lambda v: (bool(v),), bool),
 }
 
 

@@ -1,5 +1,5 @@
-"""python -m bench: self-check every op, then (on a CUDA GPU only) time it. Exit status 1
-when any self-check row fails."""
+"""Self-check every op against its float64 reference, then (on a CUDA GPU only) time it
+against its baseline. Exit status 1 when any self-check row fails."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 
 import cuconv
 
-from . import SUITES, harness
+from . import SUITES, harness, suite_ops, suites_named
 
 NO_GPU = "No CUDA GPU found: ran the interpret backend self-check at small sizes; no timings measured."
 def results_dir() -> Path:
@@ -27,12 +27,18 @@ def results_dir() -> Path:
 RESULTS_DIR = results_dir()
 
 
+def _op_listing() -> str:
+    return "; ".join(f"{', '.join(suite_ops(s))} (suite {s.NAME})" for s in SUITES)
+
+
 def parse_args(argv=None):
-    names = [s.NAME for s in SUITES]
-    p = argparse.ArgumentParser(prog="cuconv bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="cuconv bench", description=__doc__,
+                                epilog=f"ops for --op, with the suite that runs each: {_op_listing()}")
     p.add_argument("--quick", action="store_true", help="a few shapes and fewer repeats")
-    p.add_argument("--op", default=",".join(names),
-                   help=f"comma-separated op families (default all: {','.join(names)})")
+    p.add_argument("--op", default=None,
+                   help="comma-separated public op names (deform_conv2d, ...) or suite names (default: all; "
+                        "the list is below)")
+    p.add_argument("--verbose", action="store_true", help="print every self-check row, not one line per op and dtype")
     p.add_argument("--dtype", default=None,
                    help="comma-separated dtypes (default: all four in the self-check; "
                         f"{','.join(harness.GPU_DEFAULT_DTYPES)} in the timings)")
@@ -42,11 +48,14 @@ def parse_args(argv=None):
                                                        "(GPU runs only; needs matplotlib)")
     p.add_argument("--seed", type=int, default=None, help="self-check input seed (default: fresh, printed)")
     args = p.parse_args(argv)
-    ops = [o.strip() for o in args.op.split(",") if o.strip()]
-    unknown = [o for o in ops if o not in names]
-    if unknown:
-        p.error(f"--op: unknown {unknown}; choose from {names}")
-    args.suites = [s for s in SUITES if s.NAME in ops]
+    if args.op is None:
+        args.suites = list(SUITES)
+    else:
+        ops = [o.strip() for o in args.op.split(",") if o.strip()]
+        unknown = [o for o in ops if not suites_named(o)]
+        if unknown or not ops:
+            p.error(f"--op: unknown {unknown}; choose from {_op_listing()}")
+        args.suites = [s for s in SUITES if any(s in suites_named(o) for o in ops)]
     if args.dtype is not None:
         args.dtype = tuple(d.strip() for d in args.dtype.split(",") if d.strip())
         bad = [d for d in args.dtype if d not in harness.ALL_DTYPES]
@@ -68,13 +77,19 @@ def self_check(args, backends, torch_module) -> list[harness.CheckRow]:
         with harness.cuconv_env(backend, poison=True):
             for suite in args.suites:
                 rows += suite.self_check(args.dtype or harness.ALL_DTYPES, [backend], rng, torch_module)
-    harness.print_check_table(rows)
-    failed = sum(not r.ok for r in rows)
-    print(f"self-check: {len(rows) - failed} passed, {failed} failed")
+    if args.verbose:
+        harness.print_check_table(rows)
+    else:
+        harness.print_check_summary(rows)
     print("  tolerance on max|err|/max|ref|: 'fixed' float64 1e-9, float32 1e-4; '2x torch' twice torch CPU's error "
           "in that dtype; 'floor' where that is below fp16 2^-10, bf16 2^-7; 'bound' fp16 2e-2, bf16 1e-1 where "
           "torch CPU lacks the op in that dtype; 'exact' 0 for ops that round nothing (pixel shuffle)")
     return rows
+
+
+def _summary(rows) -> str:
+    failed = sum(not r.ok for r in rows)
+    return f"self-check: {len(rows) - failed} passed, {failed} failed"
 
 
 def benchmark(args, check_rows, torch_module) -> None:
@@ -87,7 +102,9 @@ def benchmark(args, check_rows, torch_module) -> None:
     events = harness.Events(torch_module)
     l2 = harness.l2_cache_bytes(torch_module)
     dtypes = args.dtype or harness.GPU_DEFAULT_DTYPES
-    failed = {(r.op, r.dtype) for r in check_rows if not r.ok}
+    failing = {(r.op, r.dtype) for r in check_rows if not r.ok}  # a check row names an op or a suite
+    failed = {(s.NAME, dtype) for s in args.suites for name in (s.NAME, *suite_ops(s)) for dtype in harness.ALL_DTYPES
+              if (name, dtype) in failing}
     warmup = 3
     with harness.cuconv_env("cuda", poison=False):
         print("\n== ceilings ==")
@@ -151,6 +168,10 @@ def main(argv=None) -> int:
         benchmark(args, check_rows, torch_module)
     else:
         print(NO_GPU)
+        if args.json or args.plot:
+            print(f"{' and '.join(f for f, on in (('--json', args.json), ('--plot', args.plot)) if on)}: "
+                  f"nothing written, there are no timings without a GPU.")
+    print(_summary(check_rows))
     return 1 if any(not r.ok for r in check_rows) else 0
 
 

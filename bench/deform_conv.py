@@ -11,6 +11,7 @@ from cuconv.reference import deform_conv as reference
 from .harness import FWD_BWD, BenchCase, CheckRow, OpCheck, random_inputs, self_check_op, timed_dtypes, timed_layers
 
 NAME = "deform_conv"
+OPS = ("deform_conv2d",)  # the public ops it checks and times
 
 
 def _pair(v):
@@ -79,7 +80,7 @@ CHECK = [
     ("3x2 d(2,1) Go=Cin v2", _shapes((1, 3, 8, 7), 6, (3, 2), 1, 3, (4, 6), True, True), dict(dilation=(2, 1))),
 ]
 
-DEFORM = OpCheck(NAME, positional(deform_conv2d), positional_backward(deform_conv2d_backward),
+DEFORM = OpCheck("deform_conv2d", positional(deform_conv2d), positional_backward(deform_conv2d_backward),
                  positional(reference.deform_conv2d), positional_backward(reference.deform_conv2d_backward),
                  torch_deform_conv2d, ("input", "offset", "weight", "bias", "mask"))
 

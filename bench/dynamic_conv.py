@@ -23,6 +23,7 @@ from cuconv.reference import dynamic_conv as reference
 from .harness import FWD_BWD, BenchCase, CheckRow, OpCheck, random_inputs, self_check_op, timed_dtypes, timed_layers
 
 NAME = "dynamic_conv"
+OPS = ("dynamic_conv2d", "odconv2d", "warehouse_conv2d")  # the public ops it checks and times
 
 # --- torch formulations: the batch-folded grouped conv, autograd through the aggregation
 # (the self-check's fp16/bf16 anchor, the benchmark baseline and the tests' oracle) ---
@@ -84,11 +85,11 @@ WAREHOUSE_CHECK = [
      dict(stride=2, groups=2, kernel_shape=(4, 2, 3, 1))),
 ]
 
-DYNAMIC = OpCheck(NAME, dynamic_conv2d, dynamic_conv2d_backward, reference.dynamic_conv2d,
+DYNAMIC = OpCheck("dynamic_conv2d", dynamic_conv2d, dynamic_conv2d_backward, reference.dynamic_conv2d,
                   reference.dynamic_conv2d_backward, torch_dynamic, ("input", "weight", "attention", "bias"))
-ODCONV = OpCheck(NAME, odconv2d, odconv2d_backward, reference.odconv2d, reference.odconv2d_backward, torch_odconv,
+ODCONV = OpCheck("odconv2d", odconv2d, odconv2d_backward, reference.odconv2d, reference.odconv2d_backward, torch_odconv,
                  ("input", "weight", "ka", "sa", "ca", "fa"))
-WAREHOUSE = OpCheck(NAME, warehouse_conv2d, warehouse_conv2d_backward, reference.warehouse_conv2d,
+WAREHOUSE = OpCheck("warehouse_conv2d", warehouse_conv2d, warehouse_conv2d_backward, reference.warehouse_conv2d,
                     reference.warehouse_conv2d_backward, torch_warehouse, ("input", "cells", "attention"))
 
 

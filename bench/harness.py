@@ -106,6 +106,25 @@ def print_check_table(rows: list[CheckRow]) -> None:
               f"{r.tol_source:<9} {'PASS' if r.ok else 'FAIL'}")
 
 
+def print_check_summary(rows: list[CheckRow]) -> None:
+    """One line per (op, dtype): rows, the worst error relative to its tolerance, failures."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r.op, r.dtype), []).append(r)
+    header = f"{'op':<28} {'dtype':<9} {'rows':>5} {'worst err':>10} {'its tol':>9} {'err/tol':>8} result"
+    print(header)
+    print("-" * len(header))
+    for (op, dtype), group in groups.items():
+        worst = max(group, key=lambda r: (not r.ok, _error_ratio(r)))
+        failed = sum(not r.ok for r in group)
+        print(f"{op:<28} {dtype:<9} {len(group):>5} {worst.error:10.2e} {worst.tol:9.2e} {_error_ratio(worst):8.2f} "
+              f"{'PASS' if not failed else f'FAIL ({failed})'}")
+
+
+def _error_ratio(r: CheckRow) -> float:
+    return r.error / r.tol if r.tol > 0 else (0.0 if r.error == 0 else math.inf)
+
+
 # --- the self-check loop every suite shares ---
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from cuconv.reference import involution as reference
 from .harness import FWD_BWD, BenchCase, CheckRow, OpCheck, random_inputs, self_check_op, timed_dtypes, timed_layers
 
 NAME = "involution"
+OPS = ("involution2d",)  # the public ops it checks and times
 
 
 def _shapes(x_shape, groups, k, stride=1, padding=0, dilation=1):
@@ -45,7 +46,7 @@ def torch_unfold(F, x, k, stride=1, padding=0, dilation=1):
     return (cols * k.reshape(b, g, 1, kh * kw, out_h, out_w)).sum(dim=3).reshape(b, c, out_h, out_w)
 
 
-INVOLUTION = OpCheck(NAME, involution2d, involution2d_backward, reference.involution2d,
+INVOLUTION = OpCheck("involution2d", involution2d, involution2d_backward, reference.involution2d,
                      reference.involution2d_backward, torch_unfold, ("input", "kernel"))
 
 

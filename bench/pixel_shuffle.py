@@ -29,6 +29,7 @@ from .harness import (FWD_BWD, HOST_DTYPES, BenchCase, CheckRow, OpCheck, random
                       timed_layers)
 
 NAME = "pixel_shuffle"
+OPS = ("pixel_shuffle", "pixel_unshuffle")  # the public ops it checks and times
 
 # --- self-check: small odd shapes, 3-D to 5-D, every factor up to 4; exact (tolerance 0) ---
 

@@ -19,6 +19,7 @@ from .harness import (FWD_BWD, BenchCase, CheckRow, OpCheck, random_inputs, self
                       timed_layers, torch_baselines)
 
 NAME = "separable"
+OPS = ("depthwise_separable_conv2d", "spatial_separable_conv2d")  # the public ops it checks and times
 
 # --- self-check: small odd shapes that cover every parameter ---
 
@@ -61,10 +62,10 @@ def _torch_spatial(F, x, wv, wh, b=None, stride=1, padding=0, dilation=1, groups
     return F.conv2d(F.conv2d(x, wv, None, groups=groups, **vertical), wh, b, groups=groups, **horizontal)
 
 
-DW = OpCheck(NAME, depthwise_separable_conv2d, depthwise_separable_conv2d_backward,
+DW = OpCheck("depthwise_separable_conv2d", depthwise_separable_conv2d, depthwise_separable_conv2d_backward,
              reference.depthwise_separable_conv2d, reference.depthwise_separable_conv2d_backward, _torch_depthwise,
              ("input", "dw", "pw", "dw bias", "pw bias"))
-SPATIAL = OpCheck(NAME, spatial_separable_conv2d, spatial_separable_conv2d_backward,
+SPATIAL = OpCheck("spatial_separable_conv2d", spatial_separable_conv2d, spatial_separable_conv2d_backward,
                   reference.spatial_separable_conv2d, reference.spatial_separable_conv2d_backward, _torch_spatial,
                   ("input", "wv", "wh", "bias"))
 

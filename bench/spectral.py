@@ -24,6 +24,7 @@ from .harness import (FWD_BWD, BenchCase, CheckRow, OpCheck, random_inputs, self
                       timed_layers, torch_baselines)
 
 NAME = "spectral"
+OPS = ("spectral_filter2d",)  # the public ops it checks and times
 
 
 # --- self-check ---
@@ -84,7 +85,7 @@ def _filter_shapes(b, c, h, w, shared):
     return ((b, c, h, w), f, f)
 
 
-FILTER = OpCheck(NAME, _filter_forward, _filter_backward, _reference_forward, _reference_backward, _torch_filter,
+FILTER = OpCheck("spectral_filter2d", _filter_forward, _filter_backward, _reference_forward, _reference_backward, _torch_filter,
                  ("input", "filter.re", "filter.im"))
 FILTER_CHECK = [
     ("filter 6x8 per-sample", _filter_shapes(2, 3, 6, 8, False), {}),
@@ -92,7 +93,7 @@ FILTER_CHECK = [
     ("filter 14x14 shared", _filter_shapes(2, 4, 14, 14, True), {}),
 ]
 
-CONV_FFT = OpCheck(NAME, functools.partial(conv2d, algorithm="fft"),
+CONV_FFT = OpCheck("conv2d_fft", functools.partial(conv2d, algorithm="fft"),
                    functools.partial(conv2d_backward, algorithm="fft"), conv_reference.conv2d, conv_reference.conv2d_backward,
                    lambda F, x, w, b, **params: F.conv2d(x, w, b, **params), ("input", "weight", "bias"))
 CONV_CHECK = [

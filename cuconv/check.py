@@ -27,15 +27,28 @@ class CheckRow:
     resources: KernelResources
 
 
-def compile_all(archs=ARCHS) -> list[CheckRow]:
-    """Every instantiation of every registered kernel module, for each arch; raises
-    NvrtcError (with the log) on the first module that fails to compile."""
+def selected_modules(names=None) -> list:
+    """Every kernel module, or those whose file names are in `names` (ValueError naming
+    an unknown one)."""
+    modules = all_modules()
+    if names is None:
+        return modules
+    unknown = sorted(set(names) - {m.filename for m in modules})
+    if unknown:
+        raise ValueError(f"cuconv check: no kernel module {unknown}; the modules are {[m.filename for m in modules]}")
+    return [m for m in modules if m.filename in names]
+
+
+def compile_all(archs=ARCHS, modules=None) -> list[CheckRow]:
+    """Every instantiation of every registered kernel module (or of the named .cu files),
+    for each arch; raises NvrtcError (with the log) on the first module that fails."""
     rows = []
-    for module in all_modules():
+    for module in selected_modules(modules):
         for arch in archs:
             result = compile_to_cubin(module.source(), module.name_expressions, arch=arch,
                                       program_name=module.filename)
-            rows += [CheckRow(module.filename, name, arch, result.resources.get(name, KernelResources(None, None, None, None)))
+            rows += [CheckRow(module.filename, name, arch,
+                              result.resources.get(name, KernelResources(None, None, None, None)))
                      for name in module.name_expressions]
     return rows
 
@@ -44,9 +57,12 @@ def _fmt(v) -> str:
     return "?" if v is None else str(v)
 
 
-def main(archs=ARCHS) -> int:
+def main(archs=ARCHS, modules=None) -> int:
     try:
-        rows = compile_all(archs)
+        rows = compile_all(archs, modules)
+    except ValueError as e:
+        print(e)
+        return 2
     except NvrtcError as e:
         print(f"cuconv check: compilation failed\n{e}")
         return 1

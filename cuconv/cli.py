@@ -1,35 +1,115 @@
 """The `cuconv` command: `cuconv bench` (self-check every op, then time it on a GPU),
 `cuconv check` (compile every kernel with NVRTC, no GPU needed) and `cuconv info`
-(backends and versions)."""
+(what works here, versions, caches)."""
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import json
+import os
+import subprocess
 import sys
+from pathlib import Path
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except Exception:  # not installed, or broken: say so rather than fail
+        return "not installed"
+
+
+def _interpret_status() -> str:
+    from . import _interpret
+
+    try:
+        cxx = _interpret.compiler()
+        first = _interpret._compiler_version(cxx).splitlines()[0]
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+        return f"unavailable ({e})"
+    return f"works ({first})"
+
+
+def _driver_cuda_version():
+    """The CUDA version the NVIDIA driver supports, (major, minor), or None without a
+    driver (libcuda not loadable)."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int()
+    if lib.cuDriverGetVersion(ctypes.byref(version)) != 0:
+        return None
+    return version.value // 1000, version.value % 1000 // 10
+
+
+def _gpu_status() -> list[str]:
+    """What the cuda backend can do here, worded by the actual cause."""
+    try:
+        import cupy
+    except ImportError:
+        return ["cuda backend: CuPy not installed (pip install '.[cuda12]' or '.[cuda13]'); "
+                "the interpret backend runs every op"]
+    driver = _driver_cuda_version()
+    if driver is None:
+        return [f"cuda backend: no NVIDIA driver found (CuPy {cupy.__version__} is installed); "
+                "the interpret backend runs every op"]
+    runtime = cupy.cuda.runtime.runtimeGetVersion()
+    runtime = (runtime // 1000, runtime % 1000 // 10)
+    if driver < runtime:
+        return [f"cuda backend: driver too old for CUDA {runtime[0]}.{runtime[1]} (CuPy {cupy.__version__}); "
+                f"the driver supports CUDA {driver[0]}.{driver[1]}"]
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # a driver but no usable device
+        return [f"cuda backend: no usable GPU ({type(e).__name__}: {e})"]
+    lines = [f"cuda backend: CuPy {cupy.__version__}, CUDA runtime {runtime[0]}.{runtime[1]}, driver supports CUDA "
+             f"{driver[0]}.{driver[1]}, {count} GPU(s)"]
+    for i in range(count):
+        props = cupy.cuda.runtime.getDeviceProperties(i)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        lines.append(f"  GPU {i}: {name} (sm_{props['major']}{props['minor']}, "
+                     f"{props['totalGlobalMem'] / 2**30:.0f} GiB)")
+    return lines
+
+
+def _folder_summary(path: Path) -> str:
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
+    return f"{path} ({len(files)} files, {sum(p.stat().st_size for p in files) / 2**20:.1f} MiB)"
 
 
 def _info() -> int:
     import cuconv
-    from . import _interpret
+
+    from . import _autotune, _interpret
 
     print(f"cuconv {cuconv.__version__}")
+    print(f"interpret backend: {_interpret_status()}")
+    for line in _gpu_status():
+        print(line)
     try:
-        print(f"interpret backend: C++ compiler {_interpret.compiler()}")
-    except RuntimeError as e:
-        print(f"interpret backend: unavailable ({e})")
+        from ._nvrtc import nvrtc_version
+
+        nvrtc = "{}.{}".format(*nvrtc_version())
+    except Exception as e:  # no NVRTC wheel: `cuconv check` needs pip install '.[check]'
+        nvrtc = f"not found ({type(e).__name__})"
     try:
-        import cupy
-
-        count = cupy.cuda.runtime.getDeviceCount()
-        print(f"cuda backend: CuPy {cupy.__version__}, {count} device(s)")
-    except Exception as e:  # no CuPy, no driver or no device
-        print(f"cuda backend: unavailable ({type(e).__name__}: {e})")
-    import os
-
-    from . import _autotune
-
+        gxx = _interpret._compiler_version(_interpret.compiler()).splitlines()[0]
+    except Exception:
+        gxx = "not found"
+    print(f"versions: numpy {_version('numpy')}, CuPy {_version('cupy')}, NVRTC {nvrtc}, torch {_version('torch')}, "
+          f"jax {_version('jax')}, {gxx}")
+    print(f"kernel cache (interpret): {_folder_summary(_interpret.cache_dir())}")
+    cupy_cache = Path(os.environ.get("CUPY_CACHE_DIR", Path.home() / ".cupy" / "kernel_cache"))
+    print(f"kernel cache (CuPy): {_folder_summary(cupy_cache)}")
     state = "on" if os.environ.get("CUCONV_AUTOTUNE", "").strip() == "1" else "off (CUCONV_AUTOTUNE=1 turns it on)"
-    print(f"autotuning: {state}; cache {_autotune.cache_path()}")
+    path = _autotune.cache_path()
+    try:
+        entries = f"{len(json.loads(path.read_text()))} entries" if path.is_file() else "empty"
+    except (OSError, ValueError) as e:
+        entries = f"unreadable: {e}"
+    print(f"autotuning: {state}; cache {path} ({entries})")
     return 0
 
 
@@ -51,12 +131,14 @@ def main(argv=None) -> int:
                                  "(--quick, --op, --dtype, --json, --plot; see cuconv bench --help)")
     check = sub.add_parser("check", help="compile every kernel instantiation with NVRTC (no GPU needed)")
     check.add_argument("--arch", action="append", help="target, e.g. sm_90 (repeatable; default sm_80 and sm_90)")
-    sub.add_parser("info", help="which backends are usable here")
+    check.add_argument("--module", action="append", help="a kernels_cu file, e.g. conv2d.cu (repeatable; default all)")
+    sub.add_parser("info", help="what works here (interpret and cuda backends, and why not), versions of cuconv, "
+                                "CuPy, NVRTC, torch, jax, numpy and g++, kernel caches, autotuning")
     args = parser.parse_args(argv)
     if args.command == "check":
         from .check import ARCHS, main as check_main
 
-        return check_main(tuple(args.arch) if args.arch else ARCHS)
+        return check_main(tuple(args.arch) if args.arch else ARCHS, args.module)
     return _info()
 
 

@@ -249,3 +249,17 @@ def launches(monkeypatch):
     original = _common.Call.launch
     monkeypatch.setattr(_common.Call, "launch", lambda self, *a, **k: (calls.append(a[1]), original(self, *a, **k)))
     return calls
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line per skip reason, with its count, instead of hundreds of bare 's'."""
+    reasons = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    if reasons:
+        terminalreporter.write_sep("-", "skipped tests, by reason")
+        for reason, count in sorted(reasons.items(), key=lambda item: -item[1]):
+            terminalreporter.write_line(f"{count:6d}  {reason}")

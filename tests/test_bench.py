@@ -22,23 +22,44 @@ def test_quick_run_without_gpu(tmp_path):
     before = _results_files()
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("CUCONV_BACKEND", None)
-    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--json", str(tmp_path / "r.json")],
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--json", str(tmp_path / "r.json"), "--plot"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
-    from bench import SUITES
+    from bench import SUITES, suite_ops
 
+    # The compact table: one line per public op and dtype, PASS, over at least a forward
+    # and a backward row each.
+    lines = [line.split() for line in out.splitlines()]
     for suite in SUITES:
-        rows = [line.split() for line in out.splitlines() if line.startswith(suite.NAME + " ")]
-        for dtype in harness.ALL_DTYPES:
-            mine = [r for r in rows if dtype in r]
-            assert mine and all(r[-1] == "PASS" for r in mine), (suite.NAME, dtype, out)
-            assert {"fwd", "bwd"} <= {r[1] for r in mine}, (suite.NAME, dtype, out)
+        for op in suite_ops(suite):
+            for dtype in harness.ALL_DTYPES:
+                mine = [r for r in lines if r[:2] == [op, dtype]]
+                assert len(mine) == 1 and mine[0][-1] == "PASS" and int(mine[0][2]) >= 2, (op, dtype, out)
     assert "FAIL" not in out
     assert NO_GPU in out
+    assert "--json and --plot: nothing written, there are no timings without a GPU." in out
+    assert out.strip().splitlines()[-1].startswith("self-check: ") and " 0 failed" in out.strip().splitlines()[-1]
     # No results anywhere: neither the --json path nor the default directory.
     assert not (tmp_path / "r.json").exists()
     assert _results_files() == before
+
+
+def test_op_names_select_suites_and_help_lists_them(capsys):
+    from bench import suites_named
+    from bench.__main__ import parse_args
+
+    assert [s.NAME for s in parse_args(["--op", "deform_conv2d"]).suites] == ["deform_conv"]
+    assert [s.NAME for s in parse_args(["--op", "odconv2d,involution"]).suites] == ["dynamic_conv", "involution"]
+    assert suites_named("deform_conv") == suites_named("deform_conv2d")
+    with pytest.raises(SystemExit):
+        parse_args(["--op", "conv9d"])
+    assert "--op: unknown ['conv9d']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    assert text.startswith("usage: cuconv bench") and "deform_conv2d (suite deform_conv)" in text
+    assert "python -m bench" not in text
 
 
 def test_rel_error_and_tolerance_fail_a_wrong_result():

@@ -423,6 +423,203 @@ class DeformConv2d(nn.Module):
                                 mask=mask)
 
 
+class _ToChannelsLast(nn.Module):
+    """[N, C, H, W] -> [N, H, W, C] (a view), the parameterless step of the official
+    modules' norm blocks (kept so the state_dict indices are the official ones)."""
+
+    def forward(self, x):
+        return x.permute(0, 2, 3, 1)
+
+
+def _dcn_norm(channels: int, norm_layer: str, **kw) -> nn.Sequential:
+    """InternImage's norm block from channels-first to channels-last: 'LN' is
+    (to channels-last, LayerNorm(eps=1e-6)), 'BN' is (BatchNorm2d, to channels-last)."""
+    if norm_layer == "LN":
+        return nn.Sequential(_ToChannelsLast(), nn.LayerNorm(channels, eps=1e-6, **kw))
+    if norm_layer == "BN":
+        return nn.Sequential(nn.BatchNorm2d(channels, **kw), _ToChannelsLast())
+    raise ValueError(f"DCNv3: norm_layer must be 'LN' or 'BN', got {norm_layer!r}")
+
+
+_DCN_ACTIVATIONS = {"ReLU": nn.ReLU, "SiLU": nn.SiLU, "GELU": nn.GELU}
+
+
+def _dcn_geometry(name: str, channels: int, kernel_size: int, stride: int, pad: int, dilation: int, group: int,
+                  remove_center: bool) -> int:
+    """The official modules' checks plus cuconv's: channels divisible by group, an odd kernel
+    with remove_center, and an output the size of the input (the offsets are predicted per
+    input pixel). Returns K, the taps per group."""
+    if channels % group:
+        raise ValueError(f"{name}: channels {channels} must be divisible by group {group}")
+    if remove_center and kernel_size % 2 == 0:
+        raise ValueError(f"{name}: remove_center needs an odd kernel_size, got {kernel_size}")
+    if stride == 1 and 2 * pad != dilation * (kernel_size - 1):
+        raise ValueError(f"{name}: the output must be the input's size (offsets are predicted per input pixel), "
+                         f"which at stride 1 needs 2*pad == dilation*(kernel_size-1); got kernel_size {kernel_size}, "
+                         f"pad {pad}, dilation {dilation}")
+    return kernel_size * kernel_size - int(remove_center)
+
+
+def _dcn_check_size(name: str, h: int, w: int, kernel_size: int, stride: int, pad: int, dilation: int) -> None:
+    out = [(size + 2 * pad - dilation * (kernel_size - 1) - 1) // stride + 1 for size in (h, w)]
+    if out != [h, w]:
+        raise ValueError(f"{name}: input {h}x{w} would give a {out[0]}x{out[1]} output (kernel_size {kernel_size}, "
+                         f"stride {stride}, pad {pad}, dilation {dilation}); the offsets are predicted per input "
+                         f"pixel, so the output must be the input's size")
+
+
+def _center_feature_scale(query, weight, bias, x, x_proj, channels_per_group):
+    """InternImage's centre-feature scale: s = sigmoid(query W^T + b) per group, broadcast over
+    the group's channels; the result mixes the aggregation and the projected input,
+    x (1 - s) + x_proj s."""
+    scale = torch.sigmoid(F.linear(query, weight, bias)).repeat_interleave(channels_per_group, dim=-1)
+    return x * (1 - scale) + x_proj * scale
+
+
+class DCNv3(nn.Module):
+    """InternImage's DCNv3 module (Wang et al., CVPR 2023; OpenGVLab/InternImage
+    ops_dcnv3/modules/dcnv3.py): same constructor arguments, parameter names and
+    initialisation, so an official state_dict loads with strict=True; the aggregation is
+    cuconv.dcnv3 (docs/dcn.md).
+
+    forward(input [N, H, W, C]) -> [N, H, W, C]:
+        x = input_proj(input)
+        q = act(norm(dw_conv(input)))               depthwise dw_kernel_size conv, channels-last out
+        offset = offset(q); mask = softmax per group of mask(q)
+        y = dcnv3(x, offset, mask, kernel_size, stride, pad, dilation, group, offset_scale, remove_center)
+        y = y (1 - s) + x s,  s = sigmoid(q W_cfs^T + b_cfs) per group   (center_feature_scale only)
+        return output_proj(y)
+    The offset and mask linears start at zero, input_proj / output_proj are Xavier uniform
+    with zero bias, as the official module. The output must be the input's size (offsets are
+    predicted per input pixel): otherwise ValueError, at construction for stride 1, else
+    at the call."""
+
+    def __init__(self, channels=64, kernel_size=3, dw_kernel_size=None, stride=1, pad=1, dilation=1, group=4,
+                 offset_scale=1.0, act_layer="GELU", norm_layer="LN", center_feature_scale=False, remove_center=False,
+                 device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        taps = _dcn_geometry("DCNv3", channels, kernel_size, stride, pad, dilation, group, remove_center)
+        if act_layer not in _DCN_ACTIVATIONS:
+            raise ValueError(f"DCNv3: act_layer must be one of {sorted(_DCN_ACTIVATIONS)}, got {act_layer!r}")
+        dw_kernel_size = kernel_size if dw_kernel_size is None else dw_kernel_size
+        self.channels, self.kernel_size, self.dw_kernel_size = channels, kernel_size, dw_kernel_size
+        self.stride, self.pad, self.dilation, self.group = stride, pad, dilation, group
+        self.group_channels, self.offset_scale = channels // group, offset_scale
+        self.center_feature_scale, self.remove_center = center_feature_scale, int(remove_center)
+        self.dw_conv = nn.Sequential(
+            Conv2d(channels, channels, dw_kernel_size, padding=(dw_kernel_size - 1) // 2, groups=channels, **kw),
+            _dcn_norm(channels, norm_layer, **kw), _DCN_ACTIVATIONS[act_layer]())
+        self.offset = nn.Linear(channels, group * taps * 2, **kw)
+        self.mask = nn.Linear(channels, group * taps, **kw)
+        self.input_proj = nn.Linear(channels, channels, **kw)
+        self.output_proj = nn.Linear(channels, channels, **kw)
+        if center_feature_scale:
+            self.center_feature_scale_proj_weight = nn.Parameter(torch.zeros(group, channels, **kw))
+            self.center_feature_scale_proj_bias = nn.Parameter(torch.zeros(group, **kw))
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        for linear in (self.offset, self.mask):
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+        for linear in (self.input_proj, self.output_proj):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, input):
+        n, h, w, _ = input.shape
+        _dcn_check_size("DCNv3", h, w, self.kernel_size, self.stride, self.pad, self.dilation)
+        x = self.input_proj(input)
+        query = self.dw_conv(input.permute(0, 3, 1, 2))
+        offset = self.offset(query)
+        mask = torch.softmax(self.mask(query).reshape(n, h, w, self.group, -1), -1).reshape(n, h, w, -1)
+        y = dcnv3(x, offset, mask.to(x.dtype), self.kernel_size, self.stride, self.pad, self.dilation, self.group,
+                  self.offset_scale, bool(self.remove_center))
+        if self.center_feature_scale:
+            y = _center_feature_scale(query, self.center_feature_scale_proj_weight,
+                                      self.center_feature_scale_proj_bias, y, x, self.group_channels)
+        return self.output_proj(y)
+
+
+class DCNv4(nn.Module):
+    """FlashInternImage's DCNv4 module (Xiong et al., CVPR 2024; OpenGVLab/DCNv4
+    DCNv4_op/DCNv4/modules/dcnv4.py): same constructor arguments, parameter names and
+    initialisation, so an official state_dict loads with strict=True; the aggregation is
+    cuconv.dcnv4 (docs/dcn.md). The official module's group_channels % 16 == 0 and 3x3-only
+    limits are not copied.
+
+    forward(input [N, L, C], shape=(H, W)) -> [N, L, C]  (shape None: H = W = sqrt(L)):
+        x = value_proj(input)                                    (skipped if without_pointwise)
+        offset_mask = offset_mask(offset_mask_dw(input) if dw_kernel_size else input)   P channels,
+                      P = ceil(3 G K / 8) * 8, the mask not normalised
+        y = dcnv4(x, offset_mask, kernel_size, stride, pad, dilation, group, offset_scale, remove_center)
+        y = y (1 - s) + x s,  s = sigmoid(y W_cfs^T + b_cfs)     (center_feature_scale only; the
+                                                                  official module takes s from y)
+        return output_proj(y)                                    (skipped if without_pointwise)
+    offset_mask starts at zero, value_proj / output_proj are Xavier uniform with zero bias
+    (output_proj has no bias with output_bias=False). The output must be the input's size:
+    otherwise ValueError, at construction for stride 1, else at the call."""
+
+    def __init__(self, channels=64, kernel_size=3, stride=1, pad=1, dilation=1, group=4, offset_scale=1.0,
+                 dw_kernel_size=None, center_feature_scale=False, remove_center=False, output_bias=True,
+                 without_pointwise=False, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        taps = _dcn_geometry("DCNv4", channels, kernel_size, stride, pad, dilation, group, remove_center)
+        self.channels, self.kernel_size, self.dw_kernel_size = channels, kernel_size, dw_kernel_size
+        self.stride, self.pad, self.dilation, self.group = stride, pad, dilation, group
+        self.group_channels, self.offset_scale = channels // group, offset_scale
+        self.center_feature_scale, self.remove_center = center_feature_scale, int(remove_center)
+        self.without_pointwise = without_pointwise
+        self.K = group * taps
+        if dw_kernel_size is not None:
+            self.offset_mask_dw = Conv2d(channels, channels, dw_kernel_size, padding=(dw_kernel_size - 1) // 2,
+                                         groups=channels, **kw)
+        self.offset_mask = nn.Linear(channels, math.ceil(3 * self.K / 8) * 8, **kw)
+        if not without_pointwise:
+            self.value_proj = nn.Linear(channels, channels, **kw)
+            self.output_proj = nn.Linear(channels, channels, bias=output_bias, **kw)
+        if center_feature_scale:
+            self.center_feature_scale_proj_weight = nn.Parameter(torch.zeros(group, channels, **kw))
+            self.center_feature_scale_proj_bias = nn.Parameter(torch.zeros(group, **kw))
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        nn.init.zeros_(self.offset_mask.weight)
+        nn.init.zeros_(self.offset_mask.bias)
+        if not self.without_pointwise:
+            for linear in (self.value_proj, self.output_proj):
+                nn.init.xavier_uniform_(linear.weight)
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
+
+    def forward(self, input, shape=None):
+        n, length, c = input.shape
+        if shape is None:
+            h = w = math.isqrt(length)
+            if h * w != length:
+                raise ValueError(f"DCNv4: input has L = {length} positions, not a square; pass shape=(H, W)")
+        else:
+            h, w = shape
+            if h * w != length:
+                raise ValueError(f"DCNv4: shape {tuple(shape)} does not match the input's L = {length}")
+        _dcn_check_size("DCNv4", h, w, self.kernel_size, self.stride, self.pad, self.dilation)
+        x = input if self.without_pointwise else self.value_proj(input)
+        x = x.reshape(n, h, w, -1)
+        query = input
+        if self.dw_kernel_size is not None:
+            query = self.offset_mask_dw(input.reshape(n, h, w, c).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        offset_mask = self.offset_mask(query).reshape(n, h, w, -1)
+        y = dcnv4(x, offset_mask, self.kernel_size, self.stride, self.pad, self.dilation, self.group,
+                  self.offset_scale, bool(self.remove_center))
+        if self.center_feature_scale:
+            y = _center_feature_scale(y, self.center_feature_scale_proj_weight, self.center_feature_scale_proj_bias,
+                                      y, x, self.group_channels)
+        y = y.reshape(n, length, -1)
+        return y if self.without_pointwise else self.output_proj(y)
+
+
 class Involution2d(nn.Module):
     """Involution (Li et al., CVPR 2021) with RedNet's kernel generator (d-li14/involution):
     an average pool of the stride (ceil mode, so its size is the output's for any input
@@ -646,7 +843,7 @@ class AdaptiveFrequencyFilter(nn.Module):
         return spectral_filter2d(x, self.mask(x)) + x
 
 
-LAYERS = ["Conv2d", "ConvTranspose2d", "DepthwiseSeparableConv2d", "DeformConv2d", "Involution2d", "DynamicConv2d",
-           "ODConv2d", "PixelShuffle", "PixelUnshuffle", "SubPixelConv2d", "AdaptiveFrequencyFilter"]
+LAYERS = ["Conv2d", "ConvTranspose2d", "DepthwiseSeparableConv2d", "DeformConv2d", "DCNv3", "DCNv4", "Involution2d",
+          "DynamicConv2d", "ODConv2d", "PixelShuffle", "PixelUnshuffle", "SubPixelConv2d", "AdaptiveFrequencyFilter"]
 
 __all__ = [*OPS, *LAYERS]

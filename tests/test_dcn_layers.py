@@ -371,3 +371,23 @@ def test_layers_float32_default_and_exported():
     y4 = ct.DCNv4(16, group=2)(torch.randn(1, 20, 16), shape=(4, 5))
     assert y3.shape == (1, 4, 5, 16) and y3.dtype == torch.float32 and y3.isfinite().all()
     assert y4.shape == (1, 20, 16) and y4.dtype == torch.float32
+
+
+def test_layers_compile_and_autocast():
+    """torch.compile(fullgraph=True) traces both layers (the ops are single nodes) and gives
+    eager mode's result; under CPU autocast the ops run in bfloat16."""
+    torch.manual_seed(0)
+    dcn3 = ct.DCNv3(16, group=2, center_feature_scale=True, dtype=F64)
+    dcn4 = ct.DCNv4(16, group=2, dw_kernel_size=3, center_feature_scale=True, dtype=F64)
+    randomise(dcn3, 16, 7)
+    randomise(dcn4, 16, 8)
+
+    def model(t):
+        return dcn4(dcn3(t).reshape(2, 30, 16), shape=(5, 6))
+
+    x = torch.randn(2, 5, 6, 16, dtype=F64)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(model, fullgraph=True, backend="aot_eager")(x), model(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ct.DCNv4(16, group=2)(ct.DCNv3(16, group=2)(torch.randn(2, 5, 6, 16)).reshape(2, 30, 16), shape=(5, 6))
+    assert y.dtype == torch.bfloat16 and y.isfinite().all()

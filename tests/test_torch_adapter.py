@@ -481,5 +481,6 @@ def test_compile_inductor():
 def test_layers_are_exported():
     module = ct
     for name in ("Conv2d", "ConvTranspose2d", "DepthwiseSeparableConv2d", "DeformConv2d", "Involution2d",
-                 "DynamicConv2d", "ODConv2d", "PixelShuffle", "SubPixelConv2d", "AdaptiveFrequencyFilter", *OPS):
+                 "DynamicConv2d", "ODConv2d", "PixelShuffle", "SubPixelConv2d", "AdaptiveFrequencyFilter", "DCNv3",
+                 "DCNv4", *OPS):
         assert name in module.__all__ and hasattr(module, name)

@@ -72,8 +72,9 @@ def random_case(seed, kernel=None, remove_center=None, batch=None):
     stride = tuple(int(v) for v in rng.integers(1, 3, size=2))
     padding = tuple(int(v) for v in rng.integers(0, 3, size=2))
     dilation = tuple(int(v) for v in rng.integers(1, 3, size=2))
-    h = int(rng.integers(max(1, dilation[0] * (kh - 1) + 1 - 2 * padding[0]), 7))
-    w = int(rng.integers(max(1, dilation[1] * (kw - 1) + 1 - 2 * padding[1]), 7))
+    low_h = max(1, dilation[0] * (kh - 1) + 1 - 2 * padding[0])
+    low_w = max(1, dilation[1] * (kw - 1) + 1 - 2 * padding[1])
+    h, w = int(rng.integers(low_h, max(low_h + 2, 7))), int(rng.integers(low_w, max(low_w + 2, 7)))
     batch = int(rng.integers(1, 3)) if batch is None else batch
     params = dict(kernel_size=(kh, kw), stride=stride, padding=padding, dilation=dilation, groups=groups,
                   offset_scale=float(rng.uniform(0.5, 2.0)), remove_center=remove_center)
@@ -123,6 +124,46 @@ def test_dcnv3_matches_reference_and_oracle(backend, case):
     for got, r, o, name in zip([y, *grads], refs, want, ("y", "input", "offset", "mask")):
         assert_close(got, r, 1e-12, f"{name} vs reference ({params})")
         assert_close(got, o, 1e-12, f"{name} vs grid_sample oracle ({params})")
+
+
+@pytest.mark.parametrize("seed", range(40, 46))
+def test_random_geometries(seed):
+    """Fully random cases (kernel, groups, D, stride, padding, dilation, offset_scale,
+    remove_center), forward and gradients against the reference."""
+    x, offset, mask, params = random_case(seed, kernel=[(1, 1), (3, 3), (5, 5), (2, 3), (3, 1), (4, 2)][seed % 6])
+    y = dcnv3(x, offset, mask, **params)
+    assert_close(y, reference.dcnv3(x, offset, mask, **params), 1e-12, f"y ({params})")
+    gy = np.random.default_rng(seed).standard_normal(y.shape)
+    for got, want, name in zip(dcnv3_backward(gy, x, offset, mask, **params),
+                               reference.dcnv3_backward(gy, x, offset, mask, **params), ("input", "offset", "mask")):
+        assert_close(got, want, 1e-12, f"{name} ({params})")
+
+
+def test_chunked_plans(monkeypatch):
+    """The forward's channel chunks (a chunk boundary inside a group), tap chunks of one
+    tap, and input-gradient workspace chunks of one segment give the same bits as the
+    default plan."""
+    from cuconv.ops import dcn as module
+
+    rng = np.random.default_rng(7)
+    groups, d, kernel = 3, 11, (3, 3)  # C = 33 channels
+    x = rng.standard_normal((2, 5, 4, groups * d))
+    offset = rng.standard_normal((2, 5, 4, groups * 9 * 2)) * 2
+    mask = rng.standard_normal((2, 5, 4, groups * 9))
+    params = dict(kernel_size=kernel, padding=1, groups=groups, offset_scale=1.3)
+    gy = rng.standard_normal((2, 5, 4, groups * d))
+    y0 = dcnv3(x, offset, mask, **params)
+    g0 = dcnv3_backward(gy, x, offset, mask, **params)
+    monkeypatch.setattr(module, "_MAX_THREADS", 16)       # 16-channel chunks: boundaries inside groups
+    monkeypatch.setattr(module, "_SHARED_BUDGET_BYTES", 1)  # one tap per stage
+    monkeypatch.setattr(module, "_BIN_WORKSPACE_ENTRIES", 1)  # one (batch, group) segment per chunk
+    assert module.bin_chunk_segments(module.DcnGeometry(
+        "t", module.Call("t", input=x, offset=offset, mask=mask), 3, kernel, 1, 1, 1, groups, 1.3, False)) == 1
+    y1 = dcnv3(x, offset, mask, **params)
+    g1 = dcnv3_backward(gy, x, offset, mask, **params)
+    assert y1.tobytes() == y0.tobytes()
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(g0, g1))
+    assert_close(y1, reference.dcnv3(x, offset, mask, **params), 1e-12, "chunked y")
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])

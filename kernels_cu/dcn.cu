@@ -52,10 +52,12 @@
 //     in shared memory: offsets and mask are read and the sampling point computed ONCE per
 //     (pixel, group, tap), not per channel. Shared memory: pixels_per_item *
 //     ((span-1)/D + 2) * tap_chunk * 3 accumulators, the tap chunk sized by the host.
-//   dcn_bwd_offset: one thread per point (q, g, k) reduces over its group's D channels in
-//     order c = 0..D-1 (fixed order, deterministic) and writes dx, dy and the mask
-//     gradient (either destination nullable); the thread of (g, k) = (0, 0) also zeroes
-//     the pixel's padding channels [pad_channels_begin, off_pixel_stride) (DCNv4).
+//   dcn_bwd_offset: p.reduce_width = min(32, next power of two >= D) lanes per point
+//     (q, g, k); lane l sums channels l, l + width, ... in order (consecutive lanes read
+//     consecutive channels of each corner and of gy: coalesced), then a shuffle butterfly
+//     over the point's lanes (a fixed pattern: deterministic) and lane 0 writes dx, dy and
+//     the mask gradient (either destination nullable). The lanes of (g, k) = (0, 0) also
+//     zero the pixel's padding channels [pad_channels_begin, off_pixel_stride) (DCNv4).
 //   dL/dx, a deterministic gather in two kernels over a chunk of "segments" (n, g),
 //     [p.segment_begin, p.segment_begin + p.segment_count):
 //     dcn_bwd_input_bin: one block per segment bins its Ho*Wo*K points (point = pix*K + k)
@@ -86,6 +88,7 @@ struct DcnParams : ConvGeometryParams {
   long long mask_pixel_stride, mask_group_stride, mask_base;     // mask addressing
   long long pad_channels_begin;          // grad_offset channels from here on are zero (DCNv4 padding)
   long long channel_span, pixels_per_item, tap_chunk;            // forward staging
+  long long reduce_width;                // offset/mask gradient: lanes per point (power of two <= 32)
   long long segment_begin, segment_count;                        // grad input chunk
 };
 
@@ -196,24 +199,29 @@ __global__ void dcn_bwd_offset(const DcnParams p, const T* __restrict__ grad_y, 
   typedef typename Accumulator<T>::type Acc;
   const index_t C = p.groups * p.group_channels, D = p.group_channels, K = p.taps;
   const index_t points = p.batch * p.out_h * p.out_w * p.groups * K, image = p.in_h * p.in_w * C;
-  const index_t blocks = ceil_div(points, blockDim.x);
-  for (index_t item = blockIdx.x; item < blocks; item += gridDim.x) {
-    const index_t e = item * blockDim.x + threadIdx.x;  // = (q*G + g)*K + k
-    if (e >= points) continue;
-    const index_t k = e % K, g = (e / K) % p.groups, q = e / (K * p.groups), n = q / (p.out_h * p.out_w);
-    if (grad_offset != nullptr && g == 0 && k == 0)  // DCNv4's padding channels: exactly zero
-      for (index_t ch = p.pad_channels_begin; ch < p.off_pixel_stride; ++ch)
+  const int width = int(p.reduce_width);  // lanes per point: a power of two dividing 32
+  const index_t per_block = blockDim.x / width, blocks = ceil_div(points, per_block);
+  const index_t lane = threadIdx.x % width, slot = threadIdx.x / width;
+  for (index_t item = blockIdx.x; item < blocks; item += gridDim.x) {  // uniform per block: shuffles stay converged
+    const index_t e = item * per_block + slot;  // = (q*G + g)*K + k
+    const bool valid = e < points;
+    const index_t k = valid ? e % K : 0, g = valid ? (e / K) % p.groups : 0, q = valid ? e / (K * p.groups) : 0;
+    const index_t n = q / (p.out_h * p.out_w);
+    if (valid && grad_offset != nullptr && g == 0 && k == 0)  // DCNv4's padding channels: exactly zero
+      for (index_t ch = p.pad_channels_begin + lane; ch < p.off_pixel_stride; ch += width)
         grad_offset[q * p.off_pixel_stride + ch] = from_acc<T>(Acc(0));
-    Acc py, px, m;
-    dcn_point(p, offset, mask, q, g, k, py, px, m);
+    Acc py = Acc(0), px = Acc(0), m = Acc(0);
+    if (valid) dcn_point(p, offset, mask, q, g, k, py, px, m);
     Acc gdx = Acc(0), gdy = Acc(0), gm = Acc(0);
-    if (dcn_gate(py, px, p.in_h, p.in_w)) {
+    if (valid && dcn_gate(py, px, p.in_h, p.in_w)) {
       const index_t yl = index_t(floor(py)), xl = index_t(floor(px));
       const Acc ly = py - Acc(yl), lx = px - Acc(xl);
       const bool top = yl >= 0, bottom = yl + 1 < p.in_h, left = xl >= 0, right = xl + 1 < p.in_w;
       const T* img = x + n * image + g * D;
       const T* gp = grad_y + q * C + g * D;
-      for (index_t c = 0; c < D; ++c) {  // fixed order over the group's channels
+      // lane l takes channels l, l + width, ...: consecutive lanes read consecutive channels
+      // of each corner (coalesced); each lane's sum runs in a fixed order.
+      for (index_t c = lane; c < D; c += width) {
         const Acc v00 = top && left ? to_acc(img[(yl * p.in_w + xl) * C + c]) : Acc(0);
         const Acc v01 = top && right ? to_acc(img[(yl * p.in_w + xl + 1) * C + c]) : Acc(0);
         const Acc v10 = bottom && left ? to_acc(img[((yl + 1) * p.in_w + xl) * C + c]) : Acc(0);
@@ -224,6 +232,13 @@ __global__ void dcn_bwd_offset(const DcnParams p, const T* __restrict__ grad_y, 
         gm += gc * ((Acc(1) - ly) * ((Acc(1) - lx) * v00 + lx * v01) + ly * ((Acc(1) - lx) * v10 + lx * v11));
       }
     }
+    // butterfly over the point's lanes: a fixed pattern, so the sums are reproducible
+    for (int s = width / 2; s > 0; s >>= 1) {
+      gdx += __shfl_xor_sync(0xffffffffu, gdx, s, width);
+      gdy += __shfl_xor_sync(0xffffffffu, gdy, s, width);
+      gm += __shfl_xor_sync(0xffffffffu, gm, s, width);
+    }
+    if (!valid || lane != 0) continue;
     const Acc sm = Acc(dcn_offset_scale(p)) * m;
     if (grad_offset != nullptr) {
       T* go = grad_offset + q * p.off_pixel_stride + g * p.off_group_stride + 2 * k;

@@ -139,6 +139,22 @@ def test_random_geometries(seed):
         assert_close(got, want, 1e-12, f"{name} ({params})")
 
 
+@pytest.mark.parametrize("groups,d", [(1, 37), (2, 32), (3, 5)])
+def test_wide_groups(groups, d):
+    """D above one warp's lanes (several channels per lane in the offset/mask reduction)
+    and odd D."""
+    rng = np.random.default_rng(d)
+    x = rng.standard_normal((1, 4, 5, groups * d))
+    offset = rng.standard_normal((1, 4, 5, groups * 9 * 2)) * 2
+    mask = rng.standard_normal((1, 4, 5, groups * 9))
+    params = dict(kernel_size=3, padding=1, groups=groups, offset_scale=0.9)
+    gy = rng.standard_normal((1, 4, 5, groups * d))
+    assert_close(dcnv3(x, offset, mask, **params), reference.dcnv3(x, offset, mask, **params), 1e-12, "y")
+    for got, want in zip(dcnv3_backward(gy, x, offset, mask, **params),
+                         reference.dcnv3_backward(gy, x, offset, mask, **params)):
+        assert_close(got, want, 1e-12, "gradient")
+
+
 def test_chunked_plans(monkeypatch):
     """The forward's channel chunks (a chunk boundary inside a group), tap chunks of one
     tap, and input-gradient workspace chunks of one segment give the same bits as the

@@ -125,7 +125,8 @@ class DcnGeometry:
                     groups=self.groups, group_channels=self.group_channels, taps=self.taps,
                     remove_center=int(self.remove_center),
                     offset_scale_bits=struct.unpack("<q", struct.pack("<d", self.offset_scale))[0],
-                    channel_span=0, pixels_per_item=0, tap_chunk=0, segment_begin=0, segment_count=0)
+                    channel_span=0, pixels_per_item=0, tap_chunk=0, reduce_width=1, segment_begin=0,
+                    segment_count=0)
         return {**base, **self.layout(), **extra}
 
 
@@ -158,9 +159,10 @@ def _backward(call: Call, geom: DcnGeometry, off, msk, grad_offset, grad_mask, g
     gy, x = call.operand("grad_output"), call.operand("input")
     if grad_offset is not None or grad_mask is not None:
         points = geom.batch * geom.out_h * geom.out_w * geom.groups * geom.taps
-        block = threads_for(points)
-        call.launch(KERNELS, "dcn_bwd_offset", -(-points // block), block, params, gy, x, off, msk, grad_offset,
-                    grad_mask)
+        width = min(32, 1 << (geom.group_channels - 1).bit_length())  # lanes per point
+        block = threads_for(points * width)
+        call.launch(KERNELS, "dcn_bwd_offset", -(-points // (block // width)), block,
+                    geom.params(reduce_width=width), gy, x, off, msk, grad_offset, grad_mask)
     if grad_x is not None:
         _grad_input(call, geom, gy, off, msk, grad_x)
 

@@ -68,9 +68,12 @@
 //       the host bounds the chunk.
 //     dcn_bwd_input: one thread per destination x[n, u, w, g*D + c] of the chunk (c fastest,
 //       so lanes read consecutive channels of gy) walks the 4 cells having (u, w) as a
-//       corner in fixed order. Cost: every point is recomputed (offset, mask, position)
-//       by the 4*D destinations it reaches, plus one binning pass per segment: about
-//       O(N*G*Ho*Wo*K*(D*4 + log-free sort)) work, no atomics, bitwise reproducible.
+//       corner in fixed order. Cost: the binning reads each point's offset twice (count and
+//       placement) and ranks it against the blockDim-1 other points of its tile (O(blockDim)
+//       shared-memory compares per point, no atomics); the gather recomputes a point's
+//       position and mask for each of the up to 4*D destinations it reaches, so about
+//       N*G*Ho*Wo*K*(2*blockDim + 4*D) operations in all, bitwise reproducible. Workspace
+//       memory per chunk: segment_count * ((H+1)(W+1) + 2 + Ho*Wo*K) int64 entries.
 // Work items are walked with grid-stride loops, so any grid size is valid; index math is
 // 64-bit.
 #include "common/conv_geometry.cuh"

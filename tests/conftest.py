@@ -263,3 +263,16 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("-", "skipped tests, by reason")
         for reason, count in sorted(reasons.items(), key=lambda item: -item[1]):
             terminalreporter.write_line(f"{count:6d}  {reason}")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """Every core by default, when pytest-xdist is installed (the test extra has it), with
+    a file's tests on one worker; `-n N` or `-p no:xdist` choose otherwise. Without
+    xdist (an image that lacks it) the tests run in one process, as before."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker itself: it must not start workers
+        return
+    if config.pluginmanager.hasplugin("xdist") and config.getoption("numprocesses", None) is None:
+        config.option.numprocesses = "auto"
+        if config.getoption("dist", "no") == "no":
+            config.option.dist = "loadfile"

@@ -33,7 +33,7 @@ case "$stage" in
   sanitize)
     for tool in memcheck racecheck; do
       compute-sanitizer --tool "$tool" --error-exitcode 9 \
-        python3 -m pytest -q -p no:cacheprovider $FAST_PATH_TESTS -k cuda 2>&1 | tee -a "$log"
+        python3 -m pytest -q -p no:cacheprovider -p no:xdist $FAST_PATH_TESTS -k cuda 2>&1 | tee -a "$log"
       echo "compute-sanitizer $tool exit ${PIPESTATUS[0]}" | tee -a "$log"
     done
     ;;

@@ -4,7 +4,6 @@ all four dtypes (a permutation rounds nothing), the identities that tie the two 
 together (inverse, adjoint), and the API contract (leading dims, batch 0,
 non-contiguous inputs, NaN/Inf, bad inputs with nothing launched)."""
 
-import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -14,15 +13,12 @@ from cuconv.ops import _common
 from cuconv.ops.pixel_shuffle import (pixel_shuffle, pixel_shuffle_backward, pixel_unshuffle,
                                       pixel_unshuffle_backward)
 from cuconv.reference import pixel_shuffle as reference
-from conftest import DTYPES, to_backend, to_numpy
+from conftest import (DTYPES, as_torch, assert_matches_reference, bits, random_input, skip_unsupported, to_backend,
+                      to_numpy)
 
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
                 "float64": torch.float64}
-BITS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
-# A quiet NaN with a non-default payload: distinct from the poison (default) NaN, so an
-# element a kernel leaves unwritten never matches it, and payload-exact copies are checked.
-PAYLOAD_NAN = {"float16": 0x7E01, "bfloat16": 0x7FC1, "float32": 0x7FC00001, "float64": 0x7FF8000000000001}
 
 # Low-resolution shapes [*lead, C, H, W] (the shuffle input is [*lead, C*r*r, H, W]): odd
 # sizes, a single pixel, 3-D (no batch) and 5-D (two leading dims).
@@ -35,30 +31,10 @@ SHAPES = {
 FACTORS = (1, 2, 3, 4)
 
 
-def bits(a) -> np.ndarray:
-    """The raw bits of an array (any framework) as unsigned integers: equality is bit-exactness."""
-    a = np.ascontiguousarray(to_numpy(a))
-    return a.view(BITS[a.dtype.itemsize])
 
 
-def as_torch(a: np.ndarray) -> torch.Tensor:
-    """A NumPy array (bfloat16 included) as a CPU tensor with the same bits."""
-    if a.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(a))
 
 
-def random_input(shape, dtype: str, seed: int, specials: bool = True) -> np.ndarray:
-    """Fresh normal values in `dtype`; with `specials`, a payload NaN, +-Inf and -0.0 at
-    random places (NaN/Inf pass through; -0.0 keeps its sign bit)."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal(shape).astype(DTYPES[dtype])
-    if specials and x.size >= 4:
-        flat = x.reshape(-1)
-        where = rng.choice(x.size, size=4, replace=False)
-        flat.view(BITS[x.itemsize])[where[0]] = PAYLOAD_NAN[dtype]
-        flat[where[1]], flat[where[2]], flat[where[3]] = np.inf, -np.inf, -0.0
-    return x
 
 
 def shuffle_shapes(case: str, r: int):
@@ -67,16 +43,8 @@ def shuffle_shapes(case: str, r: int):
     return (*lead, c * r * r, h, w), (*lead, c, h * r, w * r)
 
 
-def skip_unsupported(backend, dtype):
-    if backend == "cuda" and dtype == "bfloat16":
-        pytest.skip("CuPy has no bfloat16 (bfloat16 on the GPU travels as torch tensors)")
 
 
-def assert_matches_reference(got, expected_float64):
-    """Value equality with the float64 reference (NaN where it has NaN) and the right shape."""
-    got = np.asarray(to_numpy(got)).astype(np.float64)
-    assert got.shape == expected_float64.shape
-    np.testing.assert_array_equal(got, expected_float64)
 
 
 # --- forward and backward against the reference and torch, every dtype, bit-exact ---

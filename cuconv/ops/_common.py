@@ -186,6 +186,19 @@ def accepts_unbatched(rank: int):
     return decorate
 
 
+def checked_output_size(op: str, size, kernel, stride, pad, dilation, shapes: str) -> tuple[int, int]:
+    """(Ho, Wo) of a sliding window over `size` (H, W) padded by `pad` on both sides;
+    ValueError when the dilated kernel is larger than the padded input."""
+    (h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw) = size, kernel, stride, pad, dilation
+    out_h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    out_w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"{op}: the output would be {out_h}x{out_w}: the kernel (dilated extent "
+                         f"{dh * (kh - 1) + 1}x{dw * (kw - 1) + 1}) is larger than the padded input "
+                         f"{h + 2 * ph}x{w + 2 * pw} ({shapes}, padding {tuple(pad)}, dilation {tuple(dilation)})")
+    return out_h, out_w
+
+
 def check_rank(op: str, name: str, shape, rank: int, layout: str) -> tuple[int, ...]:
     """`shape` as a tuple when it has `rank` dimensions; else ValueError naming `name`
     and its expected layout, e.g. "[batch, in_channels, height, width]"."""

@@ -19,14 +19,14 @@ gradient is a gather over sample points binned by a stable counting sort, in chu
 
 from __future__ import annotations
 
-import math
 import struct
 from numbers import Real
 
 from .. import _arrays
 from .._kernels import KernelModule
 from .._registry import Example, OpDef, register_op
-from ._common import Call, check_grad_output, describe_shapes, int_pair, parse_wrt, positive_int, threads_for
+from ._common import (Call, check_grad_output, checked_output_size, describe_shapes, int_pair, parse_wrt, positive_int,
+                      threads_for)
 
 KERNELS = KernelModule(
     "dcn.cu",
@@ -61,7 +61,7 @@ class DcnGeometry:
         if not isinstance(remove_center, bool):
             raise TypeError(f"{op}: remove_center must be a bool, got {remove_center!r}")
         self.remove_center = remove_center
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.stride, self.pad, self.dilation
+        kh, kw = self.kernel
         if remove_center and (kh % 2 == 0 or kw % 2 == 0):
             raise ValueError(f"{op}: remove_center needs an odd kernel_size (a centre tap), got {self.kernel}")
         if remove_center and kh * kw == 1:
@@ -76,12 +76,7 @@ class DcnGeometry:
         if c < 1 or c % g:
             raise ValueError(f"{op}: input's channels (last dim, {c}) must be a positive multiple of groups={g} "
                              f"(input is channels-last [N, H, W, C]; {shapes})")
-        out_h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        out_w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        if out_h < 1 or out_w < 1:
-            raise ValueError(f"{op}: the output would be {out_h}x{out_w}: the kernel (dilated extent "
-                             f"{dh * (kh - 1) + 1}x{dw * (kw - 1) + 1}) is larger than the padded input "
-                             f"{h + 2 * ph}x{w + 2 * pw} ({shapes}, padding {self.pad}, dilation {self.dilation})")
+        out_h, out_w = checked_output_size(op, (h, w), self.kernel, self.stride, self.pad, self.dilation, shapes)
         expected = {"offset": g * taps * 2, "mask": g * taps}
         for name in names[1:]:
             shape = call.shape(name)
@@ -155,7 +150,6 @@ def _forward(call: Call, geom: DcnGeometry, off, msk):
 
 def _backward(call: Call, geom: DcnGeometry, off, msk, grad_offset, grad_mask, grad_x):
     """Fills the requested gradients (None: not wanted)."""
-    params = geom.params()
     gy, x = call.operand("grad_output"), call.operand("input")
     if grad_offset is not None or grad_mask is not None:
         points = geom.batch * geom.out_h * geom.out_w * geom.groups * geom.taps

@@ -17,7 +17,7 @@ from __future__ import annotations
 from .. import _arrays
 from .._kernels import KernelModule
 from .._registry import Example, OpDef, register_op
-from ._common import Call, check_grad_output, describe_shapes, int_pair, parse_wrt, threads_for
+from ._common import Call, check_grad_output, checked_output_size, describe_shapes, int_pair, parse_wrt, threads_for
 
 KERNELS = KernelModule(
     "deform_conv.cu",
@@ -69,13 +69,7 @@ class DeformGeometry:
         if call.shape("bias") is not None and call.shape("bias") != (cout,):
             raise ValueError(f"{op}: bias must have shape ({cout},) to match weight, got {call.shape('bias')} "
                              f"({shapes})")
-        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.pad, self.dilation
-        out_h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        out_w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        if out_h < 1 or out_w < 1:
-            raise ValueError(f"{op}: the output would be {out_h}x{out_w}: the kernel (dilated extent "
-                             f"{dh * (kh - 1) + 1}x{dw * (kw - 1) + 1}) is larger than the padded input "
-                             f"{h + 2 * ph}x{w + 2 * pw} ({shapes}, padding {self.pad}, dilation {self.dilation})")
+        out_h, out_w = checked_output_size(op, (h, w), (kh, kw), self.stride, self.pad, self.dilation, shapes)
         taps = kh * kw
         ob, oc, oh, ow = call.shape("offset")
         if ob != batch or oc < 2 * taps or oc % (2 * taps) or (oh, ow) != (out_h, out_w):

@@ -78,30 +78,41 @@ def pack_dcnv4(offset, mask, groups, k, channels):
     return out
 
 
-def dcnv3(x, offset, mask, kernel_size, stride=1, padding=0, dilation=1, groups=1, offset_scale=1.0,
-          remove_center=False):
-    x, offset, mask = (np.asarray(a, np.float64) for a in (x, offset, mask))
+def _gated_points(x, offset, mask, kernel_size, stride, padding, dilation, groups, offset_scale, remove_center):
+    """Every sampled point that passes the gate, in order: (n, oh, ow, channel slice of its
+    group, offset index of its dx (dy follows), mask index, mask value, corner values
+    (v00, v01, v10, v11) over the group's channels, ly, lx, yl, xl)."""
     n_, h, w, c = x.shape
     d = c // groups
     tap_list = taps(kernel_size, remove_center)
     k_ = len(tap_list)
     ho, wo = output_size(h, w, kernel_size, stride, padding, dilation)
-    y = np.zeros((n_, ho, wo, c))
     for n in range(n_):
         for oh in range(ho):
             for ow in range(wo):
                 for g in range(groups):
-                    img = x[n, :, :, g * d : (g + 1) * d]
+                    sl = slice(g * d, (g + 1) * d)
                     for k, (i, j) in enumerate(tap_list):
-                        dx, dy = offset[n, oh, ow, (g * k_ + k) * 2], offset[n, oh, ow, (g * k_ + k) * 2 + 1]
-                        m = mask[n, oh, ow, g * k_ + k]
+                        o, mi = (g * k_ + k) * 2, g * k_ + k
+                        dx, dy = offset[n, oh, ow, o], offset[n, oh, ow, o + 1]
                         py, px = sampling_point(oh, ow, i, j, dx, dy, kernel_size, stride, padding, dilation,
                                                 offset_scale)
                         if not _inside(py, px, h, w):
                             continue
-                        (v00, v01, v10, v11), ly, lx, _, _ = _corners(img, py, px)
-                        sample = (1 - ly) * (1 - lx) * v00 + (1 - ly) * lx * v01 + ly * (1 - lx) * v10 + ly * lx * v11
-                        y[n, oh, ow, g * d : (g + 1) * d] += m * sample
+                        corners, ly, lx, yl, xl = _corners(x[n, :, :, sl], py, px)
+                        yield n, oh, ow, sl, o, mi, mask[n, oh, ow, mi], corners, ly, lx, yl, xl
+
+
+def dcnv3(x, offset, mask, kernel_size, stride=1, padding=0, dilation=1, groups=1, offset_scale=1.0,
+          remove_center=False):
+    x, offset, mask = (np.asarray(a, np.float64) for a in (x, offset, mask))
+    n_, h, w, c = x.shape
+    ho, wo = output_size(h, w, kernel_size, stride, padding, dilation)
+    y = np.zeros((n_, ho, wo, c))
+    for n, oh, ow, sl, _, _, m, (v00, v01, v10, v11), ly, lx, _, _ in _gated_points(
+            x, offset, mask, kernel_size, stride, padding, dilation, groups, offset_scale, remove_center):
+        sample = (1 - ly) * (1 - lx) * v00 + (1 - ly) * lx * v01 + ly * (1 - lx) * v10 + ly * lx * v11
+        y[n, oh, ow, sl] += m * sample
     return y
 
 
@@ -110,36 +121,21 @@ def dcnv3_backward(gy, x, offset, mask, kernel_size, stride=1, padding=0, dilati
     """(grad_x, grad_offset, grad_mask) of sum(gy * dcnv3(...)); the offset derivative at an
     integer position is the one from the floor side (the interpolant on [floor, floor+1])."""
     gy, x, offset, mask = (np.asarray(a, np.float64) for a in (gy, x, offset, mask))
-    n_, h, w, c = x.shape
-    d = c // groups
-    tap_list = taps(kernel_size, remove_center)
-    k_ = len(tap_list)
-    ho, wo = output_size(h, w, kernel_size, stride, padding, dilation)
+    _, h, w, _ = x.shape
     gx, goff, gm = np.zeros_like(x), np.zeros_like(offset), np.zeros_like(mask)
-    for n in range(n_):
-        for oh in range(ho):
-            for ow in range(wo):
-                for g in range(groups):
-                    sl = slice(g * d, (g + 1) * d)
-                    img, grad = x[n, :, :, sl], gy[n, oh, ow, sl]
-                    for k, (i, j) in enumerate(tap_list):
-                        dx, dy = offset[n, oh, ow, (g * k_ + k) * 2], offset[n, oh, ow, (g * k_ + k) * 2 + 1]
-                        m = mask[n, oh, ow, g * k_ + k]
-                        py, px = sampling_point(oh, ow, i, j, dx, dy, kernel_size, stride, padding, dilation,
-                                                offset_scale)
-                        if not _inside(py, px, h, w):
-                            continue
-                        (v00, v01, v10, v11), ly, lx, yl, xl = _corners(img, py, px)
-                        sample = (1 - ly) * (1 - lx) * v00 + (1 - ly) * lx * v01 + ly * (1 - lx) * v10 + ly * lx * v11
-                        gm[n, oh, ow, g * k_ + k] = np.dot(grad, sample)
-                        ds_dx = (1 - ly) * (v01 - v00) + ly * (v11 - v10)
-                        ds_dy = (1 - lx) * (v10 - v00) + lx * (v11 - v01)
-                        goff[n, oh, ow, (g * k_ + k) * 2] = offset_scale * m * np.dot(grad, ds_dx)
-                        goff[n, oh, ow, (g * k_ + k) * 2 + 1] = offset_scale * m * np.dot(grad, ds_dy)
-                        for u, xx, wt in ((yl, xl, (1 - ly) * (1 - lx)), (yl, xl + 1, (1 - ly) * lx),
-                                          (yl + 1, xl, ly * (1 - lx)), (yl + 1, xl + 1, ly * lx)):
-                            if 0 <= u < h and 0 <= xx < w:
-                                gx[n, u, xx, sl] += m * wt * grad
+    for n, oh, ow, sl, o, mi, m, (v00, v01, v10, v11), ly, lx, yl, xl in _gated_points(
+            x, offset, mask, kernel_size, stride, padding, dilation, groups, offset_scale, remove_center):
+        grad = gy[n, oh, ow, sl]
+        sample = (1 - ly) * (1 - lx) * v00 + (1 - ly) * lx * v01 + ly * (1 - lx) * v10 + ly * lx * v11
+        gm[n, oh, ow, mi] = np.dot(grad, sample)
+        ds_dx = (1 - ly) * (v01 - v00) + ly * (v11 - v10)
+        ds_dy = (1 - lx) * (v10 - v00) + lx * (v11 - v01)
+        goff[n, oh, ow, o] = offset_scale * m * np.dot(grad, ds_dx)
+        goff[n, oh, ow, o + 1] = offset_scale * m * np.dot(grad, ds_dy)
+        for u, xx, wt in ((yl, xl, (1 - ly) * (1 - lx)), (yl, xl + 1, (1 - ly) * lx),
+                          (yl + 1, xl, ly * (1 - lx)), (yl + 1, xl + 1, ly * lx)):
+            if 0 <= u < h and 0 <= xx < w:
+                gx[n, u, xx, sl] += m * wt * grad
     return gx, goff, gm
 
 

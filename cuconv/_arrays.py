@@ -8,13 +8,14 @@ dtype TypeError.
 
 Arguments are imported through DLPack without copies: host arrays (NumPy, CPU torch,
 CPU JAX) become NumPy arrays, CUDA arrays (CuPy, CUDA torch, GPU JAX) become CuPy
-arrays. bfloat16 has no DLPack/NumPy-native type, so it travels as 16-bit integers
-and is typed `ml_dtypes.bfloat16` on the host; on the device it stays an int16 view
-(kernels only see pointers, the dtype name picks the instantiation).
+arrays. bfloat16 is typed `ml_dtypes.bfloat16` on both sides: CuPy (>= 14.2, with
+NumPy >= 2.1.2) imports and exports it through DLPack; NumPy's DLPack import has no
+bfloat16, so on the host it travels as 16-bit integers and is retyped.
 
 Outputs are allocated by the framework of the op's `input` (torch's caching allocator
 for torch tensors), so the returned object is the caller's kind of array on the
-caller's device.
+caller's device. CuPy work runs under `on_cupy_device`: CuPy allocates, copies and
+fills on the current device's current stream, which must be the call's.
 """
 
 from __future__ import annotations
@@ -107,12 +108,20 @@ def import_array(op: str, name: str, obj, allow_complex: bool = False) -> Array:
     if framework == "torch" and dtype in COMPLEX_DTYPES and (source.is_conj() or source.is_neg()):
         record_allocation(tuple(source.shape), dtype)  # DLPack cannot carry torch's lazy conj/neg bits
         source = source.resolve_conj().resolve_neg()
-    if dtype == "bfloat16":  # DLPack consumers lack bfloat16: move the bits as int16
-        source = source.view(_int16_of(framework))
     if device[0] == _DLPACK_CPU:
+        if dtype == "bfloat16":  # NumPy's DLPack import lacks bfloat16: move the bits as int16
+            source = source.view(_int16_of(framework))
         data = np.from_dlpack(source)
         if dtype == "bfloat16":
             data = data.view(ml_dtypes.bfloat16)
+    elif framework == "torch":
+        import cupy
+        import torch
+
+        # With CuPy's current stream being torch's, torch's __dlpack__ has nothing to
+        # order; any other stream gets an event wait, which breaks torch.cuda.graph capture.
+        with on_cupy_device(device[1], external_stream(torch.cuda.current_stream(source.device))):
+            data = cupy.from_dlpack(source)
     else:
         import cupy
 
@@ -125,7 +134,7 @@ def _int16_of(framework: str):
         import torch
 
         return torch.int16
-    return np.int16  # JAX and CuPy accept NumPy dtypes in .view
+    return np.int16  # JAX accepts NumPy dtypes in .view
 
 
 def poison_enabled() -> bool:
@@ -155,31 +164,58 @@ def record_allocation(shape, dtype: str) -> None:
         log.append((tuple(int(s) for s in shape), dtype))
 
 
+@contextlib.contextmanager
+def on_cupy_device(device_id: int, stream=None):
+    """CuPy's current device for the block, and `stream` its current stream there when
+    given: CuPy allocates, copies and fills on the current device's current stream.
+    Without `stream` that is the device's own current stream, which is a call's stream
+    whenever CuPy does the call's work (a torch-CUDA call runs on torch's stream, but
+    torch makes its outputs and copies)."""
+    import cupy
+
+    with cupy.cuda.Device(device_id), (contextlib.nullcontext() if stream is None else stream):
+        yield
+
+
+def external_stream(stream):
+    """A CuPy stream for another framework's CUDA stream: anything implementing the CUDA
+    stream protocol (`__cuda_stream__`), e.g. a torch.cuda.Stream. Built per call: the
+    CuPy stream holds a reference to `stream`, so a cache would keep it alive."""
+    import cupy
+
+    return cupy.cuda.Stream.from_external(stream)
+
+
 def empty(like: Array, shape: tuple[int, ...], on_host: bool, dtype: str | None = None) -> Array:
     """A new array of `shape` where the kernels of this call will run, allocated by the
     framework of `like` when that framework holds memory there."""
     dtype = dtype or like.dtype
     shape = tuple(int(s) for s in shape)
     record_allocation(shape, dtype)
+    poison = poison_enabled() and int(np.prod(shape)) > 0
     if like.framework == "torch" and on_host == like.on_host:
         import torch
 
+        # torch allocates and fills on its current stream, the stream of a torch call's kernels
         tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=like.original.device)
-        out = import_array("cuconv", "output", tensor, allow_complex=True)
-    elif on_host:
-        out = Array(np.empty(shape, numpy_dtype(dtype)), dtype, "numpy", (_DLPACK_CPU, 0), None)
-    else:
-        import cupy
+        if poison:
+            tensor.fill_(float("nan"))
+        return import_array("cuconv", "output", tensor, allow_complex=True)
+    if on_host:
+        data = np.empty(shape, numpy_dtype(dtype))
+        if poison:
+            data.fill(np.nan)
+        return Array(data, dtype, "numpy", (_DLPACK_CPU, 0), None)
+    import cupy
 
-        with cupy.cuda.Device(like.device[1] if like.device[0] == _DLPACK_CUDA else 0):
-            data = cupy.empty(shape, np.int16 if dtype == "bfloat16" else numpy_dtype(dtype))
-        out = Array(data, dtype, "cupy", (_DLPACK_CUDA, data.device.id), data)
-    if poison_enabled() and out.data.size:
-        if dtype == "bfloat16" and not out.on_host:
-            out.data.fill(0x7FC0)  # the bfloat16 quiet NaN
-        else:
-            out.data.fill(np.nan)
-    return out
+    device_id = like.device[1] if like.device[0] == _DLPACK_CUDA else 0
+    with on_cupy_device(device_id):
+        data = cupy.empty(shape, numpy_dtype(dtype))
+        if poison and dtype == "bfloat16":
+            data.view(np.int16).fill(0x7FC0)  # the bfloat16 quiet NaN, without a bfloat16 fill kernel
+        elif poison:
+            data.fill(np.nan)
+    return Array(data, dtype, "cupy", (_DLPACK_CUDA, device_id), data)
 
 
 def to_host(a: Array) -> Array:
@@ -187,21 +223,19 @@ def to_host(a: Array) -> Array:
     if a.on_host:
         return a
     record_allocation(a.shape, a.dtype)
-    data = a.data.get()
-    if a.dtype == "bfloat16":
-        data = data.view(ml_dtypes.bfloat16)
-    return Array(data, a.dtype, a.framework, a.device, a.original)
+    return Array(a.data.get(), a.dtype, a.framework, a.device, a.original)
 
 
 def to_device(a: Array, device_id: int = 0) -> Array:
-    """A device copy of a host array (for a forced cuda backend)."""
+    """A device copy of a host array (for a forced cuda backend), made on `device_id`'s
+    current stream."""
     if not a.on_host:
         return a
     record_allocation(a.shape, a.dtype)
     import cupy
 
-    with cupy.cuda.Device(device_id):
-        data = cupy.asarray(a.data.view(np.int16) if a.dtype == "bfloat16" else a.data)
+    with on_cupy_device(device_id):
+        data = cupy.asarray(a.data)
     return Array(data, a.dtype, a.framework, a.device, a.original)
 
 
@@ -213,15 +247,17 @@ def export(out: Array, like: Array):
     if like.framework == "torch":
         import torch
 
-        bits = data.view(np.int16) if out.dtype == "bfloat16" and out.on_host else data
-        tensor = torch.from_dlpack(bits)
-        if out.dtype == "bfloat16":
-            tensor = tensor.view(torch.bfloat16)
+        if out.dtype == "bfloat16" and out.on_host:  # NumPy exports no bfloat16: its bits as int16
+            tensor = torch.from_dlpack(data.view(np.int16)).view(torch.bfloat16)
+        else:
+            tensor = torch.from_dlpack(data)
         return tensor.to(like.original.device)
     if like.framework == "jax":
         import jax
         import jax.numpy as jnp
 
+        if not out.on_host and like.device[0] == _DLPACK_CUDA:
+            return jnp.from_dlpack(data)  # stays on the GPU, no copy
         host = data if out.on_host else to_host(out).data
         return jax.device_put(jnp.asarray(host), like.original.devices().pop())
     if like.device[0] == _DLPACK_CPU:

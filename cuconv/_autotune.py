@@ -137,13 +137,14 @@ def measure(call, algorithm: str, run: Callable[[], object]) -> float:
     repeats = max(1, int(os.environ.get("CUCONV_AUTOTUNE_REPEATS", "5")))
     stream = call.stream()
     times = []
-    for _ in range(repeats):
-        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record(stream)
-        run()
-        stop.record(stream)
-        stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop) * 1e-3)
+    with call.on_device():  # events belong to the current device, and must be the stream's
+        for _ in range(repeats):
+            start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record(stream)
+            run()
+            stop.record(stream)
+            stop.synchronize()
+            times.append(cupy.cuda.get_elapsed_time(start, stop) * 1e-3)
     return statistics.median(times)
 
 

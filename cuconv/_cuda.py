@@ -1,10 +1,10 @@
 """The `cuda` backend: kernels_cu/*.cu compiled by NVRTC through cupy.RawModule.
 
-One RawModule per (kernel module, device), memoized; template instantiations are
-requested with `name_expressions` so one compile serves every shape and dtype.
-CuPy >= 14.2 also caches such modules on disk across processes, keyed by the code
-text, which contains every project header inlined (_kernels.KernelModule.source),
-so editing a header invalidates it.
+One RawModule per kernel module; CuPy compiles and loads it once per device.
+Template instantiations are requested with `name_expressions` so one compile serves
+every shape and dtype. CuPy >= 14.2 also caches such modules on disk across processes,
+keyed by the code text, which contains every project header inlined
+(_kernels.KernelModule.source), so editing a header invalidates it.
 """
 
 from __future__ import annotations
@@ -40,10 +40,18 @@ def _options() -> tuple[str, ...]:
 
 
 @functools.cache
-def _module(module: KernelModule, device_id: int):
-    cupy = _cupy()
-    with cupy.cuda.Device(device_id):
-        return cupy.RawModule(code=module.source(), options=_options(), name_expressions=module.name_expressions)
+def _module(module: KernelModule):
+    return _cupy().RawModule(code=module.source(), options=_options(), name_expressions=module.name_expressions)
+
+
+@functools.cache
+def _function(module: KernelModule, device_id: int, name_expression: str):
+    """The launchable instantiation on `device_id`, resolved once: RawModule.get_function
+    would build a RawKernel and look the function up again on every launch, and on
+    whatever device is current rather than the arrays' device."""
+    with _cupy().cuda.Device(device_id):
+        compiled = _module(module).module  # compiles (or reads CuPy's cache) and loads on device_id
+        return compiled.get_function(compiled.mapping[name_expression])
 
 
 @functools.cache
@@ -61,12 +69,11 @@ def launch(module: KernelModule, kernel: str, dtype: str, grid, block, shared_by
     cupy = _cupy()
     from cupy.cuda.function import CPointer
 
-    raw = _module(module, device_id)
-    fn = raw.get_function(module.name_expression(kernel, dtype))
+    fn = _function(module, device_id, module.name_expression(kernel, dtype))
     # cuLaunchKernel takes a pointer to each argument's bytes; for the by-value params
     # struct that is the address of the int64 array (alive until the launch returns,
     # and the driver copies the bytes at launch). A null pointer goes as a 64-bit 0.
     params = np.ascontiguousarray(params, dtype=np.int64)
     args = (CPointer(params.ctypes.data), *(np.uint64(0) if a is None else a for a in arrays))
-    with cupy.cuda.Device(device_id), stream:
-        fn(tuple(grid), tuple(block), args, shared_mem=shared_bytes)
+    with cupy.cuda.Device(device_id):  # the module's context must be current at launch
+        fn(tuple(grid), tuple(block), args, shared_mem=shared_bytes, stream=stream)

@@ -104,22 +104,29 @@ def kernel_arity(module: KernelModule, kernel: str, dtype: str) -> int:
 def launch(module: KernelModule, kernel: str, dtype: str, grid, block, shared_bytes: int,
            params: np.ndarray, arrays: list) -> None:
     """Runs one kernel: `arrays` are host NumPy arrays (or None for a null pointer)."""
+    params = np.ascontiguousarray(params)
+    launch_addresses(module, module.name_expression(kernel, dtype), grid, block, shared_bytes, params.ctypes.data,
+                     [None if a is None else a.ctypes.data for a in arrays])
+
+
+def launch_addresses(module: KernelModule, name_expression: str, grid, block, shared_bytes: int,
+                     params_address: int, addresses: list) -> None:
+    """Runs one instantiation on host addresses, as cuLaunchKernel takes them: the params
+    struct's and each array argument's (None or 0 for a null pointer)."""
+    kernel = name_expression.partition("<")[0]
     if shared_bytes > MAX_SHARED_BYTES:
         raise RuntimeError(f"{kernel}: {shared_bytes} bytes of shared memory exceed {MAX_SHARED_BYTES}")
     _, launchers, arities = _library(module)
-    name = module.name_expression(kernel, dtype)
     # The launcher reads one pointer per kernel parameter from args: a wrong count would
     # read past the array or leave a parameter unset, so it is refused here.
-    if len(arrays) != arities[name] - 1:
-        raise arity_error(module, kernel, arities[name] - 1, len(arrays))
-    fn = launchers[name]
-    params = np.ascontiguousarray(params)
-    pointers = [ctypes.c_void_p(params.ctypes.data)]
-    pointers += [ctypes.c_void_p(None if a is None else a.ctypes.data) for a in arrays]
+    if len(addresses) != arities[name_expression] - 1:
+        raise arity_error(module, kernel, arities[name_expression] - 1, len(addresses))
+    fn = launchers[name_expression]
+    pointers = [ctypes.c_void_p(a or None) for a in addresses]
     # args[0] points at the struct itself; args[i > 0] each point at a pointer value.
-    args = (ctypes.c_void_p * len(pointers))(pointers[0].value, *(ctypes.addressof(p) for p in pointers[1:]))
+    args = (ctypes.c_void_p * (1 + len(pointers)))(params_address, *(ctypes.addressof(p) for p in pointers))
     grid3 = (ctypes.c_uint * 3)(*(tuple(grid) + (1, 1))[:3])
     block3 = (ctypes.c_uint * 3)(*(tuple(block) + (1, 1))[:3])
     error = ctypes.create_string_buffer(512)
     if fn(grid3, block3, shared_bytes, args, error, len(error)) != 0:
-        raise RuntimeError(f"cuconv interpret backend: {kernel}<{dtype}>: {error.value.decode()}")
+        raise RuntimeError(f"cuconv interpret backend: {name_expression}: {error.value.decode()}")

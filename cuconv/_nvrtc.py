@@ -22,7 +22,7 @@ from pathlib import Path
 
 __all__ = [
     "CompileResult", "KernelResources", "NvrtcError", "NvrtcUnavailable",
-    "compile_to_cubin", "nvrtc_version", "parse_ptxas_log", "runtime_include_dir",
+    "compile_to_cubin", "kernel_resources", "nvrtc_version", "parse_ptxas_log", "runtime_include_dir",
 ]
 
 _NVRTC_PKG = "nvidia-cuda-nvrtc-cu12"
@@ -302,7 +302,14 @@ def compile_to_cubin(source: str, name_expressions: list[str], arch: str = "sm_9
         opts.remove(_PTXAS_VERBOSE)
         rc, log, cubin, lowered = _compile_once(source, name_expressions, opts, program_name)
     _check(rc, f"nvrtcCompileProgram({program_name}, {arch})", log)
+    return CompileResult(arch=arch, cubin=cubin, log=log, lowered_names=lowered,
+                         resources=kernel_resources(log, cubin, lowered))
 
+
+def kernel_resources(log: str, cubin: bytes, lowered: dict[str, str]) -> dict[str, KernelResources]:
+    """Resources per name expression, from the ``ptxas -v`` log of a compile, with
+    register counts from the cubin where the log has none; `lowered` maps each name
+    expression to its mangled name."""
     from_log = parse_ptxas_log(log)
     from_elf = _cubin_register_counts(cubin)
     resources = {}
@@ -311,4 +318,4 @@ def compile_to_cubin(source: str, name_expressions: list[str], arch: str = "sm_9
         if res.registers is None and mangled in from_elf:
             res = KernelResources(from_elf[mangled], res.spill_stores, res.spill_loads, res.shared_bytes)
         resources[expr] = res
-    return CompileResult(arch=arch, cubin=cubin, log=log, lowered_names=lowered, resources=resources)
+    return resources

@@ -1,11 +1,17 @@
 """`cuconv check`: compile every kernel instantiation with NVRTC for each target
 architecture, without a GPU, and report each kernel's registers, spills and static
-shared memory. CI runs it, so CUDA-only code paths are at least compiled."""
+shared memory. CI runs it, so CUDA-only code paths are at least compiled.
+
+`--via nvrtc` (the default) uses cuconv's own NVRTC binding (the CUDA 12 wheel);
+`--via cupy` goes through CuPy's own compile path (its options, header lookup and
+name_expressions lowering, see _cupy_compile), with whichever CUDA toolkit that CuPy
+uses, and fails on a spill as well as on a compile error."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import _cupy_compile
 from ._kernels import KernelModule, registered_modules
 from ._nvrtc import KernelResources, NvrtcError, compile_to_cubin
 
@@ -39,28 +45,32 @@ def selected_modules(names=None) -> list:
     return [m for m in modules if m.filename in names]
 
 
-def compile_all(archs=ARCHS, modules=None) -> list[CheckRow]:
+def compile_all(archs=ARCHS, modules=None, via="nvrtc", workers=1) -> list[CheckRow]:
     """Every instantiation of every registered kernel module (or of the named .cu files),
-    for each arch; raises NvrtcError (with the log) on the first module that fails."""
-    rows = []
-    for module in selected_modules(modules):
-        for arch in archs:
-            result = compile_to_cubin(module.source(), module.name_expressions, arch=arch,
-                                      program_name=module.filename)
-            rows += [CheckRow(module.filename, name, arch,
-                              result.resources.get(name, KernelResources(None, None, None, None)))
-                     for name in module.name_expressions]
-    return rows
+    for each arch, compiled by cuconv's NVRTC binding or (via="cupy") through CuPy's
+    compile path with `workers` compiles at a time; raises NvrtcError (with the log)
+    on the first module that fails."""
+    jobs = [(module, arch) for module in selected_modules(modules) for arch in archs]
+    if via == "cupy":
+        results = _cupy_compile.compile_all(
+            [(m.source(), m.name_expressions, arch, m.filename) for m, arch in jobs], workers)
+    else:
+        results = [compile_to_cubin(m.source(), m.name_expressions, arch=arch, program_name=m.filename)
+                   for m, arch in jobs]
+    return [CheckRow(m.filename, name, arch, result.resources.get(name, KernelResources(None, None, None, None)))
+            for (m, arch), result in zip(jobs, results) for name in m.name_expressions]
 
 
 def _fmt(v) -> str:
     return "?" if v is None else str(v)
 
 
-def main(archs=ARCHS, modules=None) -> int:
+def main(archs=ARCHS, modules=None, via="nvrtc", workers=1) -> int:
     try:
-        rows = compile_all(archs, modules)
-    except ValueError as e:
+        if via == "cupy":  # what compiles, before anything is compiled
+            print(f"compiling through CuPy's compile path: {_cupy_compile.toolchain().describe()}", flush=True)
+        rows = compile_all(archs, modules, via, workers)
+    except (ValueError, _cupy_compile.CupyUnavailable) as e:
         print(e)
         return 2
     except NvrtcError as e:
@@ -76,4 +86,12 @@ def main(archs=ARCHS, modules=None) -> int:
     spilling = [r for r in rows if r.resources.spill_stores]
     print(f"\n{len(rows)} kernel instantiations compiled for {', '.join(archs)}; "
           f"{len(spilling)} spill registers.")
+    if via == "cupy":
+        # A spill, or a kernel ptxas said nothing about, fails this check.
+        unreported = [r for r in rows if r.resources.spill_stores is None]
+        for what, bad in (("spills", spilling), ("no ptxas report", unreported)):
+            if bad:
+                print(f"cuconv check --via cupy: {what}: " + ", ".join(f"{r.kernel} ({r.arch})" for r in bad))
+        if spilling or unreported:
+            return 1
     return 0

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -74,6 +75,40 @@ def _gpu_status() -> list[str]:
     return lines
 
 
+def _probe_status() -> list[str]:
+    """The tensor-core verdict for each visible GPU: the fragment probes run here, a few
+    microseconds per GPU once compiled. Not on interpret, which runs them at its first
+    float16/bfloat16 algorithm='auto' call."""
+    from . import _probes
+
+    try:
+        import cupy
+
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # no CuPy, no driver, no device: _gpu_status says which
+        count = 0
+    if count == 0:
+        return ["tensor-core probes: not run (no GPU here); the interpret backend runs them on its host "
+                "fallbacks at its first float16/bfloat16 algorithm='auto' call"]
+    try:
+        mode = _probes.mode()
+    except ValueError as e:
+        return [f"tensor-core probes: {e}"]
+    forced = "" if mode == "run" else f" (forced by CUCONV_TENSOR_CORE_PROBES={mode})"
+    lines = []
+    for i in range(count):
+        with warnings.catch_warnings():  # the failure is printed here, not warned about
+            warnings.simplefilter("ignore", RuntimeWarning)
+            report = _probes.report("cuda", i)
+        if report.passed:
+            lines.append(f"  GPU {i} tensor-core probes: passed{forced}; algorithm='auto' may use the tensor "
+                         f"cores for float16/bfloat16")
+        else:
+            lines.append(f"  GPU {i} tensor-core probes: FAILED{forced} ({report.summary()}); algorithm='auto' "
+                         f"stays on the exact kernels")
+    return lines
+
+
 def _folder_summary(path: Path) -> str:
     files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
     return f"{path} ({len(files)} files, {sum(p.stat().st_size for p in files) / 2**20:.1f} MiB)"
@@ -86,7 +121,7 @@ def _info() -> int:
 
     print(f"cuconv {cuconv.__version__}")
     print(f"interpret backend: {_interpret_status()}")
-    for line in _gpu_status():
+    for line in _gpu_status() + _probe_status():
         print(line)
     try:
         from ._nvrtc import nvrtc_version
@@ -132,13 +167,19 @@ def main(argv=None) -> int:
     check = sub.add_parser("check", help="compile every kernel instantiation with NVRTC (no GPU needed)")
     check.add_argument("--arch", action="append", help="target, e.g. sm_90 (repeatable; default sm_80 and sm_90)")
     check.add_argument("--module", action="append", help="a kernels_cu file, e.g. conv2d.cu (repeatable; default all)")
-    sub.add_parser("info", help="what works here (interpret and cuda backends, and why not), versions of cuconv, "
-                                "CuPy, NVRTC, torch, jax, numpy and g++, kernel caches, autotuning")
+    check.add_argument("--via", choices=("nvrtc", "cupy"), default="nvrtc",
+                       help="nvrtc: cuconv's own NVRTC binding (default); cupy: CuPy 14.2's own compile path "
+                            "(its options, header lookup, name_expressions), with its toolkit; fails on a spill too")
+    check.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                       help="compiles at a time with --via cupy (default: the number of cores)")
+    sub.add_parser("info", help="what works here (interpret and cuda backends, and why not; each GPU's "
+                                "tensor-core probe verdict), versions of cuconv, CuPy, NVRTC, torch, jax, "
+                                "numpy and g++, kernel caches, autotuning")
     args = parser.parse_args(argv)
     if args.command == "check":
         from .check import ARCHS, main as check_main
 
-        return check_main(tuple(args.arch) if args.arch else ARCHS, args.module)
+        return check_main(tuple(args.arch) if args.arch else ARCHS, args.module, args.via, args.jobs)
     return _info()
 
 

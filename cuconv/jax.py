@@ -28,15 +28,17 @@ How the kernels run:
   trace time with cuconv's own message. Two mechanisms (`CUCONV_JAX_CALLBACK`, read when
   a function is traced):
   - `buffer` (the default where `jax.experimental.buffer_callback` exists):
-    `buffer_callback` hands the callback XLA's own buffers. On the CPU they are viewed
-    as NumPy arrays (no copy) and the kernels run on `interpret`; on a GPU they are
-    viewed as CuPy arrays (`__cuda_array_interface__`) and the kernels launch on XLA's
-    stream (`ctx.stream`, as a `cupy.cuda.ExternalStream`). The result is copied once
-    into XLA's output buffer (cuconv ops allocate their outputs). bfloat16 on a GPU
-    falls back to `pure` (CuPy has no bfloat16 type). The GPU branch has not been run.
+    `buffer_callback` hands the callback XLA's own buffers, viewed through DLPack
+    without a copy: as NumPy arrays on the CPU (kernels on `interpret`), as CuPy arrays
+    on a GPU (kernels on `cuda`, launched on XLA's stream `ctx.stream` under the
+    buffers' device). The result is copied once into XLA's output buffer (cuconv ops
+    allocate their outputs). Every dtype, bfloat16 included, takes this path.
   - `pure`: `jax.pure_callback`; the callback receives NumPy arrays (XLA copies device
-    arrays to the host and the result back), so it runs on `interpret` unless
-    `CUCONV_BACKEND=cuda` sends the host arrays to the GPU.
+    arrays to the host and the result back). For a computation on a CUDA device (the
+    platform it is lowered for, through `jax.lax.platform_dependent`) the callback sends
+    them to CuPy's current device and runs the `cuda` kernels there (the emulator would
+    be far slower than the copies), unless `CUCONV_BACKEND=interpret` keeps them on the
+    host; on the CPU it runs on `interpret`.
 
 Complex gradients: cuconv's backward returns `dL/dRe z + i dL/dIm z` for a complex
 argument z (PyTorch's convention). JAX's cotangent of a complex input is the conjugate,
@@ -55,8 +57,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _arrays
 from ._arrays import COMPLEX_DTYPES, DTYPES
 from ._registry import OPS, get_op, output_shape
+from .ops._common import forced_backend
 
 try:
     from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
@@ -126,39 +130,71 @@ def _run_backward(op, names, params, grad_output, arrays):
     return tuple(by_name[n] for n in names)
 
 
+class _StreamHandle:
+    """A raw stream pointer in the CUDA stream protocol, the form
+    cupy.cuda.Stream.from_external takes (ExternalStream is deprecated)."""
+
+    def __init__(self, ptr: int):
+        self.ptr = int(ptr)
+
+    def __cuda_stream__(self):
+        return (0, self.ptr)
+
+
 def _on_buffers(compute, ctx, outs, bufs) -> None:
     """Runs `compute(*arrays) -> results` on XLA's buffers and writes the results into
-    XLA's output buffers: NumPy views on the host, CuPy views on XLA's stream on a GPU."""
+    XLA's output buffers: NumPy views on the host; on a GPU, CuPy views (DLPack keeps
+    bfloat16 typed) with every CuPy operation and kernel on XLA's stream, so they are
+    ordered with the rest of the computation without a synchronisation."""
     device = outs[0].__dlpack_device__()
     if int(device[0]) == 1:  # kDLCPU
         results = compute(*(_host(b) for b in bufs))
         for out, r in zip(outs, results):
             np.asarray(out)[...] = r
         return
-    import cupy  # GPU: not run on the machine this was written on
+    import cupy
 
-    with cupy.cuda.Device(int(device[1])), cupy.cuda.ExternalStream(int(ctx.stream)):
-        results = compute(*(cupy.asarray(b) for b in bufs))
+    with _arrays.on_cupy_device(int(device[1]), _arrays.external_stream(_StreamHandle(ctx.stream))):
+        results = compute(*(cupy.from_dlpack(b) for b in bufs))
         for out, r in zip(outs, results):
-            cupy.asarray(out)[...] = r
+            out = cupy.from_dlpack(out)
+            if out.dtype == jnp.bfloat16:  # copy the bits: no bfloat16 copy kernel to compile
+                out, r = out.view(np.int16), r.view(np.int16)
+            out[...] = r
+
+
+def _on_host_arrays(compute, arrays, on_gpu: bool):
+    """Runs `compute` for a pure_callback, whose arrays are on the host. For a computation
+    on a GPU they go to CuPy's current device and the results come back, so the kernels
+    run on `cuda` rather than on the (much slower) emulator; CUCONV_BACKEND=interpret
+    keeps them on the host."""
+    arrays = tuple(_host(a) for a in arrays)
+    if not on_gpu or forced_backend() == "interpret":
+        return tuple(np.asarray(r) for r in compute(*arrays))
+    import cupy
+
+    results = compute(*(cupy.asarray(a) for a in arrays))
+    return tuple(cupy.asnumpy(r) for r in results)
 
 
 def _callback(compute, result_types, xs):
     """compute(*arrays) -> tuple of arrays, as one traced JAX op with these results."""
-    mode = callback_mode()
-    on_gpu = jax.default_backend() not in ("cpu",)
-    if mode == "buffer" and on_gpu and any(t.dtype == jnp.bfloat16 for t in result_types):
-        mode = "pure"  # CuPy cannot view a bfloat16 buffer
-    if mode == "buffer":
+    result_types = tuple(result_types)
+    if callback_mode() == "buffer":  # the buffers' device says where the kernels run
         def cb(ctx, outs, *bufs):
             _on_buffers(compute, ctx, outs, bufs)
 
-        return tuple(_buffer_callback(cb, tuple(result_types), vmap_method="sequential")(*xs))
+        return tuple(_buffer_callback(cb, result_types, vmap_method="sequential")(*xs))
 
-    def host(*arrays):
-        return tuple(np.asarray(r) for r in compute(*(_host(a) for a in arrays)))
+    def staged(on_gpu):
+        def host(*arrays):
+            return _on_host_arrays(compute, arrays, on_gpu)
 
-    return tuple(jax.pure_callback(host, tuple(result_types), *xs, vmap_method="sequential"))
+        return lambda *xs: tuple(jax.pure_callback(host, result_types, *xs, vmap_method="sequential"))
+
+    # The platform the computation is lowered for (not the default backend: arrays may be
+    # committed elsewhere) decides where the callback sends its host arrays.
+    return tuple(jax.lax.platform_dependent(*xs, cuda=staged(True), default=staged(False)))
 
 
 # --- custom_vjp ---

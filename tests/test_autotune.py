@@ -6,6 +6,7 @@ switch tuning on with `tuning_enabled` patched and replace `measure` by fixed ti
 the machinery is what is under test, not a clock."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -163,7 +164,7 @@ def test_conv2d_backward_tunes_each_gradient_on_its_own(tuning, monkeypatch):
     w = rng.standard_normal((4, 3, 3, 3))
     b = rng.standard_normal(4)
     gy = rng.standard_normal((2, 4, 8, 7))
-    monkeypatch.setattr(CONV2D, "candidates", lambda geom, dtype, passes=False: ["direct", "fft"])
+    monkeypatch.setattr(CONV2D, "candidates", lambda geom, dtype, passes=False, call=None: ["direct", "fft"])
     # measured in order: grad_input's direct, fft, then grad_weight's direct, fft
     sequence = iter([2.0, 1.0, 1.0, 2.0])
     monkeypatch.setattr(_autotune, "measure", lambda call, algorithm, run: (run(), next(sequence))[1])
@@ -180,9 +181,10 @@ def test_conv2d_backward_tunes_each_gradient_on_its_own(tuning, monkeypatch):
     assert cuconv.conv2d_backward(gy, x, w, b, padding=1, wrt="weight")[0] is None
 
 
-def test_pass_ops_tune_between_direct_and_implicit_gemm(tuning, launches):
-    """conv_transpose2d, subpixel_conv2d and dynamic_conv2d: 'auto' is 'direct' untuned; tuned,
-    it runs the measured-faster candidate, per stage, and never the TF32 variant."""
+def test_pass_ops_tune_between_direct_and_implicit_gemm(tuning, launches, monkeypatch):
+    """conv_transpose2d, subpixel_conv2d and dynamic_conv2d tuned, on a device whose tensor
+    cores are verified: the measured-faster candidate, per stage, and never the TF32 variant."""
+    monkeypatch.setenv("CUCONV_TENSOR_CORE_PROBES", "pass")
     cache, times, measured = tuning
     rng = np.random.default_rng(2)
     times.update(direct=2.0, implicit_gemm=1.0)
@@ -209,9 +211,20 @@ def test_pass_ops_tune_between_direct_and_implicit_gemm(tuning, launches):
     assert set(measured) == {"direct", "implicit_gemm"}
 
 
-def test_pass_ops_untuned_auto_is_direct(launches):
+@pytest.mark.parametrize("probes,expected", [("pass", ["conv2d_igemm_bwd_input", "conv2d_igemm_fwd"]),
+                                              ("fail", ["conv2d_bwd_input", "conv2d_fwd"])])
+def test_pass_ops_untuned_auto(launches, monkeypatch, probes, expected):
+    """float16 with several channels per group: the implicit GEMM where the tensor cores are
+    verified (cuconv/_probes.py), else 'direct'."""
+    from cuconv import _probes
+
+    monkeypatch.setenv("CUCONV_TENSOR_CORE_PROBES", probes)
+    _probes.forget()
     rng = np.random.default_rng(3)
     x = rng.standard_normal((1, 4, 5, 5)).astype(np.float16)
-    cuconv.conv_transpose2d(x, rng.standard_normal((4, 2, 3, 3)).astype(np.float16), stride=2)
-    cuconv.subpixel_conv2d(x, rng.standard_normal((8, 4, 3, 3)).astype(np.float16), padding=1)
-    assert launches == ["conv2d_bwd_input", "conv2d_fwd"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the forced failure's warning (tests/test_probes.py)
+        cuconv.conv_transpose2d(x, rng.standard_normal((4, 2, 3, 3)).astype(np.float16), stride=2)
+        cuconv.subpixel_conv2d(x, rng.standard_normal((8, 4, 3, 3)).astype(np.float16), padding=1)
+    _probes.forget()
+    assert launches == expected

@@ -345,10 +345,10 @@ def test_kernel_module_registered_for_half_types_and_tf32_float():
                                         for t in ("__half", "__nv_bfloat16", "float")]
 
 
-def test_public_api_selects_it_only_on_request(launches):
+def test_public_api_runs_it_by_name(launches):
     """cuconv.conv2d(..., algorithm='implicit_gemm') runs this kernel and conv2d_backward
-    by name runs dgrad + wgrad; 'auto' never does; an unsupported dtype is refused before
-    any launch, forward and backward."""
+    by name runs dgrad + wgrad (when 'auto' does: tests/test_probes.py); an unsupported
+    dtype is refused before any launch, forward and backward."""
     import cuconv
 
     rng = np.random.default_rng(0)
@@ -356,8 +356,8 @@ def test_public_api_selects_it_only_on_request(launches):
     w = rng.standard_normal((6, 5, 3, 3)).astype(np.float16)
     y = cuconv.conv2d(x, w, padding=1, algorithm="implicit_gemm")
     assert launches == ["conv2d_igemm_fwd"]
-    assert rel_err(y, cuconv.conv2d(x, w, padding=1)) < 4 * unit_roundoff("float16")
-    assert launches[-1] == "conv2d_fwd"  # 'auto' kept the direct kernel
+    assert rel_err(y, cuconv.conv2d(x, w, padding=1, algorithm="direct")) < 4 * unit_roundoff("float16")
+    assert launches[-1] == "conv2d_fwd"
     launches.clear()
     gy = rng.standard_normal(y.shape).astype(np.float16)
     grads = cuconv.conv2d_backward(gy, x, w, padding=1, algorithm="implicit_gemm")
@@ -811,9 +811,11 @@ def test_public_tf32_algorithm_and_auto_never_picks_it(launches, monkeypatch):
     for mine, theirs in zip(grads, igemm_conv2d_backward(gy, x, w, padding=1, tf32=True)):
         np.testing.assert_array_equal(mine, theirs)
     geom = conv_geometry("conv2d", x.shape, w.shape, None, 1, 1, 1, 1)
-    assert "implicit_gemm_tf32" not in CONV2D.candidates(geom, "float32")
-    assert "implicit_gemm_tf32" not in CONV2D.candidates(geom, "float32", passes=True)
-    assert "implicit_gemm" in CONV2D.candidates(geom, "float16")
+    monkeypatch.setenv("CUCONV_TENSOR_CORE_PROBES", "pass")  # even where the tensor cores are verified
+    verified = Call("conv2d", input=x, weight=w)
+    assert "implicit_gemm_tf32" not in CONV2D.candidates(geom, "float32", call=verified)
+    assert "implicit_gemm_tf32" not in CONV2D.candidates(geom, "float32", passes=True, call=verified)
+    assert "implicit_gemm" in CONV2D.candidates(geom, "float16", call=verified)
     with pytest.raises(ValueError, match="implicit_gemm_tf32"):
         cuconv.conv2d(x.astype(np.float16), w.astype(np.float16), algorithm="implicit_gemm_tf32")
 

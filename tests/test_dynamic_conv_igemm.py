@@ -11,6 +11,8 @@ Also: agreement with algorithm='direct', the non-input gradients bitwise those o
 batch 0 / 1, determinism, no mixed-kernel-sized allocation, and bad arguments launching
 nothing."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -134,15 +136,27 @@ def test_wrt_subsets(launches, wrt, expected):
             assert one is None, name
 
 
-def test_auto_is_direct(launches):
+@pytest.mark.parametrize("probes,forward,grad_input", [
+    ("pass", "conv2d_igemm_dynamic_fwd", "conv2d_igemm_dynamic_bwd_input"),
+    ("fail", "dynamic_conv2d_fwd", "dynamic_conv2d_bwd_input")])
+def test_auto_follows_the_tensor_core_verdict(launches, monkeypatch, probes, forward, grad_input):
+    """'auto' is 'implicit_gemm' (several input channels per group) where the tensor-core
+    probes passed, else 'direct' (cuconv/_probes.py, tests/test_probes.py)."""
+    from cuconv import _probes
+
+    monkeypatch.setenv("CUCONV_TENSOR_CORE_PROBES", probes)
+    _probes.forget()
     x, w, a, bias, gy, params = make_inputs(CASES[0], "bfloat16")
-    y_auto = dynamic_conv2d(x, w, a, bias, **params)
-    assert launches == ["dynamic_conv2d_fwd"]
-    y_direct = dynamic_conv2d(x, w, a, bias, **params, algorithm="auto")
-    assert np.array_equal(y_auto.view(np.uint16), y_direct.view(np.uint16))
-    launches.clear()
-    dynamic_conv2d_backward(gy, x, w, a, bias, **params, wrt="input")
-    assert launches == ["dynamic_conv2d_bwd_input"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the forced failure's warning
+        y_auto = dynamic_conv2d(x, w, a, bias, **params)
+        assert launches == [forward]
+        y_named = dynamic_conv2d(x, w, a, bias, **params, **(IGEMM if probes == "pass" else DIRECT))
+        assert np.array_equal(y_auto.view(np.uint16), y_named.view(np.uint16))
+        launches.clear()
+        dynamic_conv2d_backward(gy, x, w, a, bias, **params, wrt="input")
+    _probes.forget()
+    assert launches == [grad_input]
 
 
 def test_batch_zero_and_one():

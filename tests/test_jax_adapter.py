@@ -5,26 +5,44 @@ arithmetic), JAX's own implementation of the same function where it is straightf
 (lax.conv_general_dilated for the convolutions, jnp.fft for spectral_filter2d, jnp
 reshapes for pixel (un)shuffle, vmapped lax convs for the dynamic convs), and torch CPU
 autograd of the same function built in torch (the torch oracles of the op test modules).
+
+These run on JAX's CPU device (the interpret backend), on a GPU machine too. The
+test_cuda_* tests place their arrays on JAX's GPU (skipped without one, or without a
+CUDA build of jaxlib): every op eager and under jit, every dtype in both callback modes,
+the complex filter, ordering with XLA's own work, a second GPU.
 """
 
 import inspect
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 
+# Leave the GPU to CuPy and torch as well: JAX would otherwise take 75% of it at start.
 jax = pytest.importorskip("jax")
 jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 
 import cuconv  # noqa: E402
 import cuconv.jax as cj  # noqa: E402
+from cuconv import _interpret  # noqa: E402
 from cuconv._registry import OPS, output_shape  # noqa: E402
+from conftest import DTYPES, gpu_available, rel_err, to_numpy, unit_roundoff  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _cpu_by_default():
+    """Arrays made without a device go to the CPU: the tests that name no device run on
+    interpret where JAX also has a GPU (the test_cuda_* tests place theirs)."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
 TOL = 1e-10
 # Callback mechanisms for traced calls; buffer_callback exists only in newer JAX.
 MODES = [m for m in cj.CALLBACKS if m != "buffer" or cj._buffer_callback is not None]
@@ -79,12 +97,15 @@ def _call(op, params):
     return f
 
 
-def _grads(fn, arrays, present, jit):
-    """jax.grad of fn(dict of present arrays) with respect to every present array."""
+def _grads(fn, arrays, present, jit, device=None):
+    """jax.grad of fn(dict of present arrays) with respect to every present array, the
+    arrays on `device` (None: the default device)."""
     g = jax.grad(lambda d: fn(d))
     if jit:
         g = jax.jit(g)
-    out = g({n: jnp.asarray(arrays[n]) for n in present})
+    out = g({n: jax.device_put(arrays[n], device) for n in present})
+    if device is not None:
+        assert all(v.devices() == {device} for v in out.values())
     return {n: np.asarray(v) for n, v in out.items()}
 
 
@@ -429,7 +450,161 @@ def test_each_mode_lowers_to_its_callback(monkeypatch):
         forward = str(jax.make_jaxpr(lambda x: cj.conv2d(x, w))(x))
         assert "custom_vjp_call" in forward and name in forward, forward
         backward = str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(cj.conv2d(x, w))))(x))
-        assert backward.count(name) == 2, backward  # the forward's and the backward's
+        # the forward's and the backward's; pure stages one per platform branch (CPU, CUDA)
+        assert backward.count(name) == (2 if mode == "buffer" else 4), backward
+
+
+# --- the GPU paths, driven on the CPU with a stand-in for CuPy ---
+
+XLA_STREAM = 0x5EED
+
+
+class _StubCupy(types.ModuleType):
+    """Just the CuPy that cuconv.jax's GPU paths may use, recording the device and the
+    stream each view and write happens under. "Device" arrays are NumPy arrays of the
+    class _OnDevice, so cuconv's interpret backend still computes real numbers."""
+
+    def __init__(self):
+        super().__init__("cupy")
+        self.device = self.stream = None  # what is entered now
+        self.views, self.writes, self.sent, self.fetched = [], [], [], []
+        stub = self
+
+        class Device:
+            def __init__(self, index):
+                self.index = index
+
+            def __enter__(self):
+                stub.device = self.index
+
+            def __exit__(self, *exc):
+                stub.device = None
+
+        class Stream:
+            @classmethod
+            def from_external(cls, handle):
+                stream = cls()
+                version, stream.ptr = handle.__cuda_stream__()
+                assert version == 0 and isinstance(stream.ptr, int)
+                return stream
+
+            def __enter__(self):
+                stub.stream = self.ptr
+
+            def __exit__(self, *exc):
+                stub.stream = None
+
+        def deprecated(*args, **kwargs):
+            raise AssertionError("cupy.cuda.ExternalStream is deprecated (a DeprecationWarning per call)")
+
+        self.cuda = types.SimpleNamespace(Device=Device, Stream=Stream, ExternalStream=deprecated)
+
+    def context(self):
+        return self.device, self.stream
+
+    def from_dlpack(self, buffer):
+        self.views.append((buffer, self.context()))
+        return buffer.data.view(_OnDevice)._recording(self)
+
+    def asarray(self, a):
+        self.sent.append(a)
+        return np.array(a).view(_OnDevice)
+
+    def asnumpy(self, a):
+        self.fetched.append(a)
+        return np.asarray(a)
+
+
+class _OnDevice(np.ndarray):
+    def _recording(self, stub):
+        self.stub = stub
+        return self
+
+    def __array_finalize__(self, obj):
+        self.stub = getattr(obj, "stub", None)
+
+    def __setitem__(self, key, value):
+        if self.stub is not None:
+            self.stub.writes.append(self.stub.context())
+        super().__setitem__(key, value)
+
+
+class _GpuBuffer:
+    """An XLA buffer on CUDA device 1, as buffer_callback hands it over: DLPack only."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __dlpack_device__(self):
+        return (2, 1)  # kDLCUDA, device 1
+
+
+def test_buffer_callback_on_a_gpu_views_xlas_buffers_on_xlas_stream(monkeypatch):
+    """The GPU branch: each buffer viewed with cupy.from_dlpack (bfloat16 stays typed),
+    the op run and the result written under the buffers' device and XLA's stream
+    (Stream.from_external, not the deprecated ExternalStream)."""
+    stub = _StubCupy()
+    monkeypatch.setitem(sys.modules, "cupy", stub)
+    rng = np.random.default_rng(9)
+    x, w = (_GpuBuffer(rng.standard_normal(6).astype(ml_dtypes.bfloat16)) for _ in range(2))
+    out = _GpuBuffer(np.full(6, np.nan, ml_dtypes.bfloat16))
+    seen = []
+
+    def compute(a, b):
+        seen.append((stub.context(), a.dtype, np.shares_memory(a, x.data), np.shares_memory(b, w.data)))
+        return (a * b,)
+
+    cj._on_buffers(compute, types.SimpleNamespace(stream=XLA_STREAM), [out], [x, w])
+    assert seen == [((1, XLA_STREAM), np.dtype(ml_dtypes.bfloat16), True, True)]
+    assert [b for b, _ in stub.views] == [x, w, out] and {c for _, c in stub.views} == {(1, XLA_STREAM)}
+    assert stub.writes == [(1, XLA_STREAM)]
+    np.testing.assert_array_equal(out.data, x.data * w.data)
+
+
+@pytest.mark.skipif(cj._buffer_callback is None, reason="this JAX has no buffer_callback")
+def test_bfloat16_takes_the_buffer_callback_on_a_gpu(monkeypatch):
+    """Every dtype, bfloat16 included, takes the buffer callback on any platform."""
+    monkeypatch.setenv("CUCONV_JAX_CALLBACK", "buffer")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    x, w = jnp.zeros((1, 1, 4, 4), jnp.bfloat16), jnp.zeros((1, 1, 3, 3), jnp.bfloat16)
+    forward = str(jax.make_jaxpr(lambda x: cj.conv2d(x, w))(x))
+    assert "buffer_callback" in forward and "pure_callback" not in forward, forward
+
+
+def _lowered_for_cuda(*args, default=None, **per_platform):
+    """jax.lax.platform_dependent as it resolves when the computation is lowered for CUDA."""
+    return per_platform["cuda"](*args)
+
+
+@pytest.mark.parametrize("platform,forced,on_gpu", [("cuda", "", True), ("cuda", "interpret", False),
+                                                    ("cpu", "", False)], ids=["gpu", "gpu-forced-host", "cpu"])
+def test_pure_callback_on_a_gpu_runs_the_kernels_there(platform, forced, on_gpu, monkeypatch):
+    """Under `pure`, a computation lowered for CUDA sends the callback's host arrays to
+    CuPy (so cuconv runs its cuda kernels on them) and fetches the results back; on the
+    CPU, or with CUCONV_BACKEND=interpret, they stay on the host. Forward and backward,
+    under jit, with the numbers of cuconv on the host arrays."""
+    stub = _StubCupy()
+    monkeypatch.setitem(sys.modules, "cupy", stub)
+    monkeypatch.setenv("CUCONV_JAX_CALLBACK", "pure")
+    monkeypatch.setenv("CUCONV_BACKEND", forced)
+    if platform == "cuda":
+        monkeypatch.setattr(jax.lax, "platform_dependent", _lowered_for_cuda)
+    seen = []
+    for name in ("_run_forward", "_run_backward"):
+        original = getattr(cj, name)
+        monkeypatch.setattr(cj, name, lambda *a, original=original: (seen.append(type(a[-1][0])), original(*a))[1])
+    rng = np.random.default_rng(10)
+    x, w = rng.standard_normal((2, 3, 6, 5)), rng.standard_normal((4, 3, 3, 3))
+    value, (gx, gw) = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(cj.conv2d(x, w, padding=1) ** 2),
+                                                 argnums=(0, 1)))(x, w)
+    y = cuconv.conv2d(x, w, padding=1)
+    expected_gx, expected_gw = cuconv.conv2d_backward(2 * y, x, w, padding=1)[:2]
+    _close(value, np.sum(y ** 2), "loss")
+    _close(gx, expected_gx, "d/dinput")
+    _close(gw, expected_gw, "d/dweight")
+    assert seen == [_OnDevice if on_gpu else np.ndarray] * 2  # the forward's and the backward's arrays
+    assert len(stub.sent) == (2 + 3 if on_gpu else 0)  # (input, weight), then (grad_output, input, weight)
+    assert len(stub.fetched) == (1 + 2 if on_gpu else 0)  # the output, then the two gradients
 
 
 # --- a small model trains under jit ---
@@ -495,3 +670,165 @@ def test_cuconv_imports_without_jax():
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "no-jax-ok"
+
+
+# --- CUDA: JAX arrays on a GPU (the cuda backend), eager and under jit ---
+
+needs_gpu = pytest.mark.skipif(not gpu_available(), reason="no CUDA GPU")
+
+
+def _jax_gpus():
+    try:
+        return jax.devices("gpu")
+    except RuntimeError:  # jaxlib without CUDA
+        return []
+
+
+@pytest.fixture
+def jax_gpu():
+    """JAX's first GPU (skips without a CUDA build of jaxlib)."""
+    gpus = _jax_gpus()
+    if not gpus:
+        pytest.skip("JAX has no GPU backend (jaxlib without CUDA)")
+    return gpus[0]
+
+
+def _on_cupy(arrays):
+    import cupy
+
+    return {n: None if a is None else cupy.asarray(a) for n, a in arrays.items()}
+
+
+def _setup_on_gpu(case, seed=0):
+    """_setup's (op, arrays, params, present names, grad_output) plus the op's output,
+    all computed by the cuda backend (on CuPy arrays)."""
+    op = _op(case)
+    arrays, params = _case(case, seed)
+    present = tuple(n for n, a in arrays.items() if a is not None)
+    y = to_numpy(getattr(cuconv, op)(**_on_cupy(arrays), **params))
+    gy = np.random.default_rng(seed + 100).standard_normal(y.shape)
+    return op, arrays, params, present, gy, y
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", CASES)
+def test_cuda_every_op_eager_and_jit(case, jax_gpu, monkeypatch):
+    """Every op on GPU arrays, eager and under jit (buffer callback): results on the input's
+    GPU, the forward and every gradient equal to cuconv's on CuPy arrays (the same kernels)."""
+    monkeypatch.setenv("CUCONV_JAX_CALLBACK", MODES[0])
+    op, arrays, params, present, gy, expected_y = _setup_on_gpu(case)
+    expected = dict(zip(OPS[op].arrays, getattr(cuconv, f"{op}_backward")(_on_cupy({"g": gy})["g"],
+                                                                          **_on_cupy(arrays), **params)))
+    f = _call(op, params)
+    jarrays = {n: jax.device_put(arrays[n], jax_gpu) for n in present}
+    for run in (f, jax.jit(f)):
+        y = run(jarrays)
+        assert y.devices() == {jax_gpu}
+        _close(np.asarray(y), expected_y, f"{op} forward on the GPU")
+    loss = lambda d: jnp.sum(f(d) * gy)  # noqa: E731
+    for jit in (False, True):
+        got = _grads(loss, arrays, present, jit, device=jax_gpu)
+        for n in present:
+            want = to_numpy(expected[n])
+            _close(got[n], np.conj(want) if n in OPS[op].complex_arrays else want, f"{op} d/d{n} jit={jit}")
+
+
+# cuda against interpret on the same rounded inputs: the same kernels, compiled by NVRTC
+# rather than g++ (contractions into FMA differ), rounded once into the output dtype.
+CUDA_TOL = {"float16": 4 * unit_roundoff("float16"), "bfloat16": 4 * unit_roundoff("bfloat16"),
+            "float32": 1e-5, "float64": 1e-12}
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_every_dtype_under_jit_runs_the_cuda_kernels(dtype, mode, jax_gpu, monkeypatch):
+    """conv2d and its gradients under jit on GPU arrays, in both callback modes and every
+    dtype (bfloat16 through the buffer callback too): results of the input's dtype on its
+    GPU, computed by the cuda kernels (the emulator is never called) and equal to eager
+    mode's; within a few roundings of interpret's numbers."""
+    monkeypatch.setenv("CUCONV_JAX_CALLBACK", mode)
+    rng = np.random.default_rng(11)
+    x, w, gy = (rng.standard_normal(shape).astype(DTYPES[dtype])
+                for shape in ((2, 3, 6, 5), (4, 3, 3, 3), (2, 4, 6, 5)))
+    expected = [cuconv.conv2d(x, w, padding=1), *cuconv.conv2d_backward(gy, x, w, padding=1)[:2]]
+
+    def no_emulator(*args, **kwargs):
+        raise AssertionError("a kernel ran on the CPU emulator")
+
+    monkeypatch.setattr(_interpret, "launch", no_emulator)
+    args = [jax.device_put(a, jax_gpu) for a in (x, w, gy)]
+
+    def forward_and_grads(x, w, gy):
+        y, vjp = jax.vjp(lambda x, w: cj.conv2d(x, w, padding=1), x, w)
+        return (y, *vjp(gy))
+
+    eager = forward_and_grads(*args)
+    jitted = jax.jit(forward_and_grads)(*args)
+    for index, (e, j, want) in enumerate(zip(eager, jitted, expected)):
+        assert j.dtype == jnp.dtype(dtype) and j.devices() == {jax_gpu}, index
+        np.testing.assert_array_equal(np.asarray(j), np.asarray(e), err_msg=f"result {index}: jit vs eager")
+        assert rel_err(np.asarray(j), want) <= CUDA_TOL[dtype], (index, rel_err(np.asarray(j), want))
+
+
+@needs_gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_complex_filter_under_jit(mode, jax_gpu, monkeypatch):
+    """spectral_filter2d's complex filter on the GPU in both modes (complex buffers, and
+    complex host arrays sent to the GPU under `pure`): the cuda results, conjugated."""
+    monkeypatch.setenv("CUCONV_JAX_CALLBACK", mode)
+    op, arrays, params, present, gy, _ = _setup_on_gpu("spectral_filter2d-0")
+    expected = getattr(cuconv, f"{op}_backward")(_on_cupy({"g": gy})["g"], **_on_cupy(arrays), **params)
+    got = _grads(lambda d: jnp.sum(_call(op, params)(d) * gy), arrays, present, jit=True, device=jax_gpu)
+    _close(got["input"], to_numpy(expected[0]), "d/dinput")
+    _close(got["filter"], np.conj(to_numpy(expected[1])), "d/dfilter")
+
+
+@needs_gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_callback_is_ordered_with_xlas_work(mode, jax_gpu, monkeypatch):
+    """Inside one jit: the op's input comes out of a long chain of XLA matmuls and XLA
+    consumes its output at once. The callback's kernels and copies are ordered with
+    XLA's (XLA's stream): reading the input early, or XLA reading the output before it is
+    written, would give other numbers."""
+    monkeypatch.setenv("CUCONV_JAX_CALLBACK", mode)
+    rng = np.random.default_rng(12)
+    a = jax.device_put((rng.standard_normal((4096, 4096)) / 64).astype(np.float32), jax_gpu)
+    w = jax.device_put(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), jax_gpu)
+
+    @jax.jit
+    def producer(a):
+        for _ in range(6):  # ~0.8 TFLOP of XLA work ahead of the callback
+            a = jnp.tanh(a @ a)
+        return a[0, :180].reshape(2, 3, 6, 5)
+
+    @jax.jit
+    def both(a, w):
+        return cj.conv2d(producer(a), w, padding=1) * 2 + 1
+
+    got = both(a, w)  # first: the memory of its intermediate x held nothing like x before
+    assert got.devices() == {jax_gpu}
+    expected = np.asarray(cj.conv2d(producer(a), w, padding=1)) * 2 + 1
+    _close(np.asarray(got), expected, "conv2d of XLA's result, consumed by XLA", tol=1e-5)
+
+
+@needs_gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_second_gpu(mode, jax_gpu, monkeypatch):
+    """Arrays on JAX's second GPU: eager and jitted results and gradients stay there and
+    equal the first GPU's (the callback runs under the buffers' device)."""
+    if len(_jax_gpus()) < 2:  # asked here, not at collection: JAX would start on every GPU then
+        pytest.skip(f"needs 2 JAX GPUs (found {len(_jax_gpus())})")
+    monkeypatch.setenv("CUCONV_JAX_CALLBACK", mode)
+    rng = np.random.default_rng(13)
+    x, w = rng.standard_normal((2, 3, 6, 5)), rng.standard_normal((4, 3, 3, 3))
+    loss = lambda d: jnp.sum(jnp.sin(cj.conv2d(d["x"], d["w"], padding=1)))  # noqa: E731
+    results = []
+    for device in _jax_gpus()[:2]:
+        d = {"x": jax.device_put(x, device), "w": jax.device_put(w, device)}
+        y = cj.conv2d(d["x"], d["w"], padding=1)
+        value, grads = jax.jit(jax.value_and_grad(loss))(d)
+        assert all(t.devices() == {device} for t in (y, value, *grads.values()))
+        results.append([np.asarray(t) for t in (y, value, grads["x"], grads["w"])])
+    for index, (a, b) in enumerate(zip(*results)):
+        _close(b, a, f"result {index} on the second GPU", tol=1e-12)

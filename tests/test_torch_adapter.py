@@ -1,7 +1,11 @@
 """cuconv.torch: every op as a torch custom op (gradcheck in float64, opcheck of the
 registrations, results equal to the cuconv calls), the nn layers against torch-native
 implementations of the same layers, autocast, channels_last, torch.compile(fullgraph=True)
-against eager mode, and a small model that trains. DDP: tests/test_torch_ddp.py."""
+against eager mode, and a small model that trains. DDP: tests/test_torch_ddp.py.
+
+The `backend` parametrization runs the same tests on CUDA tensors (skipped without a
+GPU); CUDA alone has side streams, a second GPU and torch.cuda.graph capture (the
+test_cuda_* tests at the end)."""
 
 import subprocess
 import sys
@@ -14,8 +18,20 @@ from torch import nn
 import cuconv
 import cuconv.torch as ct
 from cuconv._registry import OPS as OPS_BY_NAME
+from conftest import gpu_available
 
 F64 = torch.float64
+CUDA = gpu_available() and torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA GPU (needs CuPy and torch with CUDA)")
+
+
+def _device(backend: str) -> torch.device:
+    """Where the backend's tensors live: the cuda backend takes torch's CUDA tensors."""
+    if backend == "interpret":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _randn(generator, *shape, dtype=F64):
@@ -49,18 +65,23 @@ def test_every_op_has_a_case_and_a_function():
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_forward_and_gradients_are_cuconvs(op):
-    """The torch function returns cuconv.OP's result, and backward gives cuconv.OP_backward's."""
+def test_forward_and_gradients_are_cuconvs(op, backend):
+    """The torch function returns cuconv.OP's result on the input's device, and backward
+    gives cuconv.OP_backward's there."""
+    device = _device(backend)
     arrays, params = op_case(op)
+    arrays = {n: a.to(device) for n, a in arrays.items()}
     leaves = {n: a.clone().requires_grad_() for n, a in arrays.items()}
     y = getattr(ct, op)(**leaves, **params)
     expected = getattr(cuconv, op)(**arrays, **params)
     assert y.dtype == expected.dtype and y.is_contiguous() and y.requires_grad
+    assert y.device == expected.device == device
     torch.testing.assert_close(y.detach(), expected, rtol=0, atol=0)
-    gy = _randn(torch.Generator().manual_seed(1), *y.shape)
+    gy = _randn(torch.Generator().manual_seed(1), *y.shape).to(device)
     y.backward(gy)
     grads = getattr(cuconv, op + "_backward")(gy, **arrays, **params)
     for name, grad in zip(OPS_BY_NAME[op].arrays, grads):
+        assert leaves[name].grad.device == device, name
         torch.testing.assert_close(leaves[name].grad, grad, rtol=0, atol=0, msg=f"{op}: gradient of {name}")
 
 
@@ -74,19 +95,31 @@ def test_gradcheck(op):
     assert torch.autograd.gradcheck(lambda *a: fn(**dict(zip(names, a)), **params), inputs)
 
 
+def _opcheck(op, device):
+    spec = ct.SPECS[op]
+    arrays, params = op_case(op)
+    leaves = {n: a.to(device).requires_grad_() for n, a in arrays.items()}
+    args = tuple(spec.to_schema(spec.bind((), {**leaves, **params})))
+    torch.library.opcheck(getattr(torch.ops.cuconv, op).default, args)
+    detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    gy = _randn(torch.Generator().manual_seed(2), *getattr(cuconv, op)(**arrays, **params).shape).to(device)
+    mask = [i % 2 == 0 for i in range(len(arrays))]  # a subset of the gradients
+    torch.library.opcheck(getattr(torch.ops.cuconv, op + "_backward").default, (gy, *detached, mask))
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck(op):
     """torch.library.opcheck: schema, autograd registration, fake tensors (the shape function),
     AOT dispatch with dynamic shapes, for the forward and for the backward op."""
-    spec = ct.SPECS[op]
-    arrays, params = op_case(op)
-    leaves = {n: a.requires_grad_() for n, a in arrays.items()}
-    args = tuple(spec.to_schema(spec.bind((), {**leaves, **params})))
-    torch.library.opcheck(getattr(torch.ops.cuconv, op).default, args)
-    detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-    gy = _randn(torch.Generator().manual_seed(2), *getattr(cuconv, op)(**arrays, **params).shape)
-    mask = [i % 2 == 0 for i in range(len(arrays))]  # a subset of the gradients
-    torch.library.opcheck(getattr(torch.ops.cuconv, op + "_backward").default, (gy, *detached, mask))
+    _opcheck(op, torch.device("cpu"))
+
+
+@needs_cuda
+@pytest.mark.parametrize("op", ["conv2d", "deform_conv2d", "spectral_filter2d"])
+def test_cuda_opcheck(op):
+    """The same on CUDA tensors: the fake functions (one generic rule for every op) put
+    their results on the input's device, complex filter gradient included."""
+    _opcheck(op, torch.device("cuda", torch.cuda.current_device()))
 
 
 def test_optional_arrays_absent_and_string_padding():
@@ -163,33 +196,36 @@ def _compare(layer, native, x, atol=1e-10):
         torch.testing.assert_close(p.grad, copies[n].grad, rtol=0, atol=atol, msg=f"gradient of {n}")
 
 
-def test_conv2d_layer_is_nn_conv2d():
+def test_conv2d_layer_is_nn_conv2d(backend):
+    device = _device(backend)
     torch.manual_seed(0)
     layer = ct.Conv2d(4, 6, (3, 2), stride=2, padding=1, dilation=(1, 2), groups=2, dtype=F64)
     torch.manual_seed(0)
     native = nn.Conv2d(4, 6, (3, 2), stride=2, padding=1, dilation=(1, 2), groups=2, dtype=F64)
     torch.testing.assert_close(layer.state_dict(), native.state_dict(), rtol=0, atol=0)  # same initialisation
-    x = torch.randn(2, 4, 7, 9, dtype=F64)
-    _compare(layer, lambda x, p: F.conv2d(x, p["weight"], p["bias"], 2, 1, (1, 2), 2), x)
-    reflect = ct.Conv2d(4, 6, 3, padding=1, padding_mode="reflect", dtype=F64)
+    x = torch.randn(2, 4, 7, 9, dtype=F64, device=device)
+    _compare(layer.to(device), lambda x, p: F.conv2d(x, p["weight"], p["bias"], 2, 1, (1, 2), 2), x)
+    reflect = ct.Conv2d(4, 6, 3, padding=1, padding_mode="reflect", dtype=F64, device=device)
     _compare(reflect, lambda x, p: F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), p["weight"], p["bias"]), x)
 
 
-def test_conv_transpose2d_layer_is_nn_conv_transpose2d():
+def test_conv_transpose2d_layer_is_nn_conv_transpose2d(backend):
+    device = _device(backend)
     torch.manual_seed(0)
-    layer = ct.ConvTranspose2d(4, 6, 3, stride=2, padding=1, groups=2, dtype=F64)
-    x = torch.randn(2, 4, 5, 4, dtype=F64)
+    layer = ct.ConvTranspose2d(4, 6, 3, stride=2, padding=1, groups=2, dtype=F64).to(device)
+    x = torch.randn(2, 4, 5, 4, dtype=F64, device=device)
     _compare(layer, lambda x, p: F.conv_transpose2d(x, p["weight"], p["bias"], 2, 1, 0, 2), x)
     y = layer(x, output_size=(10, 8))
     torch.testing.assert_close(y, F.conv_transpose2d(x, layer.weight, layer.bias, 2, 1, 1, 2))
 
 
-def test_depthwise_separable_layer():
-    layer = ct.DepthwiseSeparableConv2d(3, 5, 3, stride=2, padding=1, depth_multiplier=2, dtype=F64)
+def test_depthwise_separable_layer(backend):
+    device = _device(backend)
+    layer = ct.DepthwiseSeparableConv2d(3, 5, 3, stride=2, padding=1, depth_multiplier=2, dtype=F64, device=device)
     assert layer.depthwise_weight.shape == (6, 1, 3, 3) and layer.pointwise_weight.shape == (5, 6, 1, 1)
     native = lambda x, p: F.conv2d(F.conv2d(x, p["depthwise_weight"], p["depthwise_bias"], 2, 1, groups=3),  # noqa
                                    p["pointwise_weight"], p["pointwise_bias"])
-    _compare(layer, native, torch.randn(2, 3, 7, 6, dtype=F64))
+    _compare(layer, native, torch.randn(2, 3, 7, 6, dtype=F64, device=device))
 
 
 def _bilinear_deform_conv(x, offset, weight, bias, mask, padding):
@@ -198,7 +234,8 @@ def _bilinear_deform_conv(x, offset, weight, bias, mask, padding):
     b, c, h, w = x.shape
     kh, kw = weight.shape[2:]
     ho, wo = offset.shape[2:]
-    oy, ox = torch.meshgrid(torch.arange(ho, dtype=x.dtype), torch.arange(wo, dtype=x.dtype), indexing="ij")
+    oy, ox = torch.meshgrid(torch.arange(ho, dtype=x.dtype, device=x.device),
+                            torch.arange(wo, dtype=x.dtype, device=x.device), indexing="ij")
     samples = []
     for t in range(kh * kw):
         i, j = divmod(t, kw)
@@ -212,13 +249,14 @@ def _bilinear_deform_conv(x, offset, weight, bias, mask, padding):
 
 
 @pytest.mark.parametrize("modulated", [True, False])
-def test_deform_conv2d_layer(modulated):
+def test_deform_conv2d_layer(modulated, backend):
+    device = _device(backend)
     torch.manual_seed(0)
-    layer = ct.DeformConv2d(3, 4, 3, padding=1, modulated=modulated, dtype=F64)
+    layer = ct.DeformConv2d(3, 4, 3, padding=1, modulated=modulated, dtype=F64).to(device)
     predictor = layer.offset_predictor
     assert predictor.weight.shape == ((27 if modulated else 18), 3, 3, 3)
     assert not predictor.weight.any() and not predictor.bias.any()  # DCN's zero initialisation
-    x = torch.randn(2, 3, 6, 5, dtype=F64)
+    x = torch.randn(2, 3, 6, 5, dtype=F64, device=device)
     start = layer(x)
     conv = F.conv2d(x, layer.weight, None, padding=1)
     torch.testing.assert_close(start, (0.5 * conv if modulated else conv) + layer.bias[:, None, None])
@@ -234,10 +272,11 @@ def test_deform_conv2d_layer(modulated):
 
 
 @pytest.mark.parametrize("stride,size", [(1, 6), (2, 7)])
-def test_involution2d_layer_is_rednets(stride, size):
+def test_involution2d_layer_is_rednets(stride, size, backend):
     """d-li14/involution's unfold implementation (with the ceil-mode pool for odd sizes)."""
+    device = _device(backend)
     torch.manual_seed(0)
-    layer = ct.Involution2d(8, 3, stride=stride, group_channels=4, dtype=F64)
+    layer = ct.Involution2d(8, 3, stride=stride, group_channels=4, dtype=F64).to(device)
     assert layer.span.weight.shape == (2 * 9, 2, 1, 1) and layer.reduce.weight.shape == (2, 8, 1, 1)
     layer.train()
 
@@ -250,14 +289,15 @@ def test_involution2d_layer_is_rednets(stride, size):
         k = k.view(b, 2, 9, ho, wo).unsqueeze(2)
         cols = F.unfold(x, 3, 1, 1, stride).view(b, 2, 4, 9, ho, wo)
         return (k * cols).sum(dim=3).view(b, 8, ho, wo)
-    _compare(layer, native, torch.randn(2, 8, size, size, dtype=F64))
+    _compare(layer, native, torch.randn(2, 8, size, size, dtype=F64, device=device))
 
 
-def test_dynamic_conv2d_layer_is_batch_folded_grouped_conv():
+def test_dynamic_conv2d_layer_is_batch_folded_grouped_conv(backend):
+    device = _device(backend)
     torch.manual_seed(0)
-    layer = ct.DynamicConv2d(4, 6, 3, padding=1, groups=2, num_experts=3, temperature=2.0, dtype=F64)
-    x = torch.randn(3, 4, 5, 6, dtype=F64)
-    torch.testing.assert_close(layer.attention(x).sum(1), torch.ones(3, dtype=F64))
+    layer = ct.DynamicConv2d(4, 6, 3, padding=1, groups=2, num_experts=3, temperature=2.0, dtype=F64).to(device)
+    x = torch.randn(3, 4, 5, 6, dtype=F64, device=device)
+    torch.testing.assert_close(layer.attention(x).sum(1), torch.ones(3, dtype=F64, device=device))
 
     def native(x, p):
         a = torch.softmax(F.linear(F.relu(F.linear(x.mean((2, 3)), p["fc1.weight"])), p["fc2.weight"],
@@ -269,12 +309,14 @@ def test_dynamic_conv2d_layer_is_batch_folded_grouped_conv():
 
 
 @pytest.mark.parametrize("depthwise", [False, True])
-def test_odconv2d_layer(depthwise):
+def test_odconv2d_layer(depthwise, backend):
+    device = _device(backend)
     torch.manual_seed(0)
     c, groups = (6, 6) if depthwise else (6, 2)
-    layer = ct.ODConv2d(6, c, 3, padding=1, groups=groups, kernel_num=3, min_channel=4, temperature=1.5, dtype=F64)
+    layer = ct.ODConv2d(6, c, 3, padding=1, groups=groups, kernel_num=3, min_channel=4, temperature=1.5,
+                        dtype=F64).to(device)
     assert (layer.filter_fc is None) == depthwise
-    x = torch.randn(3, 6, 5, 5, dtype=F64)
+    x = torch.randn(3, 6, 5, 5, dtype=F64, device=device)
 
     def native(x, p):
         h = F.relu(F.batch_norm(F.linear(x.mean((2, 3)), p["fc.weight"]), None, None, p["norm.weight"],
@@ -282,7 +324,7 @@ def test_odconv2d_layer(depthwise):
         head = lambda name: F.linear(h, p[name + ".weight"], p[name + ".bias"]) / 1.5  # noqa: E731
         ca, ka = torch.sigmoid(head("channel_fc")), torch.softmax(head("kernel_fc"), 1)
         sa = torch.sigmoid(head("spatial_fc")).view(3, 1, 1, 1, 3, 3)
-        fa = torch.ones(3, c, dtype=F64) if depthwise else torch.sigmoid(head("filter_fc"))
+        fa = torch.ones(3, c, dtype=F64, device=x.device) if depthwise else torch.sigmoid(head("filter_fc"))
         w = (ka[:, :, None, None, None, None] * (sa * p["weight"][None])).sum(1)  # [B, Cout, Cin/g, 3, 3]
         xs = (x * ca[:, :, None, None]).reshape(1, 3 * 6, 5, 5)
         y = F.conv2d(xs, w.reshape(3 * c, 6 // groups, 3, 3), padding=1, groups=3 * groups).view(3, c, 5, 5)
@@ -290,11 +332,13 @@ def test_odconv2d_layer(depthwise):
     _compare(layer, native, x)
 
 
-def test_pixel_shuffle_and_subpixel_layers():
-    x = torch.randn(2, 8, 3, 5, dtype=F64)
+def test_pixel_shuffle_and_subpixel_layers(backend):
+    device = _device(backend)
+    x = torch.randn(2, 8, 3, 5, dtype=F64, device=device)
     _compare(ct.PixelShuffle(2), lambda x, p: F.pixel_shuffle(x, 2), x, atol=0)
-    _compare(ct.PixelUnshuffle(2), lambda x, p: F.pixel_unshuffle(x, 2), torch.randn(1, 2, 4, 6, dtype=F64), atol=0)
-    layer = ct.SubPixelConv2d(8, 3, 3, upscale_factor=2, padding=1, dtype=F64)
+    _compare(ct.PixelUnshuffle(2), lambda x, p: F.pixel_unshuffle(x, 2),
+             torch.randn(1, 2, 4, 6, dtype=F64, device=device), atol=0)
+    layer = ct.SubPixelConv2d(8, 3, 3, upscale_factor=2, padding=1, dtype=F64, device=device)
     assert layer.weight.shape == (12, 8, 3, 3)
     _compare(layer, lambda x, p: F.pixel_shuffle(F.conv2d(x, p["weight"], p["bias"], padding=1), 2), x)
     icnr = ct.SubPixelConv2d(8, 3, 3, upscale_factor=2, padding=1, icnr=True)
@@ -303,14 +347,16 @@ def test_pixel_shuffle_and_subpixel_layers():
     assert not torch.equal(icnr.weight[0], icnr.weight[4])
 
 
-def test_adaptive_frequency_filter_is_affnets():
+def test_adaptive_frequency_filter_is_affnets(backend):
     """AFFNet / AFNO's einsum implementation of the same block."""
+    device = _device(backend)
     torch.manual_seed(0)
-    layer = ct.AdaptiveFrequencyFilter(8, num_blocks=2, hidden_size_factor=2, sparsity_threshold=0.3, dtype=F64)
+    layer = ct.AdaptiveFrequencyFilter(8, num_blocks=2, hidden_size_factor=2, sparsity_threshold=0.3,
+                                       dtype=F64).to(device)
     with torch.no_grad():
         for p in layer.parameters():
             p.mul_(20)  # a mask well away from 0, so soft-shrink does not zero it all
-    x = torch.randn(2, 8, 6, 5, dtype=F64)
+    x = torch.randn(2, 8, 6, 5, dtype=F64, device=device)
 
     def native(x, p):
         B, C, H, W = x.shape
@@ -361,16 +407,18 @@ class Net(nn.Module):
         return self.head(self.block(self.stem(x)).mean(dim=(2, 3)))
 
 
-def _model_and_data(seed=0, dtype=torch.float32):
+def _model_and_data(seed=0, dtype=torch.float32, device="cpu"):
+    """The same model and data (drawn on the CPU) on any device."""
     torch.manual_seed(seed)
     model = Net().to(dtype)
     with torch.no_grad():  # start away from DCN's zero offsets, so the sampling is fractional
         model.block.deform.offset_predictor.weight.normal_(0, 0.1)
-    return model, torch.randn(6, 3, 8, 8, dtype=dtype), torch.randint(0, 4, (6,))
+    x, labels = torch.randn(6, 3, 8, 8, dtype=dtype), torch.randint(0, 4, (6,))
+    return model.to(device), x.to(device), labels.to(device)
 
 
-def test_small_model_trains():
-    model, x, labels = _model_and_data()
+def test_small_model_trains(backend):
+    model, x, labels = _model_and_data(device=_device(backend))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
     losses = []
     for _ in range(8):
@@ -382,13 +430,14 @@ def test_small_model_trains():
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.7 * losses[0], losses
 
 
-def test_autocast_bfloat16():
-    """Under torch.autocast('cpu', bfloat16) the ops run in bfloat16 (parameters stay
+def test_autocast_bfloat16(backend):
+    """Under torch.autocast(device, bfloat16) the ops run in bfloat16 (parameters stay
     float32 and get float32 gradients); results are within bfloat16 rounding of float32."""
-    model, x, labels = _model_and_data()
+    device = _device(backend)
+    model, x, labels = _model_and_data(device=device)
     model.eval()
     expected = model(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         assert ct.conv2d(x, model.stem.weight).dtype == torch.bfloat16
         assert ct.pixel_shuffle(x[:, :, :, :4].repeat(1, 4, 1, 1), 2).dtype == torch.float32  # kept, as torch's
         out = model(x)
@@ -398,16 +447,17 @@ def test_autocast_bfloat16():
                for p in model.parameters() if p.requires_grad)
     assert (out.float() - expected).abs().max() < 0.05 * expected.abs().max()
     assert not torch.equal(out.float(), expected)  # it did run in reduced precision
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = ct.AdaptiveFrequencyFilter(8, num_blocks=2)(x.repeat(1, 3, 1, 1)[:, :8].to(torch.bfloat16))
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        y = ct.AdaptiveFrequencyFilter(8, num_blocks=2, device=device)(x.repeat(1, 3, 1, 1)[:, :8].to(torch.bfloat16))
     assert y.dtype == torch.bfloat16
 
 
-def test_channels_last_inputs():
-    model, x, _ = _model_and_data(dtype=F64)
+def test_channels_last_inputs(backend):
+    device = _device(backend)
+    model, x, _ = _model_and_data(dtype=F64, device=device)
     model.eval()
-    aff = ct.AdaptiveFrequencyFilter(8, num_blocks=2, dtype=F64)
-    for layer, inp in ((model, x), (aff, torch.randn(2, 8, 6, 6, dtype=F64))):
+    aff = ct.AdaptiveFrequencyFilter(8, num_blocks=2, dtype=F64, device=device)
+    for layer, inp in ((model, x), (aff, torch.randn(2, 8, 6, 6, dtype=F64, device=device))):
         a = inp.clone().requires_grad_()
         b = inp.clone().to(memory_format=torch.channels_last).requires_grad_()
         assert not b.is_contiguous()
@@ -439,11 +489,11 @@ class CompileNet(nn.Module):
         return y
 
 
-def _eager_and_compiled(model, x, backend):
+def _eager_and_compiled(model, x, compiler):
     model.eval()
     grads = []
     outs = []
-    for run in (model, torch.compile(model, fullgraph=True, backend=backend)):
+    for run in (model, torch.compile(model, fullgraph=True, backend=compiler)):
         model.zero_grad()
         xi = x.clone().requires_grad_()
         y = run(xi)
@@ -453,26 +503,32 @@ def _eager_and_compiled(model, x, backend):
     return outs, grads
 
 
-def test_compile_fullgraph_matches_eager():
+def test_compile_fullgraph_matches_eager(backend):
     """fullgraph=True (a graph break would raise) through AOTAutograd: the same kernels, so
     output and every gradient are bitwise equal to eager mode."""
+    device = _device(backend)
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = CompileNet().to(F64)
-    (y, yc), (g, gc) = _eager_and_compiled(model, torch.randn(2, 3, 8, 8, dtype=F64), "aot_eager")
+    model = CompileNet().to(F64).to(device)
+    (y, yc), (g, gc) = _eager_and_compiled(model, torch.randn(2, 3, 8, 8, dtype=F64).to(device), "aot_eager")
     assert y.shape == (2, 1, 32, 32)
-    torch.testing.assert_close(yc, y, rtol=0, atol=0)
+    # On CUDA the traced graph may reach other kernels for torch's own ops (eager batch
+    # norm goes to cuDNN); cuconv's kernels are the same either way.
+    tol = 0 if backend == "interpret" else 1e-12
+    torch.testing.assert_close(yc, y, rtol=tol, atol=tol)
     for a, b in zip(g, gc):
-        torch.testing.assert_close(b, a, rtol=0, atol=0)
+        torch.testing.assert_close(b, a, rtol=tol, atol=tol)
 
 
-def test_compile_inductor():
-    """The default backend (inductor) compiles the torch code around the cuconv ops."""
+def test_compile_inductor(backend):
+    """The default backend (inductor; Triton kernels on CUDA) compiles the torch code around
+    the cuconv ops."""
+    device = _device(backend)
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = nn.Sequential(ct.Conv2d(3, 4, 3, padding=1), nn.ReLU(), ct.DeformConv2d(4, 4, 3, padding=1),
-                          ct.Involution2d(4, 3, group_channels=2), nn.Tanh()).to(F64)
-    (y, yc), (g, gc) = _eager_and_compiled(model, torch.randn(2, 3, 6, 6, dtype=F64), "inductor")
+                          ct.Involution2d(4, 3, group_channels=2), nn.Tanh()).to(F64).to(device)
+    (y, yc), (g, gc) = _eager_and_compiled(model, torch.randn(2, 3, 6, 6, dtype=F64).to(device), "inductor")
     torch.testing.assert_close(yc, y, rtol=1e-12, atol=1e-12)
     for a, b in zip(g, gc):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
@@ -484,3 +540,155 @@ def test_layers_are_exported():
                  "DynamicConv2d", "ODConv2d", "PixelShuffle", "SubPixelConv2d", "AdaptiveFrequencyFilter", "DCNv3",
                  "DCNv4", *OPS):
         assert name in module.__all__ and hasattr(module, name)
+
+
+# ---------------------------------------------------------------------------------------
+# CUDA only: side streams, a second GPU, CUDA graphs.
+
+# GPU time spun on a stream before its data is written (~25 ms at 2 GHz): work on another
+# stream that is not ordered after it runs first and reads the NaN the tensor held.
+SPIN_CYCLES = 50_000_000
+needs_two_gpus = pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2,
+                                    reason=f"needs 2 CUDA GPUs (found {torch.cuda.device_count() if CUDA else 0})")
+
+
+def _cuda0() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+@needs_cuda
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_side_stream_gives_the_default_streams_result(op):
+    """Inside `with torch.cuda.stream(side)`, every argument non-contiguous and written on
+    `side` only after the GPU spun there: forward and backward equal the default stream's
+    results bit for bit once the default stream waits for `side`. A contiguous copy, fill
+    or kernel of the call on any other stream would read NaN."""
+    device = _cuda0()
+    arrays, params = op_case(op)
+    arrays = {n: a.to(device) for n, a in arrays.items()}
+    fn = getattr(ct, op)
+    leaves = {n: a.clone().requires_grad_() for n, a in arrays.items()}
+    expected = fn(**leaves, **params)
+    gy = torch.randn_like(expected)
+    expected.backward(gy)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        # each argument is every other element of a wider tensor: a strided view
+        wide = {n: torch.full((*a.shape[:-1], 2 * a.shape[-1]), float("nan"), dtype=a.dtype, device=device)
+                for n, a in arrays.items()}
+        torch.cuda._sleep(SPIN_CYCLES)
+        for n, a in arrays.items():
+            wide[n][..., ::2] = a
+            wide[n].requires_grad_()
+        args = {n: w[..., ::2] for n, w in wide.items()}
+        assert not any(a.is_contiguous() for a in args.values())
+        y = fn(**args, **params)
+        y.backward(gy)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(y.detach(), expected.detach(), rtol=0, atol=0)
+    for n, w in wide.items():
+        torch.testing.assert_close(w.grad[..., ::2], leaves[n].grad, rtol=0, atol=0, msg=f"{op}: gradient of {n}")
+        assert not w.grad[..., 1::2].any()
+
+
+@needs_cuda
+def test_cuda_deform_conv2d_layer_on_a_side_stream():
+    """DeformConv2d slices its offsets and mask out of the predictor's output (never
+    contiguous): forward and backward on a side stream, on an input written there after
+    the GPU spun, read on the host after side.synchronize(), equal the default stream's."""
+    torch.manual_seed(0)
+    layer = ct.DeformConv2d(4, 6, 3, padding=1).to(_cuda0())
+    with torch.no_grad():
+        layer.offset_predictor.weight.normal_(0, 0.3)
+    x = torch.randn(2, 4, 7, 6, device=layer.weight.device)
+    gy = torch.randn(2, 6, 7, 6, device=layer.weight.device)
+
+    def run(x):
+        layer.zero_grad(set_to_none=True)
+        x = x.detach().requires_grad_()
+        y = layer(x)
+        y.backward(gy)
+        return [y.detach(), x.grad, *(p.grad for p in layer.parameters())]
+
+    expected = [t.cpu() for t in run(x)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        late = torch.full_like(x, float("nan"))
+        torch.cuda._sleep(SPIN_CYCLES)
+        late.copy_(x)
+        got = run(late)
+    side.synchronize()
+    for index, (a, b) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(a.cpu(), b, rtol=0, atol=0, msg=f"result {index} (output, input grad, parameters)")
+
+
+@needs_two_gpus
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_second_gpu_while_the_first_is_current(op):
+    """Tensors on cuda:1 with cuda:0 current: the output and every gradient are on cuda:1
+    and equal the cuda:0 results (kernels, copies and outputs all on the tensors' GPU)."""
+    arrays, params = op_case(op)
+    fn = getattr(ct, op)
+    results = []
+    for index in (0, 1):
+        device = torch.device("cuda", index)
+        leaves = {n: a.to(device).requires_grad_() for n, a in arrays.items()}
+        with torch.cuda.device(0):
+            y = fn(**leaves, **params)
+            y.backward(torch.ones_like(y))
+        got = [y.detach(), *(leaves[n].grad for n in arrays)]
+        assert all(t.device == device for t in got), [t.device for t in got]
+        results.append([t.cpu() for t in got])
+    for index, (a, b) in enumerate(zip(*results)):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, msg=f"{op}: result {index} (output, gradients)")
+
+
+@needs_cuda
+def test_cuda_graph_capture_of_forward_and_backward():
+    """torch.cuda.graph captures a forward + backward through cuconv layers (DeformConv2d's
+    non-contiguous offsets, so its contiguous copies, included). Replayed after new data is
+    copied into the static input, it gives eager mode's output and gradients: every
+    allocation of the capture came from torch's graph pool, on the capture stream."""
+    torch.manual_seed(0)
+    model = nn.Sequential(ct.Conv2d(3, 4, 3, padding=1), nn.ReLU(), ct.DeformConv2d(4, 4, 3, padding=1),
+                          ct.Involution2d(4, 3, group_channels=2), nn.Tanh()).to(_cuda0()).eval()
+    with torch.no_grad():
+        model[2].offset_predictor.weight.normal_(0, 0.1)
+    params = list(model.parameters())
+    static_x = torch.randn(2, 3, 6, 6, device=params[0].device, requires_grad=True)
+
+    def step(x):
+        y = model(x)
+        y.square().sum().backward()
+        return y
+
+    # Warm-up on a side stream, as torch asks before a capture (kernels compile and load here).
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            static_x.grad = None
+            step(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+
+    graph = torch.cuda.CUDAGraph()
+    model.zero_grad(set_to_none=True)
+    static_x.grad = None
+    with torch.cuda.graph(graph):
+        static_y = step(static_x)
+    static_grads = [static_x.grad, *(p.grad for p in params)]  # written again by each replay
+
+    for seed in (1, 2):
+        new = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(seed)).to(static_x.device)
+        with torch.no_grad():
+            static_x.copy_(new)
+        graph.replay()
+        x = new.clone().requires_grad_()
+        y = model(x)
+        expected = [y, *torch.autograd.grad(y.square().sum(), [x, *params])]  # leaves .grad alone
+        for index, (got, want) in enumerate(zip([static_y, *static_grads], expected)):
+            torch.testing.assert_close(got.detach(), want.detach(), msg=f"replay {seed}: result {index}")

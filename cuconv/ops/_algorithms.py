@@ -13,9 +13,16 @@ imports its backends:
           operands, for the ops built from them (conv_transpose2d, subpixel_conv2d)
 
 'auto' untuned takes the first supported candidate: those with a `rank`, lowest first,
-with any whose `preferred(geom)` holds moved to the front. With CUCONV_AUTOTUNE=1 on a
-GPU it times the supported candidates (cuconv/_autotune.py). An algorithm without a rank
-(one that changes the precision contract, e.g. TF32) runs only when named.
+with any whose `preferred(geom)` holds moved to the front (for the pass algorithms, their
+Passes' own `preferred`: the passes are other kernels than the op's entry points). With
+CUCONV_AUTOTUNE=1 on a GPU it times the supported candidates (cuconv/_autotune.py). An
+algorithm without a rank (one that changes the precision contract, e.g. TF32) runs only
+when named.
+
+Tensor cores: an algorithm declared with tensor_cores=True is a candidate only on a
+device whose fragment probes passed (cuconv/_probes.py: tensor_cores_verified), so
+neither the untuned order nor the autotuner picks it where the mma layouts are unproven.
+Named, it always runs.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .. import _autotune
+from .. import _autotune, _probes
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,7 @@ class Passes:
     forward: Callable      # (call, geom, x, w, bias, y)
     grad_input: Callable   # (call, geom, grad_y, w, bias, grad_x)
     grad_weight: Callable  # (call, geom, grad_y, x, grad_w)
+    preferred: Callable | None = None  # (geom) -> True moves these passes to the front of 'auto''s pass order
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,7 @@ class Algorithm:
     rank: int | None = None           # place in 'auto''s order; None: only when named
     preferred: Callable | None = None  # (geom) -> True moves it to the front of 'auto''s order
     zero_channels: bool = False       # runs a conv with no input or output channels (torch's edge case)
+    tensor_cores: bool = False        # 'auto' considers it only where the fragment probes passed
 
     def why_not(self, geom, dtype: str) -> str | None:
         """None when it can run this conv in `dtype`, else a phrase completing "supports only"."""
@@ -96,15 +105,25 @@ class AlgorithmTable:
         self._entries[algorithm].check(op, geom, dtype)
         return algorithm
 
-    def candidates(self, geom, dtype: str, passes: bool = False) -> list[str]:
-        """The supported algorithms 'auto' may take, its untuned choice first."""
+    def candidates(self, geom, dtype: str, passes: bool = False, call=None) -> list[str]:
+        """The supported algorithms 'auto' may take, its untuned choice first. Tensor-core
+        algorithms are among them only when `call`'s device passed the fragment probes
+        (asked only when one would otherwise be a candidate); without a call they are not."""
         ranked = [self._entries[n] for n in self.names(passes) if self._entries[n].rank is not None]
-        ranked.sort(key=lambda a: not (a.preferred is not None and a.preferred(geom)))  # stable: keeps rank order
-        return [a.name for a in ranked if a.why_not(geom, dtype) is None]
+        ranked.sort(key=lambda a: not _preferred(a, geom, passes))  # stable: keeps rank order
+        supported = [a for a in ranked if a.why_not(geom, dtype) is None]
+        if any(a.tensor_cores for a in supported) and not (call is not None and _probes.tensor_cores_verified(call)):
+            supported = [a for a in supported if not a.tensor_cores]
+        return [a.name for a in supported]
 
     def resolve(self, call, key: str, geom, algorithm: str, run: Callable, passes: bool = False) -> str:
         """A checked `algorithm`, or for 'auto' the untuned choice or (tuned) the fastest
         candidate measured with run(name) (cuconv/_autotune.py)."""
         if algorithm != "auto":
             return algorithm
-        return _autotune.choose(call, key, self.candidates(geom, call.dtype, passes), run)
+        return _autotune.choose(call, key, self.candidates(geom, call.dtype, passes, call), run)
+
+
+def _preferred(algorithm: Algorithm, geom, passes: bool) -> bool:
+    rule = algorithm.passes.preferred if passes else algorithm.preferred
+    return rule is not None and rule(geom)

@@ -7,6 +7,7 @@ call.empty(...) for outputs -> call.launch(...) -> call.export(out).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -85,16 +86,23 @@ class Call:
         a = self._arrays.get(name)
         if a is None:
             return None
-        a = _arrays.to_host(a) if self.backend == "interpret" else _arrays.to_device(a, self.device_id)
-        xp = np if a.on_host else _cupy()
-        if not a.data.flags.c_contiguous:
+        if a.framework == "torch" and not a.data.flags.c_contiguous:
+            # torch copies on its current stream into its caching allocator (which
+            # torch.cuda.graph capture requires), and keeps the copy alive as a tensor
             _arrays.record_allocation(a.shape, a.dtype)
-            a = Array(xp.ascontiguousarray(a.data), a.dtype, a.framework, a.device, a.original)
+            a = _arrays.import_array(self.op, name, a.original.detach().contiguous(), allow_complex=True)
+        with self.on_device():
+            a = _arrays.to_host(a) if self.backend == "interpret" else _arrays.to_device(a, self.device_id)
+            if not a.data.flags.c_contiguous:
+                _arrays.record_allocation(a.shape, a.dtype)
+                xp = np if a.on_host else _cupy()
+                a = Array(xp.ascontiguousarray(a.data), a.dtype, a.framework, a.device, a.original)
         return a
 
     def empty(self, shape, dtype: str | None = None) -> Array:
         """A new array (dtype: the call's, or e.g. a complex or accumulator dtype)."""
-        return _arrays.empty(self.anchor, shape, on_host=self.backend == "interpret", dtype=dtype)
+        with self.on_device():
+            return _arrays.empty(self.anchor, shape, on_host=self.backend == "interpret", dtype=dtype)
 
     @property
     def accumulator_bytes(self) -> int:
@@ -128,20 +136,30 @@ class Call:
                          self.device_id, self.stream())
 
     def stream(self):
-        """The caller's current stream: torch's for torch tensors, CuPy's otherwise."""
+        """The caller's current stream on the call's device: torch's for torch CUDA
+        tensors, CuPy's otherwise."""
         if self._stream is None:
-            cupy = _cupy()
             if self.anchor.framework == "torch" and not self.anchor.on_host:
                 import torch
 
-                ptr = torch.cuda.current_stream(self.anchor.original.device).cuda_stream
-                self._stream = cupy.cuda.ExternalStream(ptr, self.device_id)
+                self._stream = _arrays.external_stream(torch.cuda.current_stream(self.anchor.original.device))
             else:
-                self._stream = cupy.cuda.get_current_stream()
+                self._stream = _cupy().cuda.get_current_stream(self.device_id)
         return self._stream
 
+    def on_device(self):
+        """A context in which CuPy's current device and stream are the call's, so CuPy's
+        copies, allocations, fills and FFTs land on the arrays' GPU, ordered with the
+        call's kernels. Nothing to set when no CuPy array takes part."""
+        if self.backend == "interpret" and self.anchor.on_host:
+            return contextlib.nullcontext()
+        return _arrays.on_cupy_device(self.device_id, self.stream())
+
     def export(self, out: Array | None):
-        return None if out is None else _arrays.export(out, self.anchor)
+        if out is None:
+            return None
+        with self.on_device():  # a DLPack export orders its consumer after CuPy's current stream
+            return _arrays.export(out, self.anchor)
 
 
 def describe_shapes(call, names) -> str:

@@ -15,9 +15,11 @@ depthwise, 1x1) and an optional bias. Algorithms:
 The algorithms live in the table CONV2D (cuconv/ops/_algorithms.py): this module
 registers 'direct', each backend module registers its own. `algorithm='auto'` takes the
 first supported entry of a fixed order (fft for kernels of at least
-spectral.FFT_AUTO_MIN_TAPS taps, then depthwise, then direct), or, with
-CUCONV_AUTOTUNE=1 on a GPU, the fastest supported algorithm measured per shape
-(cuconv/_autotune.py); implicit_gemm_tf32 runs only when named.
+spectral.FFT_AUTO_MIN_TAPS taps; implicit_gemm for float16/bfloat16 on a device whose
+tensor-core probes passed, where conv2d_igemm.conv2d_preferred holds; then depthwise,
+then direct), or, with CUCONV_AUTOTUNE=1 on a GPU, the fastest supported algorithm
+measured per shape (cuconv/_autotune.py); implicit_gemm_tf32 runs only when named.
+docs/autotune.md states the rule.
 
 conv_transpose2d and subpixel_conv2d are built from the same passes on a
 ConvGeometry: the algorithms with explicit-operand passes (CONV2D.names(passes=True)).
@@ -189,7 +191,8 @@ CONV2D = AlgorithmTable("conv2d")
 
 def run_passes(call: Call, op: str, stage: str, geom: ConvGeometry, algorithm: str, run: Callable):
     """run(algorithm) for a checked pass `algorithm`; for 'auto', the untuned choice
-    ('direct') or, tuned, the fastest supported pass algorithm (never tf32)."""
+    (implicit_gemm where the tensor cores are verified and it is preferred, else 'direct')
+    or, tuned, the fastest supported pass algorithm (never tf32)."""
     key = _autotune.make_key(call, op, stage, geom.params()) if algorithm == "auto" else ""
     return run(CONV2D.resolve(call, key, geom, algorithm, run, passes=True))
 
@@ -237,7 +240,7 @@ def conv2d_backward(grad_output, input, weight, bias=None, stride=1, padding=0, 
     has_bias = bias is not None
     if chosen != "auto":
         return CONV2D[chosen].gradients(call, geom, wanted, has_bias)
-    candidates = CONV2D.candidates(geom, call.dtype)
+    candidates = CONV2D.candidates(geom, call.dtype, call=call)
     if not _autotune.tuning_enabled(call):
         return CONV2D[candidates[0]].gradients(call, geom, wanted, has_bias)
     # Tuned: each of the input and weight gradients by its own fastest algorithm.

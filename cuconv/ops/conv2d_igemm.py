@@ -4,10 +4,11 @@ float16 / bfloat16 storage, float32 accumulation).
 
 Registered in conv2d's algorithm table (conv2d.CONV2D) as 'implicit_gemm' (stride-1
 depthwise convs route to the banded-Toeplitz kernels of cuconv/ops/depthwise_tc.py) and
-'implicit_gemm_tf32'. 'auto' considers 'implicit_gemm' only when tuning
-(CUCONV_AUTOTUNE=1 on a GPU): it is last in the untuned order. Kernels: kernels_cu/conv2d_igemm.cu (GEMM mappings, tiles, fragment ownership);
-design note and GPU to-do list: docs/kernels/implicit_gemm.md. Not yet measured on a
-GPU.
+'implicit_gemm_tf32'. 'auto' considers 'implicit_gemm' only on a device whose fragment
+probes passed (cuconv/_probes.py); there it goes ahead of the CUDA-core kernels where
+gemm_preferred / conv2d_preferred hold (docs/autotune.md). Kernels:
+kernels_cu/conv2d_igemm.cu (GEMM mappings, tiles, fragment ownership); design note and
+GPU to-do list: docs/kernels/implicit_gemm.md. Not yet measured on a GPU.
 
 Supported: float16 / bfloat16 inputs, any stride / padding / dilation, groups >= 1
 (each group is its own GEMM; grouped convs with few channels per group waste most of
@@ -311,6 +312,28 @@ def conv2d_implicit_gemm_gradients(call: Call, geom: ConvGeometry, wanted, has_b
     return call.export(grad_input), call.export(grad_weight), call.export(grad_bias)
 
 
+# Where 'auto' puts the tensor cores ahead of the CUDA-core kernels (float16 / bfloat16 on a
+# device that passed the probes; docs/autotune.md). The depthwise banded-Toeplitz kernels
+# multiply the band's zeros too: about 2.7x the useful work at k = 9, 8x at k = 3, where the
+# CUDA-core depthwise kernel is memory-bound anyway (docs/kernels/depthwise.md, UNMEASURED).
+DEPTHWISE_TC_MIN_KERNEL = 9
+
+
+def gemm_preferred(geom: ConvGeometry) -> bool:
+    """Whether the implicit GEMM is the kernel for this conv: every group has more than one
+    input channel. With one (depthwise, channel multipliers) a group's GEMM has K = kh*kw and
+    N = the multiplier, so its 64-wide tiles hold mostly padding."""
+    return geom.in_channels // geom.groups > 1
+
+
+def conv2d_preferred(geom: ConvGeometry) -> bool:
+    """gemm_preferred, but a depthwise conv that conv2d's 'implicit_gemm' routes to the
+    banded-Toeplitz kernels is theirs from DEPTHWISE_TC_MIN_KERNEL taps a side."""
+    if depthwise_tc_supported(geom, DTYPES[0]) is None:
+        return min(geom.kernel_h, geom.kernel_w) >= DEPTHWISE_TC_MIN_KERNEL
+    return gemm_preferred(geom)
+
+
 def _register(tf32: bool) -> None:
     def forward(call: Call, geom: ConvGeometry):
         if depthwise_tc_supported(geom, call.dtype) is None:  # the banded-Toeplitz depthwise GEMM (fp16/bf16)
@@ -324,10 +347,11 @@ def _register(tf32: bool) -> None:
 
     passes = Passes(functools.partial(launch_igemm_forward, tf32=tf32),
                     functools.partial(launch_igemm_grad_input, tf32=tf32),
-                    functools.partial(launch_igemm_grad_weight, tf32=tf32))
+                    functools.partial(launch_igemm_grad_weight, tf32=tf32), preferred=gemm_preferred)
     CONV2D.register(Algorithm(algorithm_name(tf32), functools.partial(implicit_gemm_supported, tf32=tf32),
                               forward=forward, gradients=gradients, passes=passes,
-                              rank=None if tf32 else 4))  # tf32 changes the precision contract: by name only
+                              rank=None if tf32 else 4,  # tf32 changes the precision contract: by name only
+                              preferred=conv2d_preferred, tensor_cores=True))
 
 
 _register(tf32=False)

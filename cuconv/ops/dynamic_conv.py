@@ -26,9 +26,11 @@ dynamic_conv2d / dynamic_conv2d_backward (only those two) take `algorithm`:
 INPUT gradient on the tensor cores, kernels_cu/conv2d_igemm.cu's conv2d_igemm_dynamic_fwd
 / _bwd_input, sample b's kernel mixed in the implicit GEMM's B-tile loader and rounded
 once to the storage dtype; the weight, attention and bias gradients stay on the direct
-kernels above; no workspace, nothing mixed-kernel-sized allocated) or 'auto' ('direct'
-untuned, as the tensor-core path is unmeasured; with CUCONV_AUTOTUNE=1 on a GPU the faster
-of the two, forward and input gradient tuned separately).
+kernels above; no workspace, nothing mixed-kernel-sized allocated) or 'auto' (untuned:
+'implicit_gemm' for float16 / bfloat16 on a device whose fragment probes passed when each
+group has more than one input channel (conv2d_igemm.gemm_preferred), else 'direct'; with
+CUCONV_AUTOTUNE=1 on a GPU the faster of the two, forward and input gradient tuned
+separately).
 dynamic_implicit_gemm_supported(geom, dtype) says whether 'implicit_gemm' can run a conv.
 """
 
@@ -43,7 +45,7 @@ from .._registry import Example, OpDef, register_op
 from ._algorithms import Algorithm, AlgorithmTable
 from ._common import Call, check_grad_output, check_rank, describe_shapes, parse_wrt, positive_int, threads_for
 from .conv2d import ConvGeometry, conv_geometry
-from .conv2d_igemm import (dynamic_implicit_gemm_supported, launch_igemm_dynamic_forward,
+from .conv2d_igemm import (dynamic_implicit_gemm_supported, gemm_preferred, launch_igemm_dynamic_forward,
                            launch_igemm_dynamic_grad_input)
 
 KERNELS = KernelModule(
@@ -284,12 +286,12 @@ def _igemm_grad_input(call: Call, geom: ConvGeometry, mix: Mixture, roles: dict)
 
 # dynamic_conv2d's algorithms: forward(call, geom, mix) and, as `gradients`, the INPUT
 # gradient (call, geom, mix, roles); the other gradients are always the direct kernels'.
-# 'auto' untuned is 'direct' (the tensor-core path is unmeasured).
+# 'auto' untuned: 'implicit_gemm' where the probes passed and gemm_preferred holds, else 'direct'.
 DYNAMIC = AlgorithmTable("dynamic_conv2d")
 DYNAMIC.register(Algorithm("direct", lambda geom, dtype: None, forward=_direct_forward, gradients=_direct_grad_input,
                            rank=1))
 DYNAMIC.register(Algorithm("implicit_gemm", dynamic_implicit_gemm_supported, forward=_igemm_forward,
-                           gradients=_igemm_grad_input, rank=2))
+                           gradients=_igemm_grad_input, rank=2, preferred=gemm_preferred, tensor_cores=True))
 
 
 def _resolve(call: Call, op: str, stage: str, geom: ConvGeometry, algorithm: str, run) -> str:
@@ -311,7 +313,9 @@ def dynamic_conv2d(input, weight, attention, bias=None, stride=1, padding=0, dil
     algorithm: 'direct' (dynamic_conv.cu), 'implicit_gemm' (float16 / bfloat16 only:
     tensor-core implicit GEMM, the mixed kernel built in the B-tile loader as a float32
     sum rounded once to the input dtype, as if materialised in that dtype), or 'auto'
-    ('direct', or with CUCONV_AUTOTUNE=1 on a GPU the faster of the two for the shape)."""
+    (untuned: 'implicit_gemm' for float16 / bfloat16 on a device whose tensor-core probes
+    passed, when each group has more than one input channel, else 'direct'; with
+    CUCONV_AUTOTUNE=1 on a GPU the faster of the two for the shape)."""
     op = "dynamic_conv2d"
     call = Call(op, input=input, weight=weight, attention=attention, bias=bias, optional=("bias",))
     geom, mix = _dynamic_geometry(op, call, stride, padding, dilation, groups)

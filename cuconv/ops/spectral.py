@@ -56,7 +56,7 @@ def _fft_backend(call: Call):
         import cupy
         import cupy.fft
 
-        with cupy.cuda.Device(call.device_id), call.stream():
+        with call.on_device():
             yield cupy.fft, cupy
 
 

@@ -12,6 +12,7 @@ cuconv.torch, JAX tracers go through cuconv.jax (cuconv/_dispatch.py).
 
 from . import ops as _ops  # imports every op module, which registers its ops
 from ._dispatch import follow_inputs as _follow_inputs
+from ._interpret import SanitizerError  # raised by CUCONV_SANITIZE's checks (docs/sanitize.md)
 from ._registry import OPS as _OPS
 from .ops.conv2d import conv_output_size
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -41,11 +42,14 @@ def kernels_dir() -> Path:
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
 
 
-def _expand(path: Path, seen: set[Path]) -> str:
+def _expand(path: Path, seen: set[Path], name: str | None = None) -> str:
+    """`path`'s text with its project includes inlined, each between #line directives
+    naming the file the lines come from (`name`: as the line table should show it)."""
     path = path.resolve()
     if path in seen:  # every project header is #pragma once
         return ""
     seen.add(path)
+    name = name or path.name
     text = path.read_text()
     out, last = [], 0
     for m in _INCLUDE.finditer(text):
@@ -53,7 +57,10 @@ def _expand(path: Path, seen: set[Path]) -> str:
         if not header.is_file():
             raise FileNotFoundError(f"{path.name}: included header {m.group(1)!r} not found")
         line = text.count("\n", 0, m.end()) + 2
-        out += [text[last : m.start()], _expand(header, seen), f'\n#line {line} "{path.name}"\n']
+        header_name = os.path.normpath(os.path.join(os.path.dirname(name), m.group(1)))
+        inlined = _expand(header, seen, header_name)
+        out += [text[last : m.start()], f'#line 1 "{header_name}"\n' if inlined else "", inlined,
+                f'\n#line {line} "{name}"\n']
         last = m.end() + 1
     out.append(text[last:])
     return "".join(out)

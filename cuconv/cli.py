@@ -175,7 +175,24 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="what works here (interpret and cuda backends, and why not; each GPU's "
                                 "tensor-core probe verdict), versions of cuconv, CuPy, NVRTC, torch, jax, "
                                 "numpy and g++, kernel caches, autotuning")
+    prof = sub.add_parser("profile", help="an EMULATED memory-access profile (coalescing, bank conflicts, "
+                                          "divergence, DRAM traffic), H100 occupancy and a roofline model of an op "
+                                          "on the interpret backend (no GPU needed; see docs/profile.md)")
+    prof.add_argument("op", help="a public op, e.g. conv2d")
+    prof.add_argument("--example", type=int, default=0, help="which of the op's registry examples (default 0)")
+    prof.add_argument("--bench-row", default=None, help="a bench suite row by its label, e.g. '3x3 64->64 56' "
+                                                       "(its shapes and FLOPs); overrides --example")
+    prof.add_argument("--dtype", default="float32", choices=("float16", "bfloat16", "float32", "float64"))
+    prof.add_argument("--algorithm", default=None, help="force an algorithm (conv2d: direct, implicit_gemm, ...)")
+    prof.add_argument("--blocks", type=int, default=8,
+                      help="blocks run per launch: the first, the last and evenly spaced ones (0: all; default 8)")
+    prof.add_argument("--backward", action="store_true", help="the forward and every gradient (bench: fwd+bwd)")
+    prof.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
+    if args.command == "profile":
+        from ._profile import main as profile_main
+
+        return profile_main(args)
     if args.command == "check":
         from .check import ARCHS, main as check_main
 

@@ -21,6 +21,11 @@
 // Fibers are entered the first time with swapcontext and switched afterwards with
 // _setjmp/_longjmp, which skip the signal-mask system call swapcontext makes on
 // every switch (the switch count is threads x barriers, so this dominates).
+//
+// With CUCONV_SANITIZE_BUILD (the instrumented variant, see sanitizer.h) the runtime
+// below is marked CUCONV_RUNTIME, i.e. left uninstrumented, and the kernels read
+// threadIdx & co. through accessor functions, so the only memory instrumented kernel
+// code touches is its arguments, shared memory, its own stack and read-only data.
 #pragma once
 
 #include <algorithm>
@@ -38,6 +43,20 @@
 #include <utility>
 #include <vector>
 #include <ucontext.h>
+
+#ifdef CUCONV_SANITIZE_BUILD
+#include <dlfcn.h>
+#include <link.h>
+
+#include <mutex>
+#include <unordered_map>
+#define CUCONV_RUNTIME __attribute__((no_sanitize("kernel-address")))
+// Also kept out of line, so __builtin_return_address(0) inside is the kernel's PC.
+#define CUCONV_RUNTIME_CALL __attribute__((no_sanitize("kernel-address"), noinline))
+#else
+#define CUCONV_RUNTIME
+#define CUCONV_RUNTIME_CALL
+#endif
 
 #define CUCONV_INTERPRET 1
 
@@ -88,27 +107,71 @@ struct BlockRunner {
 inline thread_local BlockRunner* tl_runner = nullptr;
 inline thread_local dim3 tl_thread_idx, tl_block_idx, tl_block_dim, tl_grid_dim;
 
-inline int linear_thread() {
+// What threadIdx, blockIdx, blockDim and gridDim read.
+CUCONV_RUNTIME inline dim3 thread_idx() { return tl_thread_idx; }
+CUCONV_RUNTIME inline dim3 block_idx() { return tl_block_idx; }
+CUCONV_RUNTIME inline dim3 block_dim() { return tl_block_dim; }
+CUCONV_RUNTIME inline dim3 grid_dim() { return tl_grid_dim; }
+
+#ifdef CUCONV_SANITIZE_BUILD
+// True while kernel code runs; runtime entry points called from a kernel clear it for
+// their duration (RuntimeScope), so the library code they call is not checked.
+inline thread_local bool tl_in_kernel = false;
+struct RuntimeScope {
+  bool saved;
+  CUCONV_RUNTIME RuntimeScope() : saved(tl_in_kernel) { tl_in_kernel = false; }
+  CUCONV_RUNTIME ~RuntimeScope() { tl_in_kernel = saved; }
+};
+#else
+struct RuntimeScope {};
+#endif
+
+}  // namespace cuconv_emu
+
+#ifdef CUCONV_SANITIZE_BUILD
+#include "sanitizer.h"
+#else
+namespace cuconv_emu::san {
+inline void worker_begin(BlockRunner&, void*) {}
+inline void worker_end() {}
+inline void block_begin(uint64_t, uint64_t) {}
+inline void block_end() {}
+inline void block_barrier_released() {}
+inline void warp_barrier_released(int) {}
+inline void on_access(const void*, uint64_t, bool, const void*, bool = false) {}
+}  // namespace cuconv_emu::san
+#endif
+
+namespace cuconv_emu {
+
+CUCONV_RUNTIME inline int linear_thread() {
   return int(tl_thread_idx.x + tl_block_dim.x * (tl_thread_idx.y + tl_block_dim.y * tl_thread_idx.z));
 }
 
 // Suspends the current fiber in `state` and returns when the scheduler resumes it.
-inline void wait_at(FiberState state) {
+CUCONV_RUNTIME inline void wait_at(FiberState state) {
+  RuntimeScope scope;
   BlockRunner* r = tl_runner;
   Fiber& f = r->fibers[r->current];
   f.state = state;
   if (!_setjmp(f.resume_point)) _longjmp(r->scheduler_point, 1);
 }
 
-inline void fiber_entry() {
+CUCONV_RUNTIME inline void fiber_entry() {
   BlockRunner* r = tl_runner;
+#ifdef CUCONV_SANITIZE_BUILD
+  tl_in_kernel = true;
   r->run_thread(r->run_thread_arg);
+  tl_in_kernel = false;
+#else
+  r->run_thread(r->run_thread_arg);
+#endif
   r->fibers[r->current].state = FiberState::Done;
   _longjmp(r->scheduler_point, 1);
 }
 
 // Releases the barriers that every live participant has reached; false if none can be.
-inline bool release_barriers(BlockRunner& r) {
+CUCONV_RUNTIME inline bool release_barriers(BlockRunner& r) {
   const int n = int(r.fibers.size());
   bool released = false, all_at_block = true, any_live = false;
   for (int w0 = 0; w0 < n; w0 += kWarpSize) {
@@ -122,6 +185,7 @@ inline bool release_barriers(BlockRunner& r) {
     if (warp_ready && !warp_blocked) {
       for (int i = w0; i < w1; ++i)
         if (r.fibers[i].state == FiberState::AtWarpBarrier) r.fibers[i].state = FiberState::Runnable;
+      san::warp_barrier_released(w0 / kWarpSize);
       released = true;
     }
   }
@@ -134,11 +198,12 @@ inline bool release_barriers(BlockRunner& r) {
   if (!any_live || !all_at_block) return false;
   for (auto& f : r.fibers)
     if (f.state == FiberState::AtBlockBarrier) f.state = FiberState::Runnable;
+  san::block_barrier_released();
   return true;
 }
 
 // Runs every thread of the current block (tl_block_idx) to completion.
-inline void run_block(BlockRunner& r) {
+CUCONV_RUNTIME inline void run_block(BlockRunner& r) {
   const dim3 bd = tl_block_dim;
   const int n = int(bd.x * bd.y * bd.z);
   for (int i = 0; i < n; ++i) {
@@ -185,23 +250,26 @@ inline void run_block(BlockRunner& r) {
   }
 }
 
-inline size_t fiber_stack_bytes() {
+CUCONV_RUNTIME inline size_t fiber_stack_bytes() {
   const char* env = std::getenv("CUCONV_INTERPRET_STACK_KB");
   size_t kb = env ? size_t(std::strtoul(env, nullptr, 10)) : 256;
   return std::max<size_t>(kb, 16) * 1024;
 }
 
-inline int worker_count(unsigned long long blocks) {
+CUCONV_RUNTIME inline int worker_count(unsigned long long blocks) {
   const char* env = std::getenv("CUCONV_INTERPRET_THREADS");
   long n = env ? std::strtol(env, nullptr, 10) : long(std::thread::hardware_concurrency());
   n = std::max(1L, n);
   return int(std::min<unsigned long long>(blocks, (unsigned long long)n));
 }
 
-// Launches run_thread(arg) for every thread of every block; returns "" or an error.
-inline std::string launch_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes,
-                               void (*run_thread)(void*), void* arg) {
-  const unsigned long long blocks = 1ull * grid.x * grid.y * grid.z;
+// Launches run_thread(arg) for every thread of every block (or of the `listed` linear
+// block indices, if given); returns "" or an error. `sanitizer` is a checked launch's
+// san::LaunchState, null otherwise.
+CUCONV_RUNTIME inline std::string launch_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes,
+                                              void (*run_thread)(void*), void* arg, void* sanitizer = nullptr,
+                                              const uint64_t* listed = nullptr, uint64_t listed_count = 0) {
+  const unsigned long long blocks = listed ? listed_count : 1ull * grid.x * grid.y * grid.z;
   const int threads_per_block = int(block.x * block.y * block.z);
   if (blocks == 0 || threads_per_block == 0) return "empty grid or block";
   if (threads_per_block > 1024) return "more than 1024 threads per block";
@@ -220,11 +288,16 @@ inline std::string launch_grid(dim3 grid, dim3 block, size_t dynamic_shared_byte
     tl_runner = &r;
     tl_block_dim = block;
     tl_grid_dim = grid;
-    for (unsigned long long b; (b = next_block.fetch_add(1)) < blocks && r.error.empty();) {
+    san::worker_begin(r, sanitizer);
+    for (unsigned long long i; (i = next_block.fetch_add(1)) < blocks && r.error.empty();) {
+      const unsigned long long b = listed ? listed[i] : i;
       tl_block_idx = dim3(unsigned(b % grid.x), unsigned((b / grid.x) % grid.y),
                           unsigned(b / (1ull * grid.x * grid.y)));
+      san::block_begin(i, b);
       run_block(r);
+      san::block_end();
     }
+    san::worker_end();
     std::free(r.stacks);
     tl_runner = nullptr;
     errors[w] = r.error;
@@ -240,8 +313,9 @@ inline std::string launch_grid(dim3 grid, dim3 block, size_t dynamic_shared_byte
 
 // --- warp exchange: every lane publishes a value, waits, reads a peer's, waits again ---
 template <typename T>
-inline T exchange(T value, int (*source_lane)(int lane, int arg, int width), int arg, int width) {
+CUCONV_RUNTIME inline T exchange(T value, int (*source_lane)(int lane, int arg, int width), int arg, int width) {
   static_assert(sizeof(T) <= 8, "warp exchange of a type wider than 8 bytes");
+  RuntimeScope scope;
   BlockRunner* r = tl_runner;
   const int me = linear_thread();
   const int base = me - me % kWarpSize;
@@ -256,21 +330,22 @@ inline T exchange(T value, int (*source_lane)(int lane, int arg, int width), int
   return out;
 }
 
-inline int lane_idx(int lane, int src, int width) { return (lane & ~(width - 1)) + (src & (width - 1)); }
-inline int lane_down(int lane, int delta, int width) {
+CUCONV_RUNTIME inline int lane_idx(int lane, int src, int width) { return (lane & ~(width - 1)) + (src & (width - 1)); }
+CUCONV_RUNTIME inline int lane_down(int lane, int delta, int width) {
   int s = lane + delta;
   return (s & ~(width - 1)) == (lane & ~(width - 1)) ? s : lane;
 }
-inline int lane_up(int lane, int delta, int width) {
+CUCONV_RUNTIME inline int lane_up(int lane, int delta, int width) {
   int s = lane - delta;
   return s >= (lane & ~(width - 1)) ? s : lane;
 }
-inline int lane_xor(int lane, int mask, int width) {
+CUCONV_RUNTIME inline int lane_xor(int lane, int mask, int width) {
   int s = lane ^ mask;
   return (s & ~(width - 1)) == (lane & ~(width - 1)) ? s : lane;
 }
 
-inline unsigned ballot(bool predicate) {
+CUCONV_RUNTIME inline unsigned ballot(bool predicate) {
+  RuntimeScope scope;
   BlockRunner* r = tl_runner;
   const int me = linear_thread();
   const int base = me - me % kWarpSize;
@@ -284,9 +359,12 @@ inline unsigned ballot(bool predicate) {
   return mask;
 }
 
+// An atomic read-modify-write; `pc` is the kernel's call site, for the sanitizers.
 template <typename T, typename F>
-inline T atomic_update(T* address, F op) {
+CUCONV_RUNTIME inline T atomic_update(T* address, F op, const void* pc) {
   static_assert(sizeof(T) == 4 || sizeof(T) == 8, "atomic on an unsupported width");
+  san::on_access(address, sizeof(T), true, pc, /*atomic=*/true);
+  RuntimeScope scope;
   using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
   Bits* a = reinterpret_cast<Bits*>(address);
   Bits seen = __atomic_load_n(a, __ATOMIC_RELAXED);
@@ -300,7 +378,7 @@ inline T atomic_update(T* address, F op) {
   }
 }
 
-inline unsigned char* dynamic_shared_memory() { return tl_runner->dynamic_shared.data(); }
+CUCONV_RUNTIME inline unsigned char* dynamic_shared_memory() { return tl_runner->dynamic_shared.data(); }
 
 // Calls kernel(args...) with each argument read from the pointer array a launcher gets.
 template <typename... Args>
@@ -308,10 +386,10 @@ struct KernelCall {
   void (*kernel)(Args...);
   void** args;
   template <size_t... I>
-  void call(std::index_sequence<I...>) {
+  CUCONV_RUNTIME void call(std::index_sequence<I...>) {
     kernel(*static_cast<std::remove_cv_t<std::remove_reference_t<Args>>*>(args[I])...);
   }
-  static void run(void* self) { static_cast<KernelCall*>(self)->call(std::index_sequence_for<Args...>{}); }
+  CUCONV_RUNTIME static void run(void* self) { static_cast<KernelCall*>(self)->call(std::index_sequence_for<Args...>{}); }
 };
 
 // The parameter count of a kernel: the launcher's args array must hold exactly this many.
@@ -321,8 +399,8 @@ constexpr int kernel_arity(void (*)(Args...)) {
 }
 
 template <typename... Args>
-inline int launch(void (*kernel)(Args...), const unsigned* grid, const unsigned* block,
-                  unsigned long long shared_bytes, void** args, char* error, int error_bytes) {
+CUCONV_RUNTIME inline int launch(void (*kernel)(Args...), const unsigned* grid, const unsigned* block,
+                                 unsigned long long shared_bytes, void** args, char* error, int error_bytes) {
   KernelCall<Args...> call{kernel, args};
   std::string e = launch_grid(dim3(grid[0], grid[1], grid[2]), dim3(block[0], block[1], block[2]),
                               size_t(shared_bytes), &KernelCall<Args...>::run, &call);
@@ -331,16 +409,44 @@ inline int launch(void (*kernel)(Args...), const unsigned* grid, const unsigned*
   return 1;
 }
 
+#ifdef CUCONV_SANITIZE_BUILD
+// A checked launch: runs the grid (or out->blocks) with out->checks, filling out's findings and trace.
+template <typename... Args>
+CUCONV_RUNTIME inline int launch_checked(void (*kernel)(Args...), const unsigned* grid, const unsigned* block,
+                                         unsigned long long shared_bytes, void** args, san::Launch* out,
+                                         char* error, int error_bytes) {
+  san::LaunchState state;
+  state.out = out;
+  san::locate_module(&state, nullptr);
+  out->findings = 0;
+  out->first = san::Finding{};
+  out->trace = nullptr;
+  const uint64_t count = out->blocks ? out->block_count : 1ull * grid[0] * grid[1] * grid[2];
+  if (out->checks & san::kRecord) {
+    out->trace = new san::Trace();
+    out->trace->blocks.resize(count);
+    out->trace->barriers.assign(count, 0);
+  }
+  KernelCall<Args...> call{kernel, args};
+  std::string e = launch_grid(dim3(grid[0], grid[1], grid[2]), dim3(block[0], block[1], block[2]),
+                              size_t(shared_bytes), &KernelCall<Args...>::run, &call, &state, out->blocks,
+                              count);
+  if (e.empty()) return 0;
+  std::snprintf(error, size_t(error_bytes), "%s", e.c_str());
+  return 1;
+}
+#endif
+
 }  // namespace cuconv_emu
 
-#define threadIdx (::cuconv_emu::tl_thread_idx)
-#define blockIdx (::cuconv_emu::tl_block_idx)
-#define blockDim (::cuconv_emu::tl_block_dim)
-#define gridDim (::cuconv_emu::tl_grid_dim)
+#define threadIdx (::cuconv_emu::thread_idx())
+#define blockIdx (::cuconv_emu::block_idx())
+#define blockDim (::cuconv_emu::block_dim())
+#define gridDim (::cuconv_emu::grid_dim())
 #define warpSize 32
 
-inline void __syncthreads() { cuconv_emu::wait_at(cuconv_emu::FiberState::AtBlockBarrier); }
-inline void __syncwarp(unsigned = 0xffffffffu) { cuconv_emu::wait_at(cuconv_emu::FiberState::AtWarpBarrier); }
+CUCONV_RUNTIME inline void __syncthreads() { cuconv_emu::wait_at(cuconv_emu::FiberState::AtBlockBarrier); }
+CUCONV_RUNTIME inline void __syncwarp(unsigned = 0xffffffffu) { cuconv_emu::wait_at(cuconv_emu::FiberState::AtWarpBarrier); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
@@ -366,13 +472,23 @@ inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __ffs(int v) { return __builtin_ffs(v); }
 inline int __clz(int v) { return v == 0 ? 32 : __builtin_clz(unsigned(v)); }
 
-template <typename T> inline T atomicAdd(T* a, T v) { return cuconv_emu::atomic_update(a, [v](T o) { return T(o + v); }); }
-template <typename T> inline T atomicMax(T* a, T v) { return cuconv_emu::atomic_update(a, [v](T o) { return o < v ? v : o; }); }
-template <typename T> inline T atomicMin(T* a, T v) { return cuconv_emu::atomic_update(a, [v](T o) { return v < o ? v : o; }); }
-template <typename T> inline T atomicExch(T* a, T v) { return cuconv_emu::atomic_update(a, [v](T) { return v; }); }
-template <typename T> inline T atomicCAS(T* a, T compare, T v) {
-  return cuconv_emu::atomic_update(a, [compare, v](T o) { return o == compare ? v : o; });
+#define CUCONV_PC __builtin_return_address(0)
+template <typename T> CUCONV_RUNTIME_CALL inline T atomicAdd(T* a, T v) {
+  return cuconv_emu::atomic_update(a, [v](T o) { return T(o + v); }, CUCONV_PC);
 }
+template <typename T> CUCONV_RUNTIME_CALL inline T atomicMax(T* a, T v) {
+  return cuconv_emu::atomic_update(a, [v](T o) { return o < v ? v : o; }, CUCONV_PC);
+}
+template <typename T> CUCONV_RUNTIME_CALL inline T atomicMin(T* a, T v) {
+  return cuconv_emu::atomic_update(a, [v](T o) { return v < o ? v : o; }, CUCONV_PC);
+}
+template <typename T> CUCONV_RUNTIME_CALL inline T atomicExch(T* a, T v) {
+  return cuconv_emu::atomic_update(a, [v](T) { return v; }, CUCONV_PC);
+}
+template <typename T> CUCONV_RUNTIME_CALL inline T atomicCAS(T* a, T compare, T v) {
+  return cuconv_emu::atomic_update(a, [compare, v](T o) { return o == compare ? v : o; }, CUCONV_PC);
+}
+#undef CUCONV_PC
 
 template <typename T> inline T __ldg(const T* p) { return *p; }
 using std::fma;

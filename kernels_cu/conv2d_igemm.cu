@@ -55,11 +55,15 @@
 //   rows padded by 16 bytes, so that a warp's fragment loads, rows g = 0..7 x columns t = 0..3, hit
 //   32 distinct banks (10 KB of static shared memory per buffer for fp16/bf16, 18 KB for float).
 //   Each thread stages 16 elements of each tile per step, with one of two mappings:
-//     row loaders (the fwd and dgrad A gathers): thread tid owns GEMM row tid % 64 (its pixel
-//       decoded once per tile) and k = tid/64 + 2i, i < 16. Consecutive threads read consecutive
-//       pixels, i.e. consecutive ox of one input row: coalesced for stride 1. The thread's k walks
-//       the whole K in steps of 2, so its (c, ky, kx) digits are stepped by compare-and-carry
-//       (igemm_carry; decoded by division once per tile, never per element).
+//     row loaders (the fwd and dgrad A gathers): thread tid owns GEMM row tid / 2 (its pixel
+//       decoded once per tile) and k = tid%2 + 2i, i < 16. A warp's load reads 16 consecutive
+//       pixels (consecutive ox of one input row: coalesced for stride 1) at 2 adjacent k. The
+//       thread's k walks the whole K in steps of 2, so its (c, ky, kx) digits are stepped by
+//       compare-and-carry (igemm_carry; decoded by division once per tile, never per element).
+//       Staging store: ldmatrix needs 16-byte-aligned rows, so the row pitch is a multiple of 4
+//       banks and one k reaches only 8 banks across rows. Two lanes per row on adjacent k share
+//       a 4-byte word (fp16 / bf16), so a warp's store touches 16 words on 8 banks: 2 wavefronts,
+//       where 32 rows at one k would take 4.
 //     column loaders (every B, and wgrad's A): thread tid owns k = tid % 32 and tile rows
 //       tid/32 + 4i, i < 16. Consecutive threads read consecutive k: coalesced along each
 //       K-contiguous row (the fwd weight rows, wgrad's pixels).
@@ -368,8 +372,9 @@ struct IgemmThread {
     tid4 = lane & 3;
     warp_m = 32 * (warp & 1);
     warp_n = 32 * (warp >> 1);
-    row_m = tid % kIgemmBM;
-    row_k = tid / kIgemmBM;
+    // A row's two threads are adjacent lanes: header, row loaders (the staging store's banks).
+    row_m = tid / kIgemmAStep;
+    row_k = tid % kIgemmAStep;
     col_k = tid % kIgemmBK;
     col_row = tid / kIgemmBK;
   }

@@ -25,10 +25,11 @@
 //     stages the plane's KH*KW weights and the input halo tile of channel o/M,
 //       halo_h = (TH-1)*SH + (KH-1)*DH + 1 rows  x  halo_w = (TW-1)*SW + (KW-1)*DW + 1 columns
 //     (row pitch p.pitch >= halo_w, odd when possible: see the bank note below), loaded with
-//     consecutive threads on consecutive columns (coalesced). Each thread then computes R
-//     adjacent outputs of one tile row in registers. For SW = DW = 1 (the common case) the
-//     R inputs a tap needs are a register window that slides one column per kx: one
-//     shared load per tap feeds R FMAs (plus one broadcast weight load).
+//     consecutive threads on consecutive columns (coalesced). Thread g (the host launches
+//     blockDim >= TH*TW/R) then computes the R adjacent outputs g*R ... g*R + R-1 of the
+//     tile (row-major) in registers. For SW = DW = 1 (the common case) the R inputs a tap
+//     needs are a register window that slides one column per kx: one shared load per tap
+//     feeds R FMAs (plus one broadcast weight load).
 //   depthwise_bwd_input: the same over a TH x TW tile of INPUT pixels (plane b*C + c); for
 //     each m < M the block stages w[c*M+m] and the gy halo tile of plane b*Cout + c*M+m.
 //     Input row iy = iy0 + l (l < TH) takes gy row oy = (iy + PH - ky*DH)/SH, so the rows
@@ -40,6 +41,12 @@
 //     a multiple of SH only when t >= 0, so the test t % SH == 0 (C++ keeps the sign) also
 //     rejects the rows above the halo and the row is t / SH. Stride 1 is a correlation
 //     with the flipped kernel (kx walked downwards: the forward's register window).
+//   Output store (forward and input gradient): written straight from the registers, a
+//     warp's lanes would be R elements apart. Instead, once every thread is done with the
+//     halo, the threads put their sums into an output tile [TH][TW + 1] that overlays the
+//     halo (the host sizes the region for the larger of the two), and the block writes
+//     that tile out with consecutive threads on consecutive columns (coalesced). Only
+//     where the sums go changes, never how they are computed.
 //   depthwise_bwd_weight (stage 1): a block item is (o, chunk). The (b, output-row band of
 //     TH rows) bands of the whole batch, bands = B * ceil(Ho/TH) in order, are cut into
 //     p.chunks chunks of p.bands_per_chunk consecutive bands (both fixed by the shape).
@@ -55,7 +62,8 @@
 //     shape only, so results are bitwise reproducible.
 // Bank note: with R adjacent outputs per thread the lanes of a warp read words R apart in
 // a row and tile rows SH*pitch apart; an odd SH*pitch puts the rows of one warp on
-// different bank residues, so the fp32 window loads are conflict-free for TW = 32.
+// different bank residues, so the fp32 window loads are conflict-free for TW = 32. The
+// output tile's pitch TW + 1 is odd (TW is a multiple of R) for the same reason.
 // Blocks walk their items with a grid-stride loop, so any grid size is valid. Offsets
 // into global tensors are 64-bit; offsets inside a tile are 32-bit (tiles are bounded by
 // the shared-memory budget).
@@ -109,6 +117,19 @@ __device__ __forceinline__ void stage_window(Acc* tile, const T* __restrict__ pl
   }
 }
 
+// The inverse of stage_window: writes tile[r * pitch + c] (r < h, c < w) to the plane at
+// (row0 + r, col0 + c), skipping what falls outside it. Consecutive threads take
+// consecutive columns: coalesced global stores, whatever the per-thread register tile.
+template <typename T, typename Acc>
+__device__ __forceinline__ void store_window(T* __restrict__ plane, index_t rows, index_t cols, index_t row0,
+                                             index_t col0, const Acc* tile, unsigned h, unsigned w, unsigned pitch) {
+  for (unsigned e = threadIdx.x; e < h * w; e += blockDim.x) {
+    const unsigned r = e / w, c = e % w;
+    const index_t gr = row0 + r, gc = col0 + c;
+    if (gr < rows && gc < cols) plane[gr * cols + gc] = from_acc<T>(tile[r * pitch + c]);
+  }
+}
+
 // acc[r] += sum_k wrow[k * wstep] * row[r + k] for k < n: one tile row of a stride-1,
 // dilation-1 correlation as a register window that slides one column per tap.
 template <typename Acc, int R>
@@ -128,6 +149,22 @@ __device__ __forceinline__ void window_row(Acc (&acc)[R], const Acc* row, const 
   }
 }
 
+// Puts each active thread's R adjacent outputs (tile row ly, columns lx ...) into the
+// tile[TH][pitch] that store_window then writes out row by row. The tile overlays the
+// halo (the host sizes the region for both), hence the barrier before. pitch = TW + 1 is
+// odd, so a warp's lanes (R words apart in a row, rows pitch apart) hit distinct banks
+// for TW = 32 in fp32.
+template <typename Acc, int R>
+__device__ __forceinline__ void stage_outputs(Acc* tile, unsigned pitch, unsigned ly, unsigned lx, bool active,
+                                              const Acc (&acc)[R]) {
+  __syncthreads();  // every thread is done reading the halo
+  if (active) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) tile[ly * pitch + lx + r] = acc[r];
+  }
+  __syncthreads();
+}
+
 template <typename T>
 __global__ void depthwise_fwd(const DepthwiseParams p, const T* __restrict__ x, const T* __restrict__ w,
                               const T* __restrict__ bias, T* __restrict__ y) {
@@ -136,7 +173,7 @@ __global__ void depthwise_fwd(const DepthwiseParams p, const T* __restrict__ x, 
   CUCONV_DYNAMIC_SHARED(Acc, smem);
   const auto [kh, kw, taps, sh, sw, dh, dw, pitch] = DepthwiseWindow::of(p);
   Acc* wsm = smem;          // [taps]
-  Acc* halo = smem + taps;  // [halo_h][pitch]
+  Acc* halo = smem + taps;  // [halo_h][pitch]; after the sums, the output tile [tile_h][tile_w + 1]
   const index_t tiles_x = ceil_div(p.out_w, p.tile_w), tiles = ceil_div(p.out_h, p.tile_h) * tiles_x;
   const index_t items = p.batch * p.out_channels * tiles;
   const unsigned per_row = unsigned(p.tile_w) / R, groups = unsigned(p.tile_h) * per_row;
@@ -152,14 +189,15 @@ __global__ void depthwise_fwd(const DepthwiseParams p, const T* __restrict__ x, 
                  unsigned(p.halo_w), pitch);
     __syncthreads();
     const Acc bias_o = bias != nullptr ? to_acc(bias[o]) : Acc(0);
-    T* yp = y + plane * p.out_h * p.out_w;
-    for (unsigned g = threadIdx.x; g < groups; g += blockDim.x) {
-      const unsigned ly = g / per_row, lx = (g % per_row) * R;
-      const index_t oy = oy0 + ly, ox = ox0 + lx;
-      if (oy >= p.out_h || ox >= p.out_w) continue;
-      Acc acc[R];
+    // one group of R outputs per thread (the host launches blockDim >= groups): its sums
+    // stay in registers across the barriers of the output staging below
+    const unsigned g = threadIdx.x;
+    const unsigned ly = g / per_row, lx = (g % per_row) * R;
+    const bool active = g < groups && oy0 + ly < p.out_h && ox0 + lx < p.out_w;
+    Acc acc[R];
 #pragma unroll
-      for (int r = 0; r < R; ++r) acc[r] = bias_o;
+    for (int r = 0; r < R; ++r) acc[r] = bias_o;
+    if (active) {
       const Acc* base = halo + ly * unsigned(sh) * pitch + lx * unsigned(sw);
       for (int ky = 0; ky < kh; ++ky) {
         const Acc* row = base + unsigned(ky * dh) * pitch;
@@ -175,11 +213,10 @@ __global__ void depthwise_fwd(const DepthwiseParams p, const T* __restrict__ x, 
           }
         }
       }
-      T* out = yp + oy * p.out_w + ox;
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-        if (ox + r < p.out_w) out[r] = from_acc<T>(acc[r]);
     }
+    stage_outputs<Acc, R>(halo, unsigned(p.tile_w) + 1, ly, lx, active, acc);
+    store_window(y + plane * p.out_h * p.out_w, p.out_h, p.out_w, oy0, ox0, halo, unsigned(p.tile_h),
+                 unsigned(p.tile_w), unsigned(p.tile_w) + 1);
   }
 }
 
@@ -191,7 +228,7 @@ __global__ void depthwise_bwd_input(const DepthwiseParams p, const T* __restrict
   CUCONV_DYNAMIC_SHARED(Acc, smem);
   const auto [kh, kw, taps, sh, sw, dh, dw, pitch] = DepthwiseWindow::of(p);
   Acc* wsm = smem;          // [taps]
-  Acc* halo = smem + taps;  // gy halo [halo_h][pitch]
+  Acc* halo = smem + taps;  // gy halo [halo_h][pitch]; after the sums, the output tile [tile_h][tile_w + 1]
   const index_t tiles_x = ceil_div(p.in_w, p.tile_w), tiles = ceil_div(p.in_h, p.tile_h) * tiles_x;
   const index_t items = p.batch * p.in_channels * tiles;
   const unsigned per_row = unsigned(p.tile_w) / R, groups = unsigned(p.tile_h) * per_row;
@@ -240,12 +277,9 @@ __global__ void depthwise_bwd_input(const DepthwiseParams p, const T* __restrict
         }
       }
     }
-    if (active) {
-      T* out = grad_x + (plane * p.in_h + iy0 + ly) * p.in_w + ix0 + lx;
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-        if (ix0 + lx + r < p.in_w) out[r] = from_acc<T>(sum[r]);
-    }
+    stage_outputs<Acc, R>(halo, unsigned(p.tile_w) + 1, ly, lx, active, sum);
+    store_window(grad_x + plane * p.in_h * p.in_w, p.in_h, p.in_w, iy0, ix0, halo, unsigned(p.tile_h),
+                 unsigned(p.tile_w), unsigned(p.tile_w) + 1);
   }
 }
 

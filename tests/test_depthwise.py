@@ -166,6 +166,22 @@ def test_shared_memory_budget_and_large_kernels_supported():
     assert plan.shared_entries * 4 == (961 + 62 * 63) * 4  # 19.5 KiB: weights + the halo (odd pitch 63)
 
 
+def test_output_tile_fits_the_region_it_overlays():
+    """The forward and the input gradient stage their outputs in a [tile_h][tile_w + 1]
+    tile over the halo; at stride 3 the input gradient's gy halo (6 x 11) is the smaller
+    of the two, so the region is sized for the output tile (the sanitized runs of CASES[4]
+    catch a shortfall as an out-of-bounds shared write)."""
+    x, w, b, params = case_arrays(CASES[4], 4)
+    geom = geometry(x.shape, w.shape, **params)
+    for kind in ("fwd", "bwd_input"):
+        plan = depthwise_module._plan(geom, kind, 4, 48 * 1024)
+        taps = geom.kernel_h * geom.kernel_w
+        assert plan.shared_entries == taps + max(plan.halo_h * plan.pitch, plan.tile_h * (plan.tile_w + 1)), kind
+    plan = depthwise_module._plan(geom, "bwd_input", 4, 48 * 1024)
+    assert (plan.tile_h, plan.tile_w, plan.halo_h, plan.pitch) == (12, 24, 6, 11)
+    assert plan.shared_entries == 9 + 12 * 25
+
+
 def test_workspace_is_chunks_by_channels_by_taps():
     x, w, b, params = case_arrays(CASES[2], 4)  # Cout 4, 37x41, 3x3
     x = np.concatenate([x] * 3)

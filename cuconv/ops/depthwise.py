@@ -48,6 +48,9 @@ _SHARED_BUDGET_BYTES = 48 * 1024
 _TILES = ((32, 32), (16, 32), (16, 16), (8, 16), (8, 8))
 _OUT_PER_THREAD = KERNELS.constant("DEPTHWISE_OUT_PER_THREAD")
 _TAPS_PER_THREAD = KERNELS.constant("DEPTHWISE_TAPS_PER_THREAD")
+# The forward and input-gradient kernels give each thread exactly one group of
+# _OUT_PER_THREAD outputs, so every tile's groups must fit one block (threads_for's 256).
+assert all(h * w // _OUT_PER_THREAD <= 256 for h, w in _TILES), "a depthwise tile has more output groups than threads"
 _WGRAD_THREADS = 256
 # Weight gradient: stage-1 blocks (Cout * chunks) to aim for; decides the chunk count
 # from the shape alone (never from the device), so the result is device-independent.
@@ -94,8 +97,8 @@ def _plan(geom: ConvGeometry, kind: str, acc_bytes: int, budget: int) -> _Plan |
             tap_threads = min(taps, _WGRAD_THREADS)
             partial = (_WGRAD_THREADS // tap_threads) * tap_threads * _TAPS_PER_THREAD
             entries, threads = th * tw + hh * pitch + partial, _WGRAD_THREADS
-        else:
-            entries, threads = taps + hh * pitch, threads_for(th * (tw // r))
+        else:  # the output tile [th][tw + 1] overlays the halo once the sums are done
+            entries, threads = taps + max(hh * pitch, th * (tw + 1)), threads_for(th * (tw // r))
         if entries * acc_bytes <= budget:
             return _Plan(th, tw, hh, hw, pitch, entries, threads)
     return None

@@ -62,9 +62,9 @@
 //     [p.segment_begin, p.segment_begin + p.segment_count):
 //     dcn_bwd_input_bin: one block per segment bins its Ho*Wo*K points (point = pix*K + k)
 //       by the cell (floor py, floor px) in [-1, H-1] x [-1, W-1] ((H+1)(W+1) cells, plus
-//       one bin for gated-off points) with a stable counting sort (count walk in tiles of
-//       blockDim, rank among equal keys by comparison, no atomics; exclusive scan;
-//       placement walk). Workspace per segment: (H+1)(W+1) + 2 + Ho*Wo*K int64 entries,
+//       one bin for gated-off points) with a stable counting sort (common/counting_sort.cuh:
+//       count walk in tiles of blockDim, rank among equal keys by comparison, no atomics;
+//       exclusive scan; placement walk). Workspace per segment: (H+1)(W+1) + 2 + Ho*Wo*K int64 entries,
 //       the host bounds the chunk.
 //     dcn_bwd_input: one thread per destination x[n, u, w, g*D + c] of the chunk (c fastest,
 //       so lanes read consecutive channels of gy) walks the 4 cells having (u, w) as a
@@ -77,6 +77,7 @@
 // Work items are walked with grid-stride loops, so any grid size is valid; index math is
 // 64-bit.
 #include "common/conv_geometry.cuh"
+#include "common/counting_sort.cuh"
 
 // Largest block dcn_bwd_input_bin is launched with (its static shared arrays).
 constexpr int DCN_BIN_THREADS = 256;
@@ -275,59 +276,12 @@ __global__ void dcn_bwd_input_bin(const DcnParams p, const T* __restrict__ offse
   __shared__ long long keys[DCN_BIN_THREADS];
   __shared__ long long totals[DCN_BIN_THREADS];
   const index_t points = p.out_h * p.out_w * p.taps;
-  const index_t bins = (p.in_h + 1) * (p.in_w + 1) + 1, bd = blockDim.x, tid = threadIdx.x;
+  const index_t bins = (p.in_h + 1) * (p.in_w + 1) + 1;
   for (index_t item = blockIdx.x; item < p.segment_count; item += gridDim.x) {
     const index_t seg = p.segment_begin + item, n = seg / p.groups, g = seg % p.groups;
-    long long* start = starts + item * (bins + 1);
-    long long* out = order + item * points;
-    __syncthreads();  // the previous item's walks are over
-    for (index_t b = tid; b <= bins; b += bd) start[b] = 0;
-    // pass 0 counts bin b into start[b+1]; pass 1 places. In a tile of bd points a point's
-    // rank among equal keys is the number of earlier threads holding its key; the last
-    // such thread advances the bin's counter past the tile's points (no atomics).
-    for (int pass = 0; pass < 2; ++pass) {
-      if (pass == 1) {
-        // start[b+1] := exclusive prefix of the counts: each thread scans a contiguous run
-        // of bins, thread 0 scans the runs' totals.
-        const index_t run = ceil_div(bins, bd), lo = 1 + tid * run, hi = min_index(lo + run, bins + 1);
-        __syncthreads();
-        long long sum = 0;
-        for (index_t b = lo; b < hi; ++b) sum += start[b];
-        totals[tid] = sum;
-        __syncthreads();
-        if (tid == 0) {
-          long long running = 0;
-          for (index_t b = 0; b < bd; ++b) {
-            const long long v = totals[b];
-            totals[b] = running;
-            running += v;
-          }
-        }
-        __syncthreads();
-        long long running = totals[tid];
-        for (index_t b = lo; b < hi; ++b) {
-          const long long v = start[b];
-          start[b] = running;
-          running += v;
-        }
-      }
-      for (index_t t0 = 0; t0 < points; t0 += bd) {
-        const index_t point = t0 + tid, cnt = min_index(bd, points - t0);
-        __syncthreads();  // start[] settled, keys[] free
-        const index_t key = point < points ? dcn_point_key(p, offset, mask, n, g, point) : -1;
-        keys[tid] = key;
-        __syncthreads();
-        index_t rank = 0, later = 0;
-        if (point < points) {
-          for (index_t u = 0; u < tid; ++u) rank += keys[u] == key;
-          for (index_t u = tid + 1; u < cnt; ++u) later += keys[u] == key;
-          if (pass == 1) out[start[key + 1] + rank] = point;
-        }
-        __syncthreads();  // every placement has read start[]
-        if (point < points && later == 0) start[key + 1] += rank + 1;
-      }
-    }
-    __syncthreads();  // start[b+1] now ends bin b; start[0] = 0
+    block_counting_sort(
+        points, bins, [&](index_t point) { return dcn_point_key(p, offset, mask, n, g, point); },
+        starts + item * (bins + 1), order + item * points, keys, totals);
   }
 }
 

@@ -58,10 +58,10 @@
 //     segments [p.segment_begin, p.segment_begin + p.segment_count):
 //     deform_conv2d_bwd_input_bin: one block per segment bins its K*P sample points by the
 //       cell (floor Y, floor X) in [-1, H-1] x [-1, W-1] ((H+1)(W+1) cells, plus one bin for
-//       points that sample nothing) with a stable counting sort: a count walk over the
-//       points in tiles of blockDim (the last thread of each key in a tile adds the tile's
-//       count: no atomics), an exclusive scan, and a placement walk (rank within the tile
-//       by comparing keys). Workspace per segment: (cells + 2) starts + K*P point indices
+//       points that sample nothing) with a stable counting sort (common/counting_sort.cuh):
+//       a count walk over the points in tiles of blockDim (the last thread of each key in a
+//       tile adds the tile's count: no atomics), an exclusive scan, and a placement walk
+//       (rank within the tile by comparing keys). Workspace per segment: (cells + 2) starts + K*P point indices
 //       (int64). The order inside a bin is the point order, so the result is fixed.
 //     deform_conv2d_bwd_input: one thread per destination x[b,c',u,v] of the chunk gathers
 //       from the 4 cells having (u,v) as a corner, in fixed order: a bitwise reproducible
@@ -71,6 +71,7 @@
 //     workspace of x's shape (zeroed by deform_conv2d_fill_zero), cast to T by
 //     deform_conv2d_cast. Faster, not bitwise reproducible.
 // Blocks walk their work items with grid-stride loops, so any grid size is valid.
+#include "common/counting_sort.cuh"
 #include "common/direct_conv.cuh"
 
 // Output channels one thread accumulates (forward) / one block item reduces (weight grad).
@@ -323,59 +324,11 @@ __global__ void deform_conv2d_bwd_input_bin(const DeformParams p, const T* __res
   __shared__ long long keys[DEFORM_BIN_THREADS];
   __shared__ long long totals[DEFORM_BIN_THREADS];
   const index_t taps = p.kernel_h * p.kernel_w, pixels = p.out_h * p.out_w, points = taps * pixels;
-  const index_t bins = (p.in_h + 1) * (p.in_w + 1) + 1, bd = blockDim.x, tid = threadIdx.x;
+  const index_t bins = (p.in_h + 1) * (p.in_w + 1) + 1;
   for (index_t item = blockIdx.x; item < p.segment_count; item += gridDim.x) {
     const T* off = offset + (p.segment_begin + item) * 2 * points;
-    long long* start = starts + item * (bins + 1);
-    long long* out = order + item * points;
-    __syncthreads();  // the previous item's walks are over
-    for (index_t k = tid; k <= bins; k += bd) start[k] = 0;
-    // Two walks over the points in tiles of bd: pass 0 counts bin k into start[k+1], pass 1
-    // places. In a tile, a point's rank among equal keys is the number of earlier threads
-    // holding its key; the last such thread moves the bin's counter past the tile's points.
-    for (int pass = 0; pass < 2; ++pass) {
-      if (pass == 1) {
-        // start[k+1] := the exclusive prefix of the counts (the first slot of bin k):
-        // each thread scans a contiguous run of bins, the runs' totals are scanned by thread 0.
-        const index_t run = ceil_div(bins, bd), lo = 1 + tid * run, hi = min_index(lo + run, bins + 1);
-        __syncthreads();  // the count walk's last updates are visible
-        long long sum = 0;
-        for (index_t k = lo; k < hi; ++k) sum += start[k];
-        totals[tid] = sum;
-        __syncthreads();
-        if (tid == 0) {
-          long long running = 0;
-          for (index_t k = 0; k < bd; ++k) {
-            const long long v = totals[k];
-            totals[k] = running;
-            running += v;
-          }
-        }
-        __syncthreads();
-        long long running = totals[tid];
-        for (index_t k = lo; k < hi; ++k) {
-          const long long v = start[k];
-          start[k] = running;
-          running += v;
-        }
-      }
-      for (index_t t0 = 0; t0 < points; t0 += bd) {
-        const index_t point = t0 + tid, n = min_index(bd, points - t0);
-        __syncthreads();  // start[] is settled and keys[] free
-        const index_t key = point < points ? point_key(p, off, point) : -1;
-        keys[tid] = key;
-        __syncthreads();
-        index_t rank = 0, later = 0;
-        if (point < points) {
-          for (index_t u = 0; u < tid; ++u) rank += keys[u] == key;
-          for (index_t u = tid + 1; u < n; ++u) later += keys[u] == key;
-          if (pass == 1) out[start[key + 1] + rank] = point;
-        }
-        __syncthreads();  // every placement has read start[]
-        if (point < points && later == 0) start[key + 1] += rank + 1;
-      }
-    }
-    __syncthreads();  // start[k+1] now ends bin k = starts bin k+1; start[0] = 0
+    block_counting_sort(points, bins, [&](index_t point) { return point_key(p, off, point); },
+                        starts + item * (bins + 1), order + item * points, keys, totals);
   }
 }
 

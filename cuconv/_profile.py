@@ -256,7 +256,6 @@ def _by_line(trace, site, mask):
 
 
 def _global(trace, acc):
-    stats, sites = {}, []
     if len(acc) == 0:
         return {"load": AccessStats(), "store": AccessStats()}, []
     req, n = _group(acc["site"], acc["block"], acc["warp"], acc["nth"], acc["write"])
@@ -264,28 +263,14 @@ def _global(trace, acc):
     first, last = addr // SECTOR, (addr + size - 1) // SECTOR
     straddle = first != last  # a misaligned access touches the next sector too
     sectors = _distinct_count(np.concatenate([req, req[straddle]]), n, np.concatenate([first, last[straddle]]))
-    lanes = _distinct_count(req, n, acc["lane"].astype(np.int64))
-    requested = np.bincount(req, weights=size, minlength=n)
     # distinct bytes: a broadcast (lanes on one address) is fetched once
     _, where = np.unique(_group(req, addr)[0], return_index=True)
     distinct = np.bincount(req[where], weights=size[where], minlength=n)
     ideal = np.ceil(distinct / SECTOR)
-    write, site = _first(req, n, acc["write"]), _first(req, n, acc["site"])
-    for w, kind in ((0, "load"), (1, "store")):
-        m = write == w
-        r = int(m.sum())
-        stats[kind] = AccessStats(r, float(sectors[m].mean()) if r else 0.0, float(ideal[m].mean()) if r else 0.0,
-                                  int(requested[m].sum()), int(sectors[m].sum()) * SECTOR,
-                                  float(lanes[m].mean() / WARP) if r else 0.0)
-        for line, k in _by_line(trace, site, m):
-            sites.append(SiteStats(line, "global", kind, int(k.sum()), float(sectors[k].mean()),
-                                   float(ideal[k].mean()), float(lanes[k].mean() / WARP),
-                                   int((sectors[k] - ideal[k]).sum())))
-    return stats, sites
+    return _by_kind(trace, "global", acc, req, n, sectors, ideal, moved=sectors * SECTOR)
 
 
 def _shared(trace, acc):
-    stats, sites = {}, []
     if len(acc) == 0:
         return {"load": AccessStats(), "store": AccessStats()}, []
     req, n = _group(acc["site"], acc["block"], acc["warp"], acc["nth"], acc["write"])
@@ -309,18 +294,26 @@ def _shared(trace, acc):
     np.maximum.at(per_phase, phase_group, per_bank)
     wavefronts = np.bincount(_first(phase_group, npg, b_req), weights=per_phase, minlength=n)
     ideal = np.bincount(_first(phase_group, npg, b_req), minlength=n).astype(float)
-    lanes = _distinct_count(req, n, lane)
-    requested = np.bincount(req, weights=size, minlength=n)
+    return _by_kind(trace, "shared", acc, req, n, wavefronts, ideal, moved=np.zeros(n))
+
+
+def _by_kind(trace, space: str, acc, req, n: int, cost, ideal, moved):
+    """AccessStats for loads and for stores, and SiteStats per source line, from each
+    request's cost (sectors or wavefronts), its ideal cost and the bytes it moved."""
+    stats, sites = {}, []
+    lanes = _distinct_count(req, n, acc["lane"].astype(np.int64))
+    requested = np.bincount(req, weights=acc["size"].astype(np.int64), minlength=n)
     write, site = _first(req, n, acc["write"]), _first(req, n, acc["site"])
     for w, kind in ((0, "load"), (1, "store")):
         m = write == w
         r = int(m.sum())
-        stats[kind] = AccessStats(r, float(wavefronts[m].mean()) if r else 0.0, float(ideal[m].mean()) if r else 0.0,
-                                  int(requested[m].sum()), 0, float(lanes[m].mean() / WARP) if r else 0.0)
+        stats[kind] = AccessStats(r, float(cost[m].mean()) if r else 0.0, float(ideal[m].mean()) if r else 0.0,
+                                  int(requested[m].sum()), int(moved[m].sum()),
+                                  float(lanes[m].mean() / WARP) if r else 0.0)
         for line, k in _by_line(trace, site, m):
-            sites.append(SiteStats(line, "shared", kind, int(k.sum()), float(wavefronts[k].mean()),
+            sites.append(SiteStats(line, space, kind, int(k.sum()), float(cost[k].mean()),
                                    float(ideal[k].mean()), float(lanes[k].mean() / WARP),
-                                   int((wavefronts[k] - ideal[k]).sum())))
+                                   int((cost[k] - ideal[k]).sum())))
     return stats, sites
 
 
@@ -628,7 +621,7 @@ def format_report(r: Report, worst: int = 5) -> str:
                 moved = _bytes(a.bytes_moved) if what == "sectors" else "-"
                 out.append(f"  {name:<14}{a.requests:>10} {a.per_request:>8.2f} {a.ideal_per_request:>6.2f} "
                            f"{100 * a.active_lanes:>5.0f}% {_bytes(a.bytes_requested):>11} {moved:>11}")
-        out.append(f"  (per req: sectors for global, wavefronts for shared; sampled blocks only)")
+        out.append("  (per req: sectors for global, wavefronts for shared; sampled blocks only)")
         out.append(f"  barriers/block {p.barriers_per_block:.1f}; DRAM (infinite L2, scaled to the grid) "
                    f"{_bytes(p.dram_bytes)} vs compulsory {_bytes(p.compulsory_bytes)} "
                    f"({p.dram_bytes / max(p.compulsory_bytes, 1):.2f}x); without reuse across blocks "
